@@ -1,0 +1,108 @@
+"""Owner-side administration of a running datasite: researchers and status."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmtl.datasites import home as home_mod
+from fedmtl.datasites import syftio
+from fedmtl.errors import DatasiteError
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MIN_PASSWORD = 10
+
+
+def admin_client(home: str | Path):
+    """Log in as the datasite admin, with the password stored in the home."""
+    home = Path(home)
+    cfg = home_mod.read_config(home)
+    info = home_mod.running(home)
+    if info is None:
+        raise DatasiteError(
+            f"datasite {cfg['name']!r} is not running; start it with `fedmtl datasite launch --home {home}`"
+        )
+    return syftio.login(info.url, cfg["admin_email"], home_mod.read_secret(home, "admin_password"))
+
+
+def add_researcher(
+    *, home: str | Path, email: str, password: str, name: str | None = None, institution: str = ""
+) -> None:
+    """Register a researcher account (role: data scientist)."""
+    if not _EMAIL.match(email or ""):
+        raise DatasiteError(f"{email!r} is not an email address")
+    if len(password or "") < MIN_PASSWORD:
+        raise DatasiteError(f"the researcher's password must have at least {MIN_PASSWORD} characters")
+    client = admin_client(home)
+    with syftio.quiet():
+        existing = [u.email for u in client.users.get_all()]
+        if email in existing:
+            raise DatasiteError(f"a user {email} already exists on this datasite")
+        try:
+            result = client.users.create(
+                name=name or email.split("@")[0],
+                email=email,
+                password=password,
+                password_verify=password,
+                institution=institution or None,
+            )
+        except Exception as e:  # noqa: BLE001 - syft raises its own exception types
+            raise DatasiteError(f"could not register {email}: {e}") from None
+    syftio.check(result, f"registering {email}")
+
+
+@dataclass
+class DatasiteStatus:
+    name: str
+    home: str
+    running: bool
+    url: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    researchers: list[str] = field(default_factory=list)
+    pending_requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        lines = [f"datasite {self.name} ({self.home})"]
+        if not self.running:
+            lines.append("  status: stopped")
+            return "\n".join(lines)
+        lines += [
+            f"  status: running at {self.url}",
+            f"  datasets: {', '.join(self.datasets) or '(none)'}",
+            f"  researchers: {', '.join(self.researchers) or '(none)'}",
+            f"  pending requests: {len(self.pending_requests)}",
+        ]
+        for r in self.pending_requests:
+            lines.append(f"    - {r['id']}  {r['code']}  from {r['requester']}")
+        return "\n".join(lines)
+
+
+def status(home: str | Path) -> DatasiteStatus:
+    home = Path(home).resolve()
+    cfg = home_mod.read_config(home)
+    info = home_mod.running(home)
+    st = DatasiteStatus(name=cfg["name"], home=str(home), running=info is not None)
+    if info is None:
+        return st
+    st.url = info.url
+    client = admin_client(home)
+    with syftio.quiet():
+        st.datasets = [d.name for d in client.datasets.get_all()]
+        st.researchers = sorted(
+            u.email for u in client.users.get_all() if u.email != cfg["admin_email"]
+        )
+        for r in client.requests.get_all():
+            if r.status.name == "PENDING":
+                st.pending_requests.append(
+                    {
+                        "id": str(r.id),
+                        "code": getattr(r.code, "service_func_name", "?"),
+                        "requester": getattr(r, "requesting_user_email", "?"),
+                    }
+                )
+    return st

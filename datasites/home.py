@@ -1,0 +1,134 @@
+"""The datasite home folder: where one datasite keeps its state and its secrets.
+
+Layout::
+
+    HOME/
+      datasite.json        name, server id, admin email, host/port, dataset name (no secrets)
+      schema.toml          the schema the records were validated against
+      public_keys.json     the datasite's public identity keys (also published in syft)
+      secrets/             mode 0700; every file in it mode 0600
+        admin_password     the datasite admin password (replaces syft's "changethis")
+        syft_signing_key   syft's own server key
+        identity_ed25519   Ed25519 identity signing key (raw, 32 bytes, hex)
+        identity_x25519    X25519 identity agreement key (raw, 32 bytes, hex)
+      db/                  syft's SQLite database (datasets, users, requests)
+      blob/                syft's blob store
+      logs/server.log      syft's and uvicorn's output
+      server.pid           present while the server runs
+
+Back up the whole folder while the datasite is stopped; it is all a datasite needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as _secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmtl.errors import DatasiteError
+
+CONFIG = "datasite.json"
+MARKER_KIND = "fedmtl-datasite"
+
+
+def config_path(home: Path) -> Path:
+    return Path(home) / CONFIG
+
+
+def is_home(home: Path) -> bool:
+    return config_path(home).is_file()
+
+
+def read_config(home: Path) -> dict[str, Any]:
+    path = config_path(home)
+    if not path.is_file():
+        raise DatasiteError(
+            f"{home} is not a fedmtl datasite home (no {CONFIG}); "
+            "create one with `fedmtl datasite launch --home ...`"
+        )
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasiteError(f"{path} is corrupt ({e}); restore the home from a backup") from e
+    if cfg.get("kind") != MARKER_KIND:
+        raise DatasiteError(f"{path} was not written by fedmtl; use another --home")
+    return cfg
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_config(home: Path, cfg: dict[str, Any]) -> None:
+    write_json_atomic(config_path(home), {**cfg, "kind": MARKER_KIND})
+
+
+def secrets_dir(home: Path) -> Path:
+    d = Path(home) / "secrets"
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    return d
+
+
+def write_secret(home: Path, name: str, value: str) -> Path:
+    """Write a secret owner-only (0600), atomically."""
+    path = secrets_dir(home) / name
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_secret(home: Path, name: str) -> str:
+    path = Path(home) / "secrets" / name
+    if not path.is_file():
+        raise DatasiteError(f"secret {name!r} missing from {path.parent}; the home is incomplete")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def generate_password() -> str:
+    return _secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class RunningInfo:
+    pid: int
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def running(home: Path) -> RunningInfo | None:
+    """The server of this home, if its process is alive."""
+    pidfile = Path(home) / "server.pid"
+    if not pidfile.is_file():
+        return None
+    try:
+        info = json.loads(pidfile.read_text())
+        pid = int(info["pid"])
+    except (ValueError, KeyError, json.JSONDecodeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return RunningInfo(pid=pid, host=info["host"], port=int(info["port"]))

@@ -1,0 +1,362 @@
+"""The datasite policy: what a data owner allows to run on their records.
+
+One file per datasite, TOML (or YAML with the same structure)::
+
+    [review]
+    approval = "auto"             # "auto": conforming requests are approved without a person
+                                  # "manual": every request waits for `fedmtl datasite review`
+    templates_only = true         # code that is not an allowed template is denied
+                                  # (PySyft <= 0.9.5 runs approved code in the server
+                                  # process with no isolation: advisory PYSEC-2026-546)
+    release_per_site_metrics = false
+
+    [privacy]
+    accountant = "rdp"            # "rdp" | "prv", see fedmtl.privacy.accounting
+    delta = 1e-5                  # every epsilon below is at this delta
+    min_noise_multiplier = 0.8
+    max_grad_norm = 2.0           # largest per-sample clipping norm allowed
+    max_epsilon_per_job = 3.0
+    dataset_epsilon_budget = 10.0     # all jobs of all researchers on this dataset, composed
+    researcher_epsilon_budget = 5.0   # all jobs of one researcher on this dataset, composed
+
+    [training]
+    allowed_tasks = ["diabetes_5y", "fibrosis_stage"]   # label columns
+    min_sites = 3                 # fewest participating sites (secure aggregation)
+    min_secagg_threshold = 2      # smallest Shamir threshold t a job may use
+    max_rounds = 50
+    max_local_epochs = 5
+
+    [[templates]]
+    name = "fedmtl.round.v1"
+    sha256 = "3b1f..."            # sha256 of the template's exact source (UTF-8)
+
+Every key is checked; an unknown key, a wrong type or an out-of-range value raises
+:class:`PolicyError` naming the key (``privacy.min_noise_multiplier``) and saying what
+is expected. All problems are reported at once.
+
+This module imports neither syft nor torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from fedmtl.errors import ConfigError
+
+ADVISORY_ID = "PYSEC-2026-546"
+ADVISORY_TEXT = (
+    f"advisory {ADVISORY_ID} (critical): PySyft <= 0.9.5 runs approved code inside the "
+    "datasite server process with no isolation, so approved code can read every asset, "
+    "secret and key of this datasite; no fixed 0.9 release exists"
+)
+APPROVAL_MODES: tuple[str, ...] = ("auto", "manual")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class PolicyError(ConfigError):
+    """A policy file or value is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "policy"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"{source} is invalid ({len(self.problems)} problem(s)); fix these and try again:\n{lines}"
+        )
+
+
+def code_hash(code: str | bytes) -> str:
+    """The sha256 (hex) a template is allowed by: the exact source, UTF-8 encoded."""
+    data = code.encode("utf-8") if isinstance(code, str) else bytes(code)
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no spaces, no NaN) for hashing and signing."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A code template the owner allows: a name and the sha256 of its exact source."""
+
+    name: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build with :meth:`load`, :meth:`from_dict` or :meth:`default`."""
+
+    allowed_tasks: tuple[str, ...]
+    templates: tuple[Template, ...] = ()
+    approval: Literal["auto", "manual"] = "auto"
+    templates_only: bool = True
+    release_per_site_metrics: bool = False
+    accountant: str = "rdp"
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.8
+    max_grad_norm: float = 2.0
+    max_epsilon_per_job: float = 3.0
+    dataset_epsilon_budget: float = 10.0
+    researcher_epsilon_budget: float = 5.0
+    min_sites: int = 3
+    min_secagg_threshold: int = 2
+    max_rounds: int = 50
+    max_local_epochs: int = 5
+
+    # ---------------------------------------------------------------- construction
+    def __post_init__(self) -> None:
+        problems = _validate(self)
+        if problems:
+            raise PolicyError(problems)
+
+    @classmethod
+    def default(
+        cls,
+        *,
+        allowed_tasks: tuple[str, ...] | list[str],
+        templates: tuple[Template, ...] | list[Template] | Mapping[str, str] = (),
+        **overrides: Any,
+    ) -> "Policy":
+        """The conservative default: templates only, automatic approval of conforming
+        requests, no per-site metrics. ``templates`` may be ``{name: sha256}``;
+        ``overrides`` are any other field (``max_rounds=20``)."""
+        if isinstance(templates, Mapping):
+            templates = [Template(name=n, sha256=h) for n, h in templates.items()]
+        unknown = set(overrides) - set(_FIELDS)
+        if unknown:
+            raise PolicyError([f"unknown policy field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}"])
+        return cls(allowed_tasks=tuple(allowed_tasks), templates=tuple(templates), **overrides)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "policy") -> "Policy":
+        """Build from the nested file structure (``[review]``, ``[privacy]``, ...)."""
+        problems: list[str] = []
+        if not isinstance(d, Mapping):
+            raise PolicyError([f"expected a table at the top level, got {type(d).__name__}"], source)
+        kwargs: dict[str, Any] = {}
+        for section in d:
+            if section not in _SECTIONS and section != "templates":
+                problems.append(
+                    f"{section}: unknown section; known: {sorted([*_SECTIONS, 'templates'])}"
+                )
+        for section, keys in _SECTIONS.items():
+            table = d.get(section, {})
+            if not isinstance(table, Mapping):
+                problems.append(f"{section}: must be a table, got {type(table).__name__}")
+                continue
+            for key, value in table.items():
+                if key not in keys:
+                    problems.append(f"{section}.{key}: unknown key; known in [{section}]: {sorted(keys)}")
+                    continue
+                kwargs[key] = value
+        if "allowed_tasks" not in kwargs:
+            problems.append(
+                "training.allowed_tasks: required; list the label columns researchers may train on"
+            )
+        raw_templates = d.get("templates", [])
+        templates: list[Template] = []
+        if not isinstance(raw_templates, list):
+            problems.append("templates: must be an array of tables ([[templates]] name, sha256)")
+        else:
+            for i, t in enumerate(raw_templates):
+                where = f"templates[{i}]"
+                if not isinstance(t, Mapping):
+                    problems.append(f"{where}: must be a table with name and sha256")
+                    continue
+                extra = set(t) - {"name", "sha256"}
+                if extra:
+                    problems.append(f"{where}: unknown key(s) {sorted(extra)}; only name and sha256")
+                if "name" not in t or "sha256" not in t:
+                    problems.append(f"{where}: needs both name and sha256")
+                    continue
+                templates.append(Template(name=t["name"], sha256=t["sha256"]))
+        if isinstance(kwargs.get("allowed_tasks"), list):
+            kwargs["allowed_tasks"] = tuple(kwargs["allowed_tasks"])
+        kwargs.setdefault("allowed_tasks", ())
+        # validate the values too, so one run reports every problem
+        unchecked = object.__new__(cls)
+        for f in _DATACLASS_FIELDS:
+            object.__setattr__(unchecked, f, kwargs.get(f, cls.__dataclass_fields__[f].default))
+        object.__setattr__(unchecked, "templates", tuple(templates))
+        problems += _validate(unchecked)
+        if problems:
+            raise PolicyError(problems, source)
+        return cls(templates=tuple(templates), **kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        """Read a ``.toml`` or ``.yaml``/``.yml`` policy file."""
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError([f"no policy file at {path}"], str(path))
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = tomllib.loads(text)
+        except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError
+            raise PolicyError([f"cannot parse the file: {e}"], str(path)) from None
+        return cls.from_dict(data, source=str(path))
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        """The nested file structure; ``Policy.from_dict(p.to_dict()) == p``."""
+        out: dict[str, Any] = {}
+        for section, keys in _SECTIONS.items():
+            out[section] = {}
+            for k in keys:
+                v = getattr(self, k)
+                out[section][k] = list(v) if isinstance(v, tuple) else v
+        out["templates"] = [t.to_dict() for t in self.templates]
+        return out
+
+    def dumps(self) -> str:
+        """TOML text of :meth:`to_dict`."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.dumps(), encoding="utf-8")
+
+    def hash(self) -> str:
+        """sha256 (hex) of the canonical JSON of :meth:`to_dict`; stable across runs,
+        key order and file format."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+
+    # ---------------------------------------------------------------- queries
+    def template_for(self, code_sha256: str) -> Template | None:
+        """The allowed template with this code hash, if any."""
+        for t in self.templates:
+            if t.sha256 == code_sha256:
+                return t
+        return None
+
+
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "review": ("approval", "templates_only", "release_per_site_metrics"),
+    "privacy": (
+        "accountant",
+        "delta",
+        "min_noise_multiplier",
+        "max_grad_norm",
+        "max_epsilon_per_job",
+        "dataset_epsilon_budget",
+        "researcher_epsilon_budget",
+    ),
+    "training": ("allowed_tasks", "min_sites", "min_secagg_threshold", "max_rounds", "max_local_epochs"),
+}
+_SECTION_OF = {k: s for s, ks in _SECTIONS.items() for k in ks}
+_FIELDS = tuple(_SECTION_OF)
+_DATACLASS_FIELDS = _FIELDS
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(p: Policy) -> list[str]:
+    problems: list[str] = []
+
+    def key(name: str) -> str:
+        return f"{_SECTION_OF[name]}.{name}"
+
+    if p.approval not in APPROVAL_MODES:
+        problems.append(f"{key('approval')}: must be one of {list(APPROVAL_MODES)}, got {p.approval!r}")
+    for name in ("templates_only", "release_per_site_metrics"):
+        if not isinstance(getattr(p, name), bool):
+            problems.append(f"{key(name)}: must be true or false, got {getattr(p, name)!r}")
+    if p.accountant not in ACCOUNTANTS:
+        problems.append(f"{key('accountant')}: must be one of {list(ACCOUNTANTS)}, got {p.accountant!r}")
+    if not (_is_number(p.delta) and 0 < p.delta < 1):
+        problems.append(f"{key('delta')}: must be a number in (0, 1) such as 1e-5, got {p.delta!r}")
+    for name in (
+        "min_noise_multiplier",
+        "max_grad_norm",
+        "max_epsilon_per_job",
+        "dataset_epsilon_budget",
+        "researcher_epsilon_budget",
+    ):
+        v = getattr(p, name)
+        if not (_is_number(v) and v > 0):
+            problems.append(f"{key(name)}: must be a finite number > 0, got {v!r}")
+    if _is_number(p.max_epsilon_per_job) and _is_number(p.researcher_epsilon_budget):
+        if p.max_epsilon_per_job > p.researcher_epsilon_budget + 1e-12:
+            problems.append(
+                f"{key('max_epsilon_per_job')}: {p.max_epsilon_per_job:g} is larger than "
+                f"{key('researcher_epsilon_budget')} {p.researcher_epsilon_budget:g}; no job could use it"
+            )
+    if _is_number(p.researcher_epsilon_budget) and _is_number(p.dataset_epsilon_budget):
+        if p.researcher_epsilon_budget > p.dataset_epsilon_budget + 1e-12:
+            problems.append(
+                f"{key('researcher_epsilon_budget')}: {p.researcher_epsilon_budget:g} is larger than "
+                f"{key('dataset_epsilon_budget')} {p.dataset_epsilon_budget:g}"
+            )
+    for name, lo in (("min_sites", 1), ("min_secagg_threshold", 1), ("max_rounds", 1), ("max_local_epochs", 1)):
+        v = getattr(p, name)
+        if not (_is_int(v) and v >= lo):
+            problems.append(f"{key(name)}: must be an integer >= {lo}, got {v!r}")
+    if _is_int(p.min_sites) and _is_int(p.min_secagg_threshold) and p.min_secagg_threshold > p.min_sites >= 1:
+        problems.append(
+            f"{key('min_secagg_threshold')}: {p.min_secagg_threshold} is larger than "
+            f"{key('min_sites')} {p.min_sites}; a job with the minimum number of sites could never unmask"
+        )
+    tasks = p.allowed_tasks
+    if not isinstance(tasks, tuple) or not all(isinstance(t, str) and t for t in tasks):
+        problems.append(
+            f"{key('allowed_tasks')}: must be a list of label column names (strings), got {tasks!r}"
+        )
+    elif len(set(tasks)) != len(tasks):
+        problems.append(f"{key('allowed_tasks')}: lists a column twice: {list(tasks)}")
+    if not isinstance(p.templates, tuple):
+        problems.append(f"templates: must be a list, got {type(p.templates).__name__}")
+    else:
+        seen_names: set[str] = set()
+        for i, t in enumerate(p.templates):
+            if not isinstance(t, Template):
+                problems.append(f"templates[{i}]: must be a Template, got {t!r}")
+                continue
+            if not isinstance(t.name, str) or not t.name:
+                problems.append(f"templates[{i}].name: must be a non-empty string, got {t.name!r}")
+            elif t.name in seen_names:
+                problems.append(f"templates[{i}].name: {t.name!r} is listed twice")
+            else:
+                seen_names.add(t.name)
+            if not isinstance(t.sha256, str) or not _SHA256.match(t.sha256):
+                problems.append(
+                    f"templates[{i}].sha256: must be 64 lowercase hex characters "
+                    f"(sha256 of the template source), got {t.sha256!r}"
+                )
+    return problems
+
+
+__all__ = [
+    "ADVISORY_ID",
+    "ADVISORY_TEXT",
+    "Policy",
+    "PolicyError",
+    "Template",
+    "canonical_json",
+    "code_hash",
+]

@@ -1,0 +1,254 @@
+"""The records schema: what each column of a hospital's export is and may hold.
+
+A schema is a TOML file::
+
+    [dataset]
+    name = "st-mary"
+    description = "NAFLD cohort, St Mary's"
+
+    [[columns]]
+    name = "id"
+    role = "id"            # id | feature | label
+    type = "numeric"       # numeric | categorical | binary
+    missing = false
+
+    [[columns]]
+    name = "age"
+    role = "feature"
+    type = "numeric"
+    min = 18
+    max = 100
+    missing = false
+
+    [[columns]]
+    name = "sex"
+    role = "feature"
+    type = "categorical"
+    categories = ["F", "M"]
+
+    [[columns]]
+    name = "diabetes_5y"
+    role = "label"         # a task label: the column name is the task's label column
+    type = "binary"
+    missing = true         # labels are partial: a missing label means "not labelled"
+
+An optional ``split`` column (categorical, categories ``["train", "test"]``) assigns
+each patient to the site's own train or test split.
+
+``binary`` columns hold 0/1. A ``label`` column of type ``categorical`` is a
+multiclass task, of type ``numeric`` a regression task. Exactly one ``id`` column.
+
+This module imports neither syft nor torch.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedmtl.errors import SchemaError
+
+Role = Literal["id", "feature", "label", "split"]
+ColType = Literal["numeric", "categorical", "binary"]
+ROLES: tuple[str, ...] = ("id", "feature", "label", "split")
+TYPES: tuple[str, ...] = ("numeric", "categorical", "binary")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    role: Role
+    type: ColType
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+    missing: bool = False
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["categories"] is not None:
+            d["categories"] = list(d["categories"])
+        return {k: v for k, v in d.items() if v is not None and v != ""}
+
+
+@dataclass(frozen=True)
+class Schema:
+    columns: tuple[Column, ...]
+    name: str = "records"
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- views ---------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def id_column(self) -> str:
+        return next(c.name for c in self.columns if c.role == "id")
+
+    @property
+    def features(self) -> list[Column]:
+        return [c for c in self.columns if c.role == "feature"]
+
+    @property
+    def labels(self) -> list[Column]:
+        return [c for c in self.columns if c.role == "label"]
+
+    @property
+    def split_column(self) -> str | None:
+        return next((c.name for c in self.columns if c.role == "split"), None)
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise SchemaError(
+            f"column {name!r} is not in schema {self.name!r}; its columns are {self.names}"
+        )
+
+    # -- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": {"name": self.name, "description": self.description, **self.extra},
+            "columns": [c.to_dict() for c in self.columns],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "schema") -> "Schema":
+        problems: list[str] = []
+        if not isinstance(data, dict):
+            raise SchemaError(f"{source}: expected a table with [dataset] and [[columns]]")
+        ds = data.get("dataset", {}) or {}
+        if not isinstance(ds, dict):
+            problems.append("[dataset] must be a table")
+            ds = {}
+        raw_cols = data.get("columns")
+        if not isinstance(raw_cols, list) or not raw_cols:
+            raise SchemaError(
+                f"{source}: no [[columns]] entries; declare one [[columns]] table per column"
+            )
+        cols: list[Column] = []
+        seen: dict[str, int] = {}
+        allowed_keys = {"name", "role", "type", "min", "max", "categories", "missing", "description"}
+        for i, rc in enumerate(raw_cols, start=1):
+            where = f"[[columns]] #{i}"
+            if not isinstance(rc, dict):
+                problems.append(f"{where}: must be a table")
+                continue
+            name = rc.get("name")
+            if not isinstance(name, str) or not name:
+                problems.append(f"{where}: needs a non-empty string 'name'")
+                continue
+            where = f"column {name!r}"
+            if name in seen:
+                problems.append(
+                    f"{where} is named twice (entries #{seen[name]} and #{i}); "
+                    "each column must appear once"
+                )
+                continue
+            seen[name] = i
+            unknown = set(rc) - allowed_keys
+            if unknown:
+                problems.append(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed_keys)}")
+            role, ctype = rc.get("role"), rc.get("type")
+            if role not in ROLES:
+                problems.append(f"{where}: role {role!r} is not one of {list(ROLES)}")
+            if ctype not in TYPES:
+                problems.append(f"{where}: type {ctype!r} is not one of {list(TYPES)}")
+            lo, hi = rc.get("min"), rc.get("max")
+            for key, v in (("min", lo), ("max", hi)):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    problems.append(f"{where}: {key} must be a number, got {v!r}")
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+                problems.append(f"{where}: min {lo} is greater than max {hi}")
+            cats = rc.get("categories")
+            if ctype == "categorical":
+                if not isinstance(cats, list) or not cats:
+                    problems.append(f"{where}: a categorical column needs a non-empty 'categories' list")
+                    cats = None
+                elif len(set(map(str, cats))) != len(cats):
+                    problems.append(f"{where}: 'categories' has duplicates")
+            elif cats is not None:
+                problems.append(f"{where}: 'categories' only applies to categorical columns")
+                cats = None
+            if ctype != "numeric" and (lo is not None or hi is not None):
+                problems.append(f"{where}: min/max only apply to numeric columns")
+            missing = rc.get("missing", False)
+            if not isinstance(missing, bool):
+                problems.append(f"{where}: 'missing' must be true or false")
+                missing = False
+            if role == "id" and missing:
+                problems.append(f"{where}: the id column cannot allow missing values")
+            if problems:
+                continue
+            cols.append(
+                Column(
+                    name=name,
+                    role=role,
+                    type=ctype,
+                    min=float(lo) if lo is not None else None,
+                    max=float(hi) if hi is not None else None,
+                    categories=tuple(str(c) for c in cats) if cats else None,
+                    missing=missing,
+                    description=str(rc.get("description", "")),
+                )
+            )
+        if not problems:
+            n_id = sum(c.role == "id" for c in cols)
+            if n_id != 1:
+                problems.append(f"exactly one column must have role 'id' (found {n_id})")
+            if not any(c.role == "label" for c in cols):
+                problems.append("no column has role 'label': declare at least one task label")
+            if not any(c.role == "feature" for c in cols):
+                problems.append("no column has role 'feature'")
+            splits = [c for c in cols if c.role == "split"]
+            if len(splits) > 1:
+                problems.append("at most one column may have role 'split'")
+            for c in splits:
+                if c.type != "categorical" or set(c.categories or ()) != {"train", "test"}:
+                    problems.append(
+                        f"split column {c.name!r} must be categorical with categories ['train', 'test']"
+                    )
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            raise SchemaError(f"{source} is invalid; fix these:\n{lines}")
+        extra = {k: v for k, v in ds.items() if k not in ("name", "description")}
+        return cls(
+            columns=tuple(cols),
+            name=str(ds.get("name", "records")),
+            description=str(ds.get("description", "")),
+            extra=extra,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        if not path.is_file():
+            raise SchemaError(f"schema file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise SchemaError(f"schema file {path} is not UTF-8 text: {e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise SchemaError(f"schema file {path} is not valid TOML: {e}") from e
+        return cls.from_dict(data, source=f"schema file {path}")
+
+    def dumps(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.dumps(), encoding="utf-8")
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj

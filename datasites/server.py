@@ -1,0 +1,109 @@
+"""The datasite server process: ``python -m fedmtl.datasites.server --home HOME``.
+
+It runs one PySyft 0.9.5 datasite (FastAPI + uvicorn) whose state lives entirely in the
+home folder: the SQLite database, the blob store, syft's own signing key and server id.
+So stopping and relaunching with the same home keeps datasets, users and requests.
+
+We do not use ``sy.orchestra.launch(port=...)``: it makes a fresh server id and signing key
+on every start (state would not survive a restart), and ``Datasite.named`` derives the
+server key from the name, which anyone can guess. syft's own chatter goes to
+``HOME/logs/server.log``, not to the terminal.
+
+The process reads ``HOME/datasite.json`` (written by :mod:`fedmtl.datasites.launch`) and
+the admin password from ``HOME/secrets/admin_password``. It writes ``HOME/server.pid``
+while it runs and removes it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from fedmtl.datasites import home as home_mod
+
+
+def build_app(home: Path):
+    """Build the FastAPI app of the datasite whose home is ``home``."""
+    from fastapi import APIRouter, FastAPI
+    from syft.server.datasite import Datasite
+    from syft.server.routes import make_routes
+    from syft.server.credentials import SyftSigningKey
+    from syft.store.blob_storage.on_disk import (
+        OnDiskBlobStorageClientConfig,
+        OnDiskBlobStorageConfig,
+    )
+    from syft.store.db.sqlite import SQLiteDBConfig
+    from syft.types.uid import UID
+
+    cfg = home_mod.read_config(home)
+    secrets = home / "secrets"
+    blob_dir = home / "blob"
+    blob_dir.mkdir(exist_ok=True)
+    (home / "db").mkdir(exist_ok=True)
+    worker = Datasite(
+        name=cfg["name"],
+        id=UID.from_string(cfg["server_id"]),
+        signing_key=SyftSigningKey.from_string(
+            (secrets / "syft_signing_key").read_text().strip()
+        ),
+        db_config=SQLiteDBConfig(path=home / "db", filename="datasite.sqlite"),
+        root_email=cfg["admin_email"],
+        root_password=(secrets / "admin_password").read_text().strip(),
+        blob_storage_config=OnDiskBlobStorageConfig(
+            client_config=OnDiskBlobStorageClientConfig(base_directory=blob_dir),
+        ),
+        deployment_type="remote",
+        in_memory_workers=True,
+        enable_warnings=False,
+        log_level=logging.WARNING,
+    )
+    app = FastAPI(title=cfg["name"])
+    api = APIRouter()
+    api.include_router(make_routes(worker=worker))
+    app.include_router(api, prefix="/api/v2")
+    return app, worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedmtl.datasites.server")
+    parser.add_argument("--home", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", required=True, type=int)
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    os.environ["FEDMTL_HOME"] = str(home)
+
+    import uvicorn
+
+    app, worker = build_app(home)
+    from fedmtl.datasites import runtime_hooks
+
+    runtime_hooks.start_background(home, worker)
+    pidfile = home / "server.pid"
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "host": args.host, "port": args.port}))
+
+    def _term(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime_hooks.stop_background()
+        try:
+            worker.stop()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        pidfile.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

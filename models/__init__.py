@@ -1,0 +1,76 @@
+"""fedmtl.models: multi-task networks, task specs, masked losses, preprocessing,
+flat weight vectors and secure-aggregatable metrics. Imports no syft."""
+
+from fedmtl.models.flat import (
+    ParamSlot,
+    model_to_vector,
+    parameter_layout,
+    slice_mask,
+    task_slices,
+    vector_size,
+    vector_to_model,
+)
+from fedmtl.models.losses import masked_multitask_loss, per_task_losses, task_mean_losses
+from fedmtl.models.metrics import (
+    Accuracy,
+    BinnedAUPRC,
+    BinnedAUROC,
+    BrierScore,
+    Metric,
+    RegressionError,
+    TaskMetrics,
+    flatten_state,
+    metrics_for_task,
+    sum_states,
+    unflatten_state,
+)
+from fedmtl.models.nets import (
+    MLPTrunk,
+    MultiTaskNet,
+    build_model,
+    build_trunk,
+    model_from_config,
+    register_trunk,
+    trunk_names,
+)
+from fedmtl.models.preprocessing import Preprocessor, labels_of, local_stats, sum_stats
+from fedmtl.models.tasks import TASK_KINDS, TaskSpec, check_tasks, tasks_from_schema
+
+__all__ = [
+    "Accuracy",
+    "BinnedAUPRC",
+    "BinnedAUROC",
+    "BrierScore",
+    "Metric",
+    "RegressionError",
+    "TaskMetrics",
+    "flatten_state",
+    "metrics_for_task",
+    "sum_states",
+    "unflatten_state",
+    "MLPTrunk",
+    "MultiTaskNet",
+    "ParamSlot",
+    "Preprocessor",
+    "TASK_KINDS",
+    "TaskSpec",
+    "build_model",
+    "build_trunk",
+    "check_tasks",
+    "labels_of",
+    "local_stats",
+    "masked_multitask_loss",
+    "model_from_config",
+    "model_to_vector",
+    "parameter_layout",
+    "per_task_losses",
+    "register_trunk",
+    "slice_mask",
+    "sum_stats",
+    "task_mean_losses",
+    "task_slices",
+    "tasks_from_schema",
+    "trunk_names",
+    "vector_size",
+    "vector_to_model",
+]

@@ -1,0 +1,404 @@
+"""Local training of a multi-task model with Opacus DP-SGD (or without DP, same loop).
+
+:func:`train_local` trains ``model`` in place on ``(X, Y, mask)`` and returns a
+:class:`TrainResult` holding the privacy record(s) the run cost, which
+:mod:`fedmtl.privacy.accounting` composes with everything else spent on the dataset.
+
+What it does, per step:
+
+1. Poisson sampling: every record joins the batch independently with probability
+   ``q`` (Opacus ``DPDataLoader``). Opacus derives ``q`` from the loader length, so the
+   requested ``sample_rate`` is rounded to ``q = 1 / ceil(n / round(sample_rate * n))``;
+   the *effective* rate is the one recorded and accounted (``TrainResult.sample_rate``).
+2. Per-sample gradients of the masked multi-task loss (:mod:`fedmtl.models.losses`),
+   clipped ``"flat"`` (whole-gradient L2 norm <= ``max_grad_norm``) or ``"per_layer"``
+   (each parameter tensor <= ``max_grad_norm / sqrt(#tensors)``, so the total is still
+   <= ``max_grad_norm``), summed, plus Gaussian noise of std
+   ``noise_multiplier * max_grad_norm``, divided by the expected batch size.
+3. FedProx (``fedprox_mu > 0``): the gradient of ``mu/2 * ||w - w_global||^2`` is added
+   *after* clipping and noise. It depends only on the current and the (public) global
+   weights, not on any record, so it is post-processing and costs no privacy; adding it
+   to the per-sample loss would instead have it clipped and distorted.
+4. One optimizer step (SGD, optional momentum).
+
+``dp=False`` runs the same loop (same Poisson batches, same loss, same FedProx term)
+without clipping or noise; its record has ``noise_multiplier=0``, which accounts as
+infinite epsilon -- honest about what non-private training costs.
+
+``secure_mode``: Opacus's secure mode needs ``torchcsprng``, whose last release (0.2.1,
+March 2021) is a compiled extension pinned to ``torch==1.8.1``; there is no build for
+torch 2.x (pytorch/csprng#130 is still open), so it cannot be installed next to our
+torch 2.13. When ``secure_mode=True`` and ``torchcsprng`` is not importable, this module
+warns (:class:`SecureRNGUnavailableWarning`) and uses the strongest randomness it has:
+a fresh ``torch.Generator`` for sampling and noise, re-seeded with 64 bits from
+``os.urandom`` before every step (never a fixed seed; passing ``seed`` is refused), and
+Opacus's floating-point-attack-resistant noise sampling (sum of 4 Gaussians). torch's
+CPU generator is Mersenne Twister, *not* a cryptographically secure generator: an
+adversary who could observe its raw outputs within one step could predict the rest of
+that step. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmtl.models.flat import model_to_vector, vector_size
+from fedmtl.models.losses import masked_multitask_loss, task_mean_losses
+from fedmtl.models.tasks import TaskSpec, check_tasks
+from fedmtl.privacy.accounting import PrivacyRecord, calibrate_noise, epsilon_of
+
+CLIPPINGS = ("flat", "per_layer")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+class SecureRNGUnavailableWarning(UserWarning):
+    """secure_mode was requested but torchcsprng is unavailable; a weaker RNG is used."""
+
+
+@dataclass
+class TrainResult:
+    """What one local training run did and cost.
+
+    ``privacy_records`` go straight into :func:`fedmtl.privacy.accounting.epsilon_of`;
+    ``epsilon`` is this run alone at ``delta`` (``None`` when no delta was given).
+    ``losses`` is the mean masked loss of each step's batch (NaN for an empty batch).
+    """
+
+    privacy_records: list[PrivacyRecord]
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    n_samples: int
+    epsilon: float | None
+    delta: float | None
+    losses: list[float]
+    task_losses: dict[str, float] = field(default_factory=dict)
+    dp: bool = True
+    secure_rng: str = "none"
+
+    @property
+    def privacy_record(self) -> PrivacyRecord:
+        """The single record of this run."""
+        return self.privacy_records[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "privacy_records": [r.to_dict() for r in self.privacy_records],
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "n_samples": self.n_samples,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "losses": list(self.losses),
+            "task_losses": dict(self.task_losses),
+            "dp": self.dp,
+            "secure_rng": self.secure_rng,
+        }
+
+
+def effective_sample_rate(sample_rate: float, n_samples: int) -> tuple[float, int]:
+    """``(q, batch_size)``: the Poisson rate Opacus will actually use for ``sample_rate``
+    on ``n_samples`` records (``1 / #batches per epoch``), and the loader batch size."""
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if n_samples < 1:
+        raise ValueError("no training samples: X is empty")
+    batch = max(1, min(n_samples, round(sample_rate * n_samples)))
+    n_batches = math.ceil(n_samples / batch)
+    return 1.0 / n_batches, batch
+
+
+def _csprng_available() -> bool:
+    try:
+        import torchcsprng  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _urandom_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+class _MaskedCriterion(nn.Module):
+    """The masked multi-task loss as a criterion ``(outputs, (Y, mask))`` with a
+    ``reduction`` attribute, as Opacus's ghost clipping wants."""
+
+    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.reduction = "mean"
+
+    def forward(self, outputs: dict[str, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        Y, mask = target
+        return masked_multitask_loss(outputs, Y, mask, self.tasks, reduction=self.reduction)
+
+
+def train_local(
+    *,
+    model: nn.Module,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    mask: torch.Tensor,
+    tasks: Sequence[TaskSpec],
+    epochs: float | None = None,
+    steps: int | None = None,
+    sample_rate: float,
+    lr: float,
+    momentum: float = 0.0,
+    dp: bool = True,
+    noise_multiplier: float | None = None,
+    target: tuple[float, float] | None = None,
+    delta: float | None = None,
+    accountant: Literal["rdp", "prv"] = "rdp",
+    prior: Sequence[PrivacyRecord] = (),
+    max_grad_norm: float = 1.0,
+    clipping: Literal["flat", "per_layer"] = "flat",
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks",
+    fedprox_mu: float = 0.0,
+    global_vector: np.ndarray | None = None,
+    secure_mode: bool = False,
+    seed: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; see the module docs.
+
+    Give exactly one of ``epochs`` (passes over the data: ``steps = round(epochs / q)``)
+    and ``steps``. With ``dp=True`` give exactly one of ``noise_multiplier`` and
+    ``target=(epsilon, delta)``; a target is met by calibrating the noise for this run
+    composed with the ``prior`` records already spent on the same data.
+    ``fedprox_mu > 0`` needs ``global_vector`` (the global weights, as
+    :func:`fedmtl.models.flat.model_to_vector` lays them out).
+    """
+    tasks = check_tasks(tasks)
+    # -- validate everything before touching the model ----------------------
+    if not isinstance(X, torch.Tensor) or X.dim() < 2:
+        raise ValueError("X must be a tensor (n, features)")
+    n = int(X.shape[0])
+    if Y.shape != (n, len(tasks)) or mask.shape != (n, len(tasks)):
+        raise ValueError(
+            f"Y and mask must be ({n}, {len(tasks)}) for {n} samples and {len(tasks)} tasks; "
+            f"got {tuple(Y.shape)} and {tuple(mask.shape)}"
+        )
+    q, batch_size = effective_sample_rate(sample_rate, n)
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs and steps")
+    if steps is None:
+        if not epochs or epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {epochs!r}")
+        steps = max(1, round(float(epochs) / q))
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = int(steps)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if clipping not in CLIPPINGS:
+        raise ValueError(f"unknown clipping {clipping!r}; choose one of {list(CLIPPINGS)}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {list(GRAD_SAMPLE_MODES)}")
+    if grad_sample_mode == "ghost" and clipping != "flat":
+        raise ValueError("ghost clipping only supports clipping='flat'")
+    if fedprox_mu < 0:
+        raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu!r}")
+    if fedprox_mu > 0:
+        if global_vector is None:
+            raise ValueError("fedprox_mu > 0 needs global_vector, the global model's flat weights")
+        global_vector = np.asarray(global_vector, dtype=np.float32)
+        if global_vector.shape != (vector_size(model),):
+            raise ValueError(
+                f"global_vector has shape {global_vector.shape}; the model has {vector_size(model)} parameters"
+            )
+    if secure_mode and seed is not None:
+        raise ValueError("a fixed seed is not allowed in secure_mode; drop seed or secure_mode")
+    if dp:
+        if (noise_multiplier is None) == (target is None):
+            raise ValueError("with dp=True give exactly one of noise_multiplier and target=(epsilon, delta)")
+        if target is not None:
+            t_eps, t_delta = target
+            if delta is not None and delta != t_delta:
+                raise ValueError(f"delta={delta} disagrees with target delta {t_delta}")
+            delta = t_delta
+            noise_multiplier = calibrate_noise(
+                target_epsilon=t_eps, delta=t_delta, sample_rate=q, steps=steps, accountant=accountant, prior=prior
+            )
+        assert noise_multiplier is not None
+        if not noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0 with dp=True, got {noise_multiplier!r}")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+    else:
+        if noise_multiplier not in (None, 0, 0.0) or target is not None:
+            raise ValueError("dp=False trains without noise; do not pass noise_multiplier or target")
+        noise_multiplier = 0.0
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+    # -- randomness ------------------------------------------------------------
+    secure_rng = "none"
+    use_native_secure = False
+    if secure_mode:
+        if _csprng_available():
+            use_native_secure = True
+            secure_rng = "torchcsprng"
+        else:
+            warnings.warn(
+                "secure_mode=True but torchcsprng is not installed (its last release, 0.2.1, is "
+                "built for torch 1.8.1 and does not work with this torch). Falling back to torch's "
+                "Mersenne Twister generator re-seeded from os.urandom before every step, with "
+                "Opacus's floating-point-attack-resistant noise sampling. This is NOT a "
+                "cryptographically secure generator; see docs/models.md.",
+                SecureRNGUnavailableWarning,
+                stacklevel=2,
+            )
+            secure_rng = "urandom-reseeded-mt19937"
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else _urandom_seed())
+
+    dataset = TensorDataset(X.float(), Y.float(), mask.bool())
+    base_loader = DataLoader(dataset, batch_size=batch_size, generator=gen)
+    vec_global = torch.from_numpy(global_vector) if fedprox_mu > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    criterion = _MaskedCriterion(tasks)
+    losses: list[float] = []
+
+    fork = torch.random.fork_rng(devices=[])
+    fork.__enter__()
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    wrapped = None
+    try:
+        # dropout draws from the global generator; keep it reproducible with a seed and
+        # unpredictable without one, and leave the caller's global state untouched.
+        torch.manual_seed(seed if seed is not None else _urandom_seed())
+        model.train()
+        # Opacus's hooks fire on module outputs when X does not require grad: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if dp:
+            from opacus import PrivacyEngine
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                engine = PrivacyEngine(accountant=accountant, secure_mode=use_native_secure)
+            kwargs: dict[str, Any] = {}
+            if secure_mode and not use_native_secure:
+                # use Opacus's secure-noise path with our own generator
+                engine.secure_mode = True
+                engine.secure_rng = gen
+            elif not secure_mode:
+                kwargs["noise_generator"] = gen
+            n_tensors = len(params)
+            mgn: float | list[float] = (
+                max_grad_norm if clipping == "flat" else [max_grad_norm / math.sqrt(n_tensors)] * n_tensors
+            )
+            out = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=base_loader,
+                noise_multiplier=float(noise_multiplier),
+                max_grad_norm=mgn,
+                poisson_sampling=True,
+                clipping=clipping,
+                grad_sample_mode=grad_sample_mode,
+                **kwargs,
+            )
+            if grad_sample_mode == "ghost":
+                wrapped, dp_opt, dp_crit, loader = out
+            else:
+                wrapped, dp_opt, loader = out
+                dp_crit = criterion
+            q_used = loader.sample_rate if hasattr(loader, "sample_rate") else 1.0 / len(loader)
+            if not math.isclose(q_used, q, rel_tol=1e-12):
+                raise RuntimeError(f"Opacus sampled at rate {q_used}, expected {q}; refusing to mis-account")
+            net, opt, crit = wrapped, dp_opt, dp_crit
+        else:
+            from opacus.data_loader import DPDataLoader
+
+            loader = DPDataLoader.from_data_loader(base_loader, generator=gen)
+            net, opt, crit = model, optimizer, criterion
+
+        done = 0
+        while done < steps:
+            for xb, yb, mb in loader:
+                if secure_mode and not use_native_secure:
+                    gen.manual_seed(_urandom_seed())
+                opt.zero_grad(set_to_none=True)
+                outputs = net(xb)
+                loss = crit(outputs, (yb, mb))
+                loss.backward()
+                losses.append(float(loss.item()) if len(xb) else float("nan"))
+                stepped = opt.pre_step() if dp else True
+                if stepped:
+                    if vec_global is not None:
+                        _add_proximal_grad(list(model.parameters()), vec_global, fedprox_mu)
+                    (opt.original_optimizer if dp else opt).step()
+                done += 1
+                if done >= steps:
+                    break
+    finally:
+        if wrapped is not None:
+            wrapped._close()
+        caught.__exit__(None, None, None)
+        fork.__exit__(None, None, None)
+        for p in model.parameters():
+            p.grad = None
+
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        task_losses = task_mean_losses(model(X.float()), Y.float(), mask.bool(), tasks)
+        model.train(was)
+    rec = PrivacyRecord(noise_multiplier=float(noise_multiplier), sample_rate=q, steps=steps)
+    records = [rec]
+    eps = epsilon_of(records, delta=delta, accountant=accountant) if delta is not None else None
+    return TrainResult(
+        privacy_records=records,
+        noise_multiplier=float(noise_multiplier),
+        sample_rate=q,
+        steps=steps,
+        n_samples=n,
+        epsilon=eps,
+        delta=delta,
+        losses=losses,
+        task_losses=task_losses,
+        dp=dp,
+        secure_rng=secure_rng,
+    )
+
+
+def _add_proximal_grad(params: list[torch.Tensor], global_vec: torch.Tensor, mu: float) -> None:
+    """p.grad += mu * (p - w_global) for each parameter, in flat-vector order."""
+    pos = 0
+    with torch.no_grad():
+        for p in params:
+            k = p.numel()
+            if not p.requires_grad:
+                pos += k
+                continue
+            g = global_vec[pos : pos + k].view_as(p).to(p.dtype)
+            prox = mu * (p - g)
+            if p.grad is None:
+                p.grad = prox.clone()
+            else:
+                p.grad.add_(prox)
+            pos += k
+
+
+__all__ = [
+    "CLIPPINGS",
+    "GRAD_SAMPLE_MODES",
+    "SecureRNGUnavailableWarning",
+    "TrainResult",
+    "effective_sample_rate",
+    "train_local",
+]

@@ -1,0 +1,1 @@
+"""fedmtl.researcher"""

@@ -1,0 +1,211 @@
+"""Launching real syft 0.9.5 datasites on loopback ports, in temporary homes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedmtl.cli import main as cli_main
+from fedmtl.datasites import admin, home as home_mod, identity, syftio
+from fedmtl.datasites.launch import free_port, launch, parse_meta
+from fedmtl.datasites.schema import Schema
+from fedmtl.errors import CredentialsError, DatasiteError, RecordsValidationError, SchemaError
+
+RESEARCHER = "ada@uni.example"
+RESEARCHER_PW = "correct-horse-battery"
+
+
+@pytest.fixture(scope="module")
+def site_files(tmp_path_factory):
+    from fedmtl.datasites.cohort import prepare
+
+    out = tmp_path_factory.mktemp("cohort")
+    return {f.name: f for f in prepare(out, sites=3, seed=0)}
+
+
+@pytest.fixture(scope="module")
+def running_site(site_files, tmp_path_factory):
+    # Prepare: the smallest demo hospital, launched as a real server on a free port
+    f = site_files["riverside"]
+    home = tmp_path_factory.mktemp("homes") / "riverside"
+    handle = launch(home=home, name=f.name, records=f.records, schema=f.schema, port=free_port())
+    admin.add_researcher(home=home, email=RESEARCHER, password=RESEARCHER_PW)
+    yield handle
+    handle.stop()
+
+
+@pytest.mark.integration
+def test_home_secrets_are_owner_only_and_default_admin_is_gone(running_site):
+    home = running_site.home
+    # Assert: secrets are owner-only
+    assert stat.S_IMODE(os.stat(home / "secrets").st_mode) == 0o700
+    for p in (home / "secrets").iterdir():
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    # the generated admin password works, syft's default admin does not exist
+    assert running_site.login_admin() is not None
+    with pytest.raises(CredentialsError):
+        syftio.login(running_site.url, "info@openmined.org", "changethis")
+    with pytest.raises(CredentialsError):
+        syftio.login(running_site.url, running_site.admin_email, "wrong-password")
+
+
+@pytest.mark.integration
+def test_researcher_reads_mock_schema_and_keys_but_not_private(running_site, site_files):
+    # Prepare
+    f = site_files["riverside"]
+    schema = Schema.load(f.schema)
+    real = pd.read_csv(f.records)
+    client = syftio.login(running_site.url, RESEARCHER, RESEARCHER_PW)
+    # Execute
+    with syftio.quiet():
+        ds = client.datasets.get_all()[0]
+        meta = parse_meta(ds.description.text)
+        asset = ds.assets[0]
+        mock = asset.mock
+        private = asset.data
+    # Assert: schema, label counts and public keys are published
+    assert Schema.from_dict(meta["schema"]) == schema
+    assert meta["label_counts"]["dyslipidemia_5y"]["labelled"] == 0  # this site lacks the task
+    assert meta["identity"] == identity.load_public(running_site.home).to_dict()
+    assert "secrets" not in json.dumps(meta)
+    # the mock has the real columns and no real row
+    assert list(mock.columns) == schema.names
+    cols = [c.name for c in schema.columns if c.role not in ("id", "split")]
+    real_rows = set(map(tuple, real[cols].astype(str).to_numpy()))
+    assert not any(tuple(r) in real_rows for r in mock[cols].astype(str).to_numpy())
+    # the private asset is refused to a researcher
+    assert private is None or syftio.is_error(private)
+
+
+@pytest.mark.integration
+def test_status_and_cli_add_researcher(running_site, monkeypatch, capsys):
+    # Execute: register a second researcher through the CLI, password from stdin
+    monkeypatch.setattr("sys.stdin", io.StringIO("another-long-password\n"))
+    rc = cli_main(["datasite", "add-researcher", "--home", str(running_site.home),
+                   "--email", "bob@uni.example", "--password-stdin"])
+    out = capsys.readouterr().out
+    # Assert: registered, the password is not echoed
+    assert rc == 0 and "another-long-password" not in out
+    st = admin.status(running_site.home)
+    assert st.running and st.url == running_site.url
+    assert st.datasets == ["riverside-records"]
+    assert {"ada@uni.example", "bob@uni.example"} <= set(st.researchers)
+    # a duplicate or a short password gets a clear error
+    with pytest.raises(DatasiteError, match="already exists"):
+        admin.add_researcher(home=running_site.home, email=RESEARCHER, password=RESEARCHER_PW)
+    with pytest.raises(DatasiteError, match="at least"):
+        admin.add_researcher(home=running_site.home, email="c@uni.example", password="short")
+
+
+@pytest.mark.integration
+def test_home_of_another_datasite_and_port_in_use(running_site, site_files, tmp_path):
+    f = site_files["general"]
+    # a home that belongs to another datasite
+    with pytest.raises(DatasiteError, match="belongs to datasite 'riverside'"):
+        launch(home=running_site.home, name="general", port=free_port())
+    # already running
+    with pytest.raises(DatasiteError, match="already running"):
+        launch(home=running_site.home, port=free_port())
+    # a port in use: nothing is created
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(DatasiteError, match=f"port {port}.*in use"):
+            launch(home=tmp_path / "g", name="general", records=f.records, schema=f.schema, port=port)
+    assert not (tmp_path / "g").exists()
+    # a non-empty folder that is not a home
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(DatasiteError, match="not empty"):
+        launch(home=tmp_path / "busy", name="general", records=f.records, schema=f.schema, port=free_port())
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.integration
+def test_stop_and_relaunch_keeps_dataset_users_and_keys(site_files, tmp_path):
+    f = site_files["riverside"]
+    home = tmp_path / "h"
+    h = launch(home=home, name=f.name, records=f.records, schema=f.schema, port=free_port())
+    try:
+        admin.add_researcher(home=home, email=RESEARCHER, password=RESEARCHER_PW)
+        keys_before = identity.load_public(home).to_dict()
+        password_before = h.admin_password
+    finally:
+        h.stop()
+    assert home_mod.running(home) is None
+    assert not admin.status(home).running
+    # relaunch without records: everything is still there
+    h2 = launch(home=home, port=free_port())
+    try:
+        client = syftio.login(h2.url, RESEARCHER, RESEARCHER_PW)
+        with syftio.quiet():
+            names = [d.name for d in client.datasets.get_all()]
+        assert names == ["riverside-records"]
+        assert identity.load_public(home).to_dict() == keys_before
+        assert h2.admin_password == password_before
+        # other records for the same home are refused
+        g = site_files["general"]
+    finally:
+        h2.stop()
+    with pytest.raises(DatasiteError, match="other records"):
+        launch(home=home, records=g.records, schema=g.schema, port=free_port())
+
+
+BAD_CASES = {
+    "missing column": lambda csv: csv.replace(",smoker", "").replace(",0,0,a", ",0,a"),
+    "nan not allowed": lambda csv: csv.replace("1,34,F", "1,,F"),
+    "duplicate id": lambda csv: csv.replace("2,51,M", "1,51,M"),
+    "out of range": lambda csv: csv.replace("1,34,F", "1,340,F"),
+    "wrong type": lambda csv: csv.replace("1,34,F", "1,old,F"),
+    "empty file": lambda csv: "",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_records_create_nothing(case, small_schema, small_csv, tmp_path):
+    # Prepare
+    schema = tmp_path / "schema.toml"
+    small_schema.save(schema)
+    records = tmp_path / "records.csv"
+    records.write_text(BAD_CASES[case](small_csv))
+    home = tmp_path / "home"
+    # Execute / Assert: a clear error, no home, no port taken
+    with pytest.raises(RecordsValidationError) as err:
+        launch(home=home, name="tiny", records=records, schema=schema, port=free_port())
+    assert "nothing was written" in str(err.value)
+    assert not home.exists()
+
+
+def test_non_utf8_records_and_bad_schema_create_nothing(small_schema, small_csv, tmp_path):
+    schema = tmp_path / "schema.toml"
+    small_schema.save(schema)
+    records = tmp_path / "records.csv"
+    records.write_bytes(small_csv.replace("F", "\xe9").encode("latin-1"))
+    with pytest.raises(RecordsValidationError, match="UTF-8"):
+        launch(home=tmp_path / "h", name="tiny", records=records, schema=schema, port=free_port())
+    twice = tmp_path / "twice.toml"
+    twice.write_text(schema.read_text() + '\n[[columns]]\nname = "age"\nrole = "feature"\ntype = "numeric"\n')
+    records.write_text(small_csv)
+    with pytest.raises(SchemaError, match="named twice"):
+        launch(home=tmp_path / "h", name="tiny", records=records, schema=twice, port=free_port())
+    assert not (tmp_path / "h").exists()
+
+
+def test_first_launch_needs_records_and_a_valid_name(tmp_path, small_schema, small_csv):
+    with pytest.raises(DatasiteError, match="first launch needs"):
+        launch(home=tmp_path / "h", name="x", port=free_port())
+    schema = tmp_path / "schema.toml"
+    small_schema.save(schema)
+    records = tmp_path / "r.csv"
+    records.write_text(small_csv)
+    with pytest.raises(DatasiteError, match="name 'St Mary' is invalid"):
+        launch(home=tmp_path / "h", name="St Mary", records=records, schema=schema, port=free_port())
+    assert not (tmp_path / "h").exists()

@@ -1,0 +1,178 @@
+"""Metrics as summable sufficient statistics, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    mean_absolute_error,
+    mean_squared_error,
+    roc_auc_score,
+)
+
+from fedmtl.models import TaskSpec
+from fedmtl.models.metrics import (
+    Accuracy,
+    BinnedAUPRC,
+    BinnedAUROC,
+    BrierScore,
+    RegressionError,
+    TaskMetrics,
+    flatten_state,
+    sum_states,
+    unflatten_state,
+)
+
+
+def _binary(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    s = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.2 * y - 0.5)))
+    return s, y
+
+
+def _multiclass(n=2000, C=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    logits = rng.normal(0, 1, (n, C)) + 1.5 * np.eye(C)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return p, y
+
+
+def test_binned_auroc_is_exact_on_binned_scores_and_within_tie_bound_of_raw():
+    # Prepare
+    s, y = _binary()
+    m = BinnedAUROC(n_bins=1000)
+    # Execute
+    auc = m.update(s, y).compute()
+    # Assert
+    binned = np.floor(s * 1000)
+    assert auc == pytest.approx(roc_auc_score(y, binned), abs=1e-12)
+    bound = m.tie_bound()[0]
+    assert 0 < bound < 0.002
+    assert abs(auc - roc_auc_score(y, s)) <= bound
+
+
+def test_binned_auprc_is_exact_on_binned_scores_and_close_to_raw():
+    # Prepare
+    s, y = _binary(seed=1)
+    m = BinnedAUPRC(n_bins=1000)
+    # Execute
+    ap = m.update(s, y).compute()
+    # Assert
+    assert ap == pytest.approx(average_precision_score(y, np.floor(s * 1000)), abs=1e-12)
+    assert ap == pytest.approx(average_precision_score(y, s), abs=0.01)
+
+
+def test_multiclass_auroc_is_macro_one_vs_rest():
+    # Prepare
+    p, y = _multiclass()
+    m = BinnedAUROC(n_classes=3, n_bins=1000)
+    # Execute
+    m.update(p, y)
+    # Assert
+    ref = roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert abs(m.compute() - ref) <= m.tie_bound().max()
+    per = m.per_class()
+    for c in range(3):
+        assert per[c] == pytest.approx(roc_auc_score(y == c, p[:, c]), abs=m.tie_bound()[c] + 1e-12)
+
+
+def test_summed_site_states_equal_the_pooled_metric():
+    # Prepare: three sites of different sizes
+    s, y = _binary(3000, seed=2)
+    parts = np.split(np.arange(3000), [500, 1700])
+    pooled = BinnedAUROC().update(s, y)
+    # Execute
+    states = [BinnedAUROC().update(s[i], y[i]).state() for i in parts]
+    summed = sum_states(states)
+    # Assert
+    assert np.array_equal(summed["pos"], pooled.state()["pos"])
+    assert BinnedAUROC().compute(summed) == pooled.compute()
+    vec = flatten_state(summed)
+    back = unflatten_state(vec, BinnedAUROC().state_shapes())
+    assert BinnedAUROC().compute(back) == pooled.compute()
+    merged = BinnedAUROC()
+    for st in states:
+        merged.merge(st)
+    assert merged.compute() == pooled.compute()
+
+
+def test_masked_samples_are_ignored():
+    # Prepare
+    s, y = _binary(500)
+    mask = np.arange(500) % 3 != 0
+    y_garbage = y.copy()
+    y_garbage[~mask] = 7  # unlabelled entries hold junk
+    # Execute
+    a = Accuracy().update(s, y_garbage, mask).compute()
+    auc = BinnedAUROC().update(s, y_garbage, mask).compute()
+    # Assert
+    assert a == pytest.approx(accuracy_score(y[mask], s[mask] >= 0.5))
+    assert auc == pytest.approx(roc_auc_score(y[mask], np.floor(s[mask] * 1000)))
+
+
+def test_accuracy_and_brier_match_sklearn():
+    # Prepare
+    s, y = _binary(seed=3)
+    p, yc = _multiclass(seed=3)
+    # Execute / Assert
+    assert Accuracy().update(s, y).compute() == pytest.approx(accuracy_score(y, s >= 0.5))
+    assert Accuracy().update(p, yc).compute() == pytest.approx(accuracy_score(yc, p.argmax(1)))
+    assert BrierScore().update(s, y).compute() == pytest.approx(brier_score_loss(y, s))
+    onehot = np.eye(3)[yc]
+    assert BrierScore().update(p, yc).compute() == pytest.approx(((p - onehot) ** 2).sum(1).mean())
+
+
+def test_regression_error_matches_sklearn():
+    # Prepare
+    rng = np.random.default_rng(4)
+    y = rng.normal(10, 3, 400)
+    pred = y + rng.normal(0, 1, 400)
+    # Execute
+    r = RegressionError().update(pred, y).compute()
+    # Assert
+    assert r["mae"] == pytest.approx(mean_absolute_error(y, pred))
+    assert r["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, pred)))
+
+
+def test_task_metrics_collects_every_task_in_one_flat_state():
+    # Prepare
+    tasks = [
+        TaskSpec("a", "binary", "a"),
+        TaskSpec("b", "multiclass", "b", classes=("x", "y", "z")),
+        TaskSpec("c", "regression", "c"),
+    ]
+    s, y = _binary(600)
+    p, yc = _multiclass(600)
+    reg = np.linspace(0, 1, 600)
+    Y = np.stack([y, yc, reg], 1).astype(np.float32)
+    mask = np.ones((600, 3), dtype=bool)
+    mask[::2, 2] = False
+    preds = {"a": s, "b": p, "c": reg + 0.1}
+    tm = TaskMetrics(tasks, n_bins=200)
+    # Execute
+    st = tm.update(preds, Y, mask).state()
+    res = TaskMetrics(tasks, n_bins=200).compute(unflatten_state(flatten_state(st), tm.state_shapes()))
+    # Assert
+    assert set(res) == {"a", "b", "c"}
+    assert set(res["a"]) == {"auroc", "auprc", "accuracy", "brier", "n"} and res["a"]["n"] == 600
+    assert res["c"]["mae"] == pytest.approx(0.1) and res["c"]["n"] == 300
+    assert res["b"]["auroc"] == pytest.approx(roc_auc_score(yc, p, multi_class="ovr"), abs=0.01)
+
+
+def test_metrics_reject_bad_inputs_and_mismatched_states():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        BinnedAUROC().update(np.array([0.2, 1.5]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="n_classes"):
+        BinnedAUROC(n_classes=2)
+    with pytest.raises(ValueError, match="shape"):
+        BinnedAUROC(n_bins=10).compute({"pos": np.zeros((1, 20)), "neg": np.zeros((1, 20))})
+    with pytest.raises(ValueError, match="different keys"):
+        sum_states([{"a": np.zeros(1)}, {"b": np.zeros(1)}])
+    with pytest.raises(ValueError, match=r"need \(2,\)"):
+        unflatten_state(np.zeros(3), {"a": (2,)})
+    assert np.isnan(BinnedAUROC().update(np.array([0.3, 0.6]), np.array([1, 1])).compute())

@@ -1,0 +1,263 @@
+"""DP-SGD local training: clipping, noise, sampling, FedProx, accounting, secure mode."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fedmtl.models import TaskSpec, build_model, model_to_vector, parameter_layout
+from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
+from fedmtl.privacy.dp import SecureRNGUnavailableWarning, effective_sample_rate, train_local
+
+TASKS = [
+    TaskSpec("a", "binary", "a"),
+    TaskSpec("b", "multiclass", "b", classes=("x", "y", "z")),
+    TaskSpec("c", "regression", "c"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is faster than two contending ones
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _data(n=200, seed=0, labelled=0.8):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g)
+    Y = torch.stack([(X[:, 0] > 0).float(), (X[:, 1] > 0).float() + (X[:, 1] > 1).float(), 0.5 * X[:, 2]], 1)
+    mask = torch.rand(n, 3, generator=g) < labelled
+    return X, Y, mask
+
+
+def _model(seed=0, **kw):
+    return build_model(n_features=6, tasks=TASKS, dropout=0.0, seed=seed, **kw)
+
+
+def test_dp_training_learns_and_reports_its_cost():
+    # Prepare
+    X, Y, mask = _data(400)
+    model = _model()
+    before = train_local(model=_model(), X=X, Y=Y, mask=mask, tasks=TASKS, steps=1, sample_rate=0.01, lr=1e-6, dp=False, seed=0)
+    # Execute
+    res = train_local(
+        model=model, X=X, Y=Y, mask=mask, tasks=TASKS, epochs=3, sample_rate=0.1, lr=0.5,
+        noise_multiplier=0.8, max_grad_norm=1.0, delta=1e-5, seed=0,
+    )
+    # Assert
+    assert res.steps == 30 and res.sample_rate == pytest.approx(0.1) and res.n_samples == 400
+    assert res.privacy_records == [PrivacyRecord(0.8, 0.1, 30)]
+    assert res.epsilon == pytest.approx(epsilon_of(res.privacy_records, delta=1e-5))
+    assert len(res.losses) == 30
+    assert res.task_losses["a"] < before.task_losses["a"] - 0.1
+    assert np.isfinite(model_to_vector(model)).all()
+
+
+def test_effective_sample_rate_is_what_opacus_samples_at():
+    # Execute
+    q, batch = effective_sample_rate(0.03, 1000)
+    # Assert: 30 per batch -> 34 batches per epoch -> q = 1/34
+    assert batch == 30 and q == pytest.approx(1 / 34)
+    X, Y, mask = _data(1000)
+    res = train_local(model=_model(), X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.03, lr=0.1, noise_multiplier=1.0, seed=0)
+    assert res.sample_rate == q
+
+
+def test_same_seed_same_weights_and_grad_sample_modes_agree():
+    # Prepare
+    X, Y, mask = _data()
+    kw = dict(X=X, Y=Y, mask=mask, tasks=TASKS, steps=5, sample_rate=0.1, lr=0.3, noise_multiplier=1.0, seed=7)
+    # Execute
+    vecs = {}
+    for mode in ("hooks", "functorch", "ghost"):
+        m = _model()
+        train_local(model=m, grad_sample_mode=mode, **kw)
+        vecs[mode] = model_to_vector(m)
+    m2 = _model()
+    train_local(model=m2, **{**kw, "seed": 8})
+    # Assert
+    np.testing.assert_allclose(vecs["hooks"], vecs["functorch"], atol=1e-5)
+    np.testing.assert_allclose(vecs["hooks"], vecs["ghost"], atol=1e-5)
+    assert np.abs(model_to_vector(m2) - vecs["hooks"]).max() > 1e-3
+
+
+def _one_full_batch_step(clipping, max_grad_norm=0.5):
+    # q = 1: every sample in the one batch; a huge regression error makes every
+    # per-sample gradient much larger than the clipping norm; noise negligible.
+    X, Y, mask = _data(50)
+    Y[:, 2] = 1000.0
+    model = _model()
+    w0 = model_to_vector(model)
+    train_local(
+        model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=1, sample_rate=1.0, lr=1.0,
+        noise_multiplier=1e-9, max_grad_norm=max_grad_norm, clipping=clipping, seed=0,
+    )
+    return model, model_to_vector(model) - w0
+
+
+def test_flat_clipping_bounds_the_update_norm():
+    # Execute
+    _, delta = _one_full_batch_step("flat", 0.5)
+    # Assert: update = mean of clipped per-sample grads, so its norm <= C, and close to C
+    norm = float(np.linalg.norm(delta))
+    assert norm <= 0.5 * (1 + 1e-4)
+    assert norm > 0.1  # unclipped, it would be in the hundreds
+
+
+def test_per_layer_clipping_bounds_each_tensor():
+    # Execute
+    model, delta = _one_full_batch_step("per_layer", 0.5)
+    layout = parameter_layout(model)
+    # Assert
+    per_tensor = 0.5 / math.sqrt(len(layout))
+    norms = [float(np.linalg.norm(delta[s.start : s.stop])) for s in layout]
+    assert max(norms) <= per_tensor * (1 + 1e-4)
+    assert float(np.linalg.norm(delta)) <= 0.5 * (1 + 1e-4)
+
+
+def test_noise_has_the_calibrated_scale():
+    # Prepare: no labels at all -> zero gradients; the update is pure noise / n
+    X, Y, mask = _data(100)
+    mask[:] = False
+    model = build_model(n_features=6, tasks=TASKS, widths=[64, 64], dropout=0.0, seed=0)
+    w0 = model_to_vector(model)
+    sigma, C, lr = 2.0, 3.0, 0.1
+    # Execute
+    train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=1, sample_rate=1.0, lr=lr,
+                noise_multiplier=sigma, max_grad_norm=C, seed=0)
+    upd = model_to_vector(model) - w0
+    # Assert: std of each coordinate = lr * sigma * C / n (expected batch size n)
+    expected = lr * sigma * C / 100
+    assert upd.size > 4000
+    assert abs(upd.mean()) < 0.1 * expected
+    assert upd.std() == pytest.approx(expected, rel=0.1)
+
+
+def test_unlabelled_data_leaves_non_private_model_unchanged():
+    # Prepare
+    X, Y, mask = _data(60)
+    mask[:] = False
+    Y[:] = float("nan")
+    model = _model()
+    w0 = model_to_vector(model)
+    # Execute
+    train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=3, sample_rate=0.5, lr=1.0, dp=False, seed=0)
+    # Assert
+    assert np.array_equal(model_to_vector(model), w0)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_fedprox_pulls_towards_the_global_weights(dp):
+    # Prepare: no labels -> the only non-noise gradient is mu * (w - w_global)
+    X, Y, mask = _data(40)
+    mask[:] = False
+    model, glob = _model(seed=0), _model(seed=1)
+    w0, g = model_to_vector(model), model_to_vector(glob)
+    mu, lr = 0.5, 0.2
+    extra = dict(noise_multiplier=1e-9) if dp else dict(dp=False)
+    # Execute
+    train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=1, sample_rate=1.0, lr=lr,
+                fedprox_mu=mu, global_vector=g, seed=0, **extra)
+    # Assert: one SGD step on mu/2 ||w - g||^2
+    np.testing.assert_allclose(model_to_vector(model), w0 - lr * mu * (w0 - g), atol=1e-6)
+
+
+def test_target_epsilon_is_met_and_prior_spend_is_respected():
+    # Prepare
+    X, Y, mask = _data(200)
+    kw = dict(X=X, Y=Y, mask=mask, tasks=TASKS, steps=20, sample_rate=0.05, lr=0.1, seed=0)
+    # Execute
+    fresh = train_local(model=_model(), target=(2.0, 1e-5), **kw)
+    prior = fresh.privacy_records
+    again = train_local(model=_model(), target=(3.0, 1e-5), prior=prior, **kw)
+    # Assert
+    assert 1.95 <= fresh.epsilon <= 2.0
+    total = epsilon_of(prior + again.privacy_records, delta=1e-5)
+    assert 2.9 <= total <= 3.0
+    assert again.noise_multiplier > train_local(model=_model(), target=(3.0, 1e-5), **kw).noise_multiplier
+
+
+def test_non_private_run_is_accounted_as_infinite_epsilon():
+    X, Y, mask = _data(50)
+    res = train_local(model=_model(), X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.2, lr=0.1, dp=False, delta=1e-5, seed=0)
+    assert res.privacy_records == [PrivacyRecord(0.0, 0.2, 2)]
+    assert math.isinf(res.epsilon)
+
+
+def test_empty_poisson_batches_are_handled():
+    # Prepare: 8 samples at q = 1/8: many steps draw nobody
+    X, Y, mask = _data(8)
+    model = _model()
+    # Execute
+    res = train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=40, sample_rate=0.125, lr=0.1, noise_multiplier=1.0, seed=3)
+    # Assert
+    assert any(math.isnan(x) for x in res.losses)
+    assert np.isfinite(model_to_vector(model)).all()
+
+
+def test_model_is_left_clean_and_trainable_again():
+    # Prepare
+    X, Y, mask = _data(50)
+    model = _model()
+    # Execute
+    train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.2, lr=0.1, noise_multiplier=1.0, seed=0)
+    train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.2, lr=0.1, noise_multiplier=1.0, seed=1)
+    # Assert
+    assert all(not hasattr(p, "grad_sample") and p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_secure_mode_warns_uses_fresh_randomness_and_refuses_a_seed():
+    # Prepare
+    X, Y, mask = _data(50)
+    kw = dict(X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.2, lr=0.1, noise_multiplier=1.0)
+    a, b = _model(), _model()
+    # Execute
+    with pytest.warns(SecureRNGUnavailableWarning, match="torchcsprng"):
+        ra = train_local(model=a, secure_mode=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SecureRNGUnavailableWarning)
+        train_local(model=b, secure_mode=True, **kw)
+    # Assert
+    assert ra.secure_rng == "urandom-reseeded-mt19937"
+    assert not np.array_equal(model_to_vector(a), model_to_vector(b))
+    with pytest.raises(ValueError, match="seed is not allowed in secure_mode"):
+        train_local(model=_model(), secure_mode=True, seed=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epochs": 1}, "exactly one of epochs and steps"),
+        ({"noise_multiplier": None}, "exactly one of noise_multiplier and target"),
+        ({"target": (1.0, 1e-5)}, "exactly one of noise_multiplier and target"),
+        ({"dp": False}, "dp=False"),
+        ({"clipping": "adaptive"}, r"unknown clipping 'adaptive'.*\['flat', 'per_layer'\]"),
+        ({"grad_sample_mode": "ew"}, "unknown grad_sample_mode"),
+        ({"grad_sample_mode": "ghost", "clipping": "per_layer"}, "ghost"),
+        ({"fedprox_mu": 0.1}, "global_vector"),
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_training(kwargs, match):
+    X, Y, mask = _data(20)
+    model = _model()
+    w0 = model_to_vector(model)
+    base = dict(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, steps=2, sample_rate=0.5, lr=0.1, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=match):
+        train_local(**{**base, **kwargs})
+    assert np.array_equal(model_to_vector(model), w0)
+
+
+def test_label_shape_mismatch_is_rejected():
+    X, Y, mask = _data(20)
+    with pytest.raises(ValueError, match=r"\(20, 3\)"):
+        train_local(model=_model(), X=X, Y=Y[:, :2], mask=mask[:, :2], tasks=TASKS, steps=1, sample_rate=0.5, lr=0.1, noise_multiplier=1.0)

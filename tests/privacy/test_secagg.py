@@ -1,0 +1,392 @@
+"""fedmtl.privacy.secagg: the sum is right with and without dropouts; every attack the
+server (relay) or a replay can mount on the messages fails with a named error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmtl.privacy.keys import DecryptionError, SignatureError
+from fedmtl.privacy.quantization import average_by_group, quantize, weight_by_group
+from fedmtl.privacy.secagg import (
+    MessageError,
+    ProtocolStateError,
+    RoundStats,
+    SecAggParams,
+    ServerSession,
+    SiteSession,
+    Stage,
+    TooFewSitesError,
+    UnmaskRefusedError,
+    run_local_round,
+)
+
+ATOL = 5 * 2**-16  # n sites x one quantum (2^-frac_bits) of rounding error
+
+
+def expected_sum(inputs, sites):
+    return [sum(inputs[s][i] for s in sites) for i in range(len(next(iter(inputs.values()))))]
+
+
+def assert_sum(result, inputs, sites):
+    for got, want in zip(result.arrays, expected_sum(inputs, sites)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+class Round:
+    """Drives sessions stage by stage so a test can interfere between stages."""
+
+    def __init__(self, params, identities, inputs):
+        self.params, self.identities, self.inputs = params, identities, inputs
+        self.sites = {s: SiteSession(params, site_id=s, identity=identities[s]) for s in params.sites}
+        self.server = ServerSession(params)
+
+    def advertise(self):
+        self.adverts = {s: ss.advertise_keys() for s, ss in self.sites.items()}
+        self.keys = self.server.collect_advertisements(list(self.adverts.values()))
+        return self
+
+    def share(self):
+        self.shares = {s: ss.share_keys(self.keys) for s, ss in self.sites.items()}
+        self.deliveries = self.server.collect_shares(list(self.shares.values()))
+        return self
+
+    def mask(self, sites=None):
+        sites = self.params.sites if sites is None else sites
+        self.masked = {s: self.sites[s].masked_input(self.deliveries[s], self.inputs[s]) for s in sites}
+        self.request = self.server.collect_masked_inputs(list(self.masked.values()))
+        return self
+
+
+# ----------------------------------------------------------------- correctness
+
+
+def test_sum_without_dropouts(five_sites):
+    # Prepare
+    params, identities, inputs = five_sites
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs)
+    # Assert
+    assert result.survivors == params.sites and result.dropped == []
+    assert_sum(result, inputs, params.sites)
+
+
+def test_sum_with_one_dropout_after_sharing_keys(five_sites):
+    # Prepare: site2 shared its keys then vanished, so its pairwise masks must be recovered
+    params, identities, inputs = five_sites
+    # Execute
+    result = run_local_round(
+        params, identities=identities, inputs=inputs, dropouts={"site2": Stage.MASKED_INPUT}, persist=True
+    )
+    # Assert
+    assert result.dropped == ["site2"]
+    assert_sum(result, inputs, [s for s in params.sites if s != "site2"])
+
+
+def test_sum_with_n_minus_t_dropouts_at_different_stages(five_sites):
+    # Prepare: n - t = 2 sites drop: one before sharing keys, one after
+    params, identities, inputs = five_sites
+    dropouts = {"site0": Stage.SHARE_KEYS, "site4": Stage.MASKED_INPUT}
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs, dropouts=dropouts, persist=True)
+    # Assert
+    assert result.survivors == ["site1", "site2", "site3"]
+    assert result.dropped == ["site4"]  # site0 never shared keys: nothing to recover
+    assert_sum(result, inputs, result.survivors)
+
+
+def test_site_silent_at_unmask_still_counts(five_sites):
+    # Prepare: site3 sent its masked input, then did not answer the unmask request
+    params, identities, inputs = five_sites
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs, dropouts={"site3": Stage.UNMASK})
+    # Assert
+    assert "site3" in result.survivors
+    assert_sum(result, inputs, params.sites)
+
+
+def test_weighted_per_head_average_through_secure_aggregation(make_params):
+    # Prepare: vector = trunk(6) + head A(2) + head B(2); site2 has no labels for head B
+    groups = {"trunk": [slice(0, 6)], "A": [slice(6, 8)], "B": [slice(8, 10)]}
+    counts = {
+        "site0": {"trunk": 50, "A": 20, "B": 30},
+        "site1": {"trunk": 10, "A": 10, "B": 5},
+        "site2": {"trunk": 40, "A": 40, "B": 0},
+    }
+    params, identities = make_params(3, 2, shapes=((10,), (3,)), bound=100.0)
+    rng = np.random.default_rng(3)
+    updates = {s: rng.uniform(-1, 1, 10) for s in params.sites}
+    inputs = {
+        s: list(weight_by_group(updates[s], groups=groups, counts=counts[s], clip=1.0)) for s in params.sites
+    }
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs)
+    avg, totals = average_by_group(result.arrays[0], result.arrays[1], groups=groups)
+    # Assert: equals the plain weighted FedAvg per head, up to quantisation
+    for name, (sl,) in groups.items():
+        want = sum(counts[s][name] * updates[s][sl] for s in params.sites) / sum(
+            counts[s][name] for s in params.sites
+        )
+        np.testing.assert_allclose(avg[sl], want, atol=1e-4)
+    assert totals == {"A": 70.0, "B": 35.0, "trunk": 100.0}
+
+
+def test_stats_count_time_and_bytes(five_sites):
+    params, identities, inputs = five_sites
+    stats = RoundStats()
+    run_local_round(params, identities=identities, inputs=inputs, stats=stats)
+    assert set(stats.site_seconds) == set(params.sites)
+    # each site sends at least its masked vector (12 + 5 elements of 4 bytes)
+    assert all(b > params.size * 4 for b in stats.site_bytes_sent.values())
+    assert stats.server_bytes_sent > 0
+
+
+# ----------------------------------------------------------------- what the server sees
+
+
+def test_single_masked_vector_looks_uniform(make_params):
+    # Prepare: an all-zero input (maximally structured) for 65,536 elements in Z_2^32
+    params, identities = make_params(3, 2, shapes=((65536,),), bound=1.0)
+    inputs = {s: [np.zeros(65536)] for s in params.sites}
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    masked = rnd.masked["site0"]["masked"]
+    plain = quantize(np.zeros(65536), params.quantization)
+
+    def chi2_top_byte(v):
+        hist = np.bincount((v >> 24).astype(np.int64), minlength=256)
+        exp = v.size / 256
+        return float(((hist - exp) ** 2 / exp).sum())
+
+    # Execute
+    stat_masked, stat_plain = chi2_top_byte(masked), chi2_top_byte(plain)
+    # Assert: threshold = chi2.ppf(1 - 1e-9, df=255) = 414.5 (a false alarm once in 10^9 runs)
+    assert stat_masked < 414.5
+    assert stat_plain > 414.5  # the same test does catch an unmasked vector
+
+
+# ----------------------------------------------------------------- dropout limits
+
+
+def test_fewer_than_t_masked_inputs_aborts_at_server(five_sites):
+    # Prepare
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    # Execute / Assert
+    with pytest.raises(TooFewSitesError, match="aborted, nothing revealed"):
+        rnd.mask(sites=["site0", "site1"])
+
+
+def test_site_reveals_nothing_for_fewer_than_t_survivors(five_sites):
+    # Prepare: a server that asks anyway with 2 < t survivors
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    request = dict(rnd.request, survivors=["site0", "site1"])
+    site = rnd.sites["site0"]
+    # Execute / Assert
+    with pytest.raises(TooFewSitesError, match="revealing nothing"):
+        site.unmask(request)
+    assert site.stage == Stage.MASKED_INPUT and site._state.revealed == {}
+
+
+def test_run_local_round_aborts_with_too_many_dropouts(five_sites):
+    params, identities, inputs = five_sites
+    dropouts = {"site0": Stage.MASKED_INPUT, "site1": Stage.MASKED_INPUT, "site2": Stage.MASKED_INPUT}
+    with pytest.raises(TooFewSitesError):
+        run_local_round(params, identities=identities, inputs=inputs, dropouts=dropouts)
+
+
+def test_too_few_adverts_aborts(make_params):
+    params, identities = make_params(3, 2)
+    site = SiteSession(params, site_id="site0", identity=identities["site0"])
+    server = ServerSession(params)
+    with pytest.raises(TooFewSitesError):
+        server.collect_advertisements([site.advertise_keys()])
+
+
+# ----------------------------------------------------------------- honest-site refusals
+
+
+def test_site_refuses_to_reveal_both_kinds_for_one_peer(five_sites):
+    # Prepare: site0 answered once with site4 as a survivor (self-mask share revealed)
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    site = rnd.sites["site0"]
+    site.unmask(rnd.request)
+    # Execute / Assert: a second request is refused by the stage order...
+    lying = dict(rnd.request, survivors=["site0", "site1", "site2", "site3"])
+    with pytest.raises(ProtocolStateError):
+        site.unmask(lying)
+    # ...and, even if the stage were rolled back, by the per-peer record
+    site._state.stage = Stage.MASKED_INPUT
+    with pytest.raises(UnmaskRefusedError, match="site4"):
+        site.unmask(lying)
+
+
+def test_site_refuses_when_told_it_dropped_or_given_unknown_survivors(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    with pytest.raises(UnmaskRefusedError, match="listed as dropped"):
+        rnd.sites["site0"].unmask(dict(rnd.request, survivors=["site1", "site2", "site3"]))
+    with pytest.raises(UnmaskRefusedError):
+        rnd.sites["site0"].unmask(dict(rnd.request, survivors=["site0", "site1", "mallory"]))
+
+
+# ----------------------------------------------------------------- tampering and replay
+
+
+def test_substituted_public_key_is_rejected(five_sites):
+    # Prepare: the relaying server swaps site1's mask key for one it controls
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise()
+    forged = dict(rnd.adverts["site1"], s_pk=rnd.adverts["site2"]["s_pk"])
+    keys = dict(rnd.keys, adverts=[forged if a["site"] == "site1" else a for a in rnd.keys["adverts"]])
+    # Execute / Assert: at the site and at an honest server alike
+    with pytest.raises(SignatureError):
+        rnd.sites["site0"].share_keys(keys)
+    with pytest.raises(SignatureError):
+        ServerSession(params).collect_advertisements(keys["adverts"])
+
+
+def test_advert_signed_by_another_identity_is_rejected(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise()
+    forged = dict(rnd.adverts["site1"], signature=identities["site2"].sign(b"anything"))
+    keys = dict(rnd.keys, adverts=[forged if a["site"] == "site1" else a for a in rnd.keys["adverts"]])
+    with pytest.raises(SignatureError):
+        rnd.sites["site0"].share_keys(keys)
+
+
+def test_tampered_share_is_rejected(five_sites):
+    # Prepare
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    delivery = rnd.deliveries["site0"]
+    ct = bytearray(delivery["ciphertexts"]["site1"])
+    ct[20] ^= 0x01
+    tampered = dict(delivery, ciphertexts=dict(delivery["ciphertexts"], site1=bytes(ct)))
+    # Execute / Assert
+    with pytest.raises(DecryptionError):
+        rnd.sites["site0"].masked_input(tampered, inputs["site0"])
+    assert rnd.sites["site0"].stage == Stage.SHARE_KEYS  # nothing sent, nothing kept
+
+
+def test_replayed_share_relabelled_as_another_sender_is_rejected(five_sites):
+    # Prepare: the server replays site1's share to site0 as if it came from site2
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    delivery = rnd.deliveries["site0"]
+    cts = dict(delivery["ciphertexts"], site2=delivery["ciphertexts"]["site1"])
+    # Execute / Assert
+    with pytest.raises(DecryptionError):
+        rnd.sites["site0"].masked_input(dict(delivery, ciphertexts=cts), inputs["site0"])
+
+
+def test_share_addressed_to_another_site_is_rejected(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    d0, d1 = rnd.deliveries["site0"], rnd.deliveries["site1"]
+    cts = dict(d0["ciphertexts"], site2=d1["ciphertexts"]["site2"])
+    with pytest.raises(DecryptionError):
+        rnd.sites["site0"].masked_input(dict(d0, ciphertexts=cts), inputs["site0"])
+
+
+def test_share_from_another_round_is_rejected(make_params, make_inputs):
+    # Prepare: run round 0 to its delivery, then round 1; replay a round-0 share in round 1
+    params0, identities = make_params(3, 2)
+    params1 = params0.for_round(1)
+    inputs = make_inputs(params0)
+    old = Round(params0, identities, inputs).advertise().share()
+    new = Round(params1, identities, inputs).advertise().share()
+    d = new.deliveries["site0"]
+    replay = dict(d, ciphertexts=dict(d["ciphertexts"], site1=old.deliveries["site0"]["ciphertexts"]["site1"]))
+    # Execute / Assert: the ciphertext under a new round header fails authentication...
+    with pytest.raises(DecryptionError):
+        new.sites["site0"].masked_input(replay, inputs["site0"])
+    # ...and the whole old message is refused by its header
+    with pytest.raises(MessageError, match="round 0"):
+        new.sites["site0"].masked_input(old.deliveries["site0"], inputs["site0"])
+
+
+def test_replayed_stage_request_is_refused(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    with pytest.raises(ProtocolStateError):
+        rnd.sites["site0"].share_keys(rnd.keys)
+    with pytest.raises(ProtocolStateError):
+        rnd.sites["site0"].advertise_keys()
+
+
+def test_duplicate_or_foreign_messages_are_refused_by_server(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs)
+    adverts = [ss.advertise_keys() for ss in rnd.sites.values()]
+    with pytest.raises(MessageError, match="two adverts"):
+        ServerSession(params).collect_advertisements(adverts + adverts[:1])
+    with pytest.raises(MessageError, match="job"):
+        ServerSession(params).collect_advertisements([dict(a, job_id="other") for a in adverts])
+
+
+def test_sites_with_different_parameters_cannot_agree(make_params):
+    # Prepare: the server hands site0 parameters with another threshold
+    params, identities = make_params(3, 2)
+    other = make_params(3, 3)[0]
+    honest = [SiteSession(params, site_id=s, identity=identities[s]) for s in params.sites]
+    adverts = [ss.advertise_keys() for ss in honest]
+    keys = ServerSession(params).collect_advertisements(adverts)
+    fooled = SiteSession(
+        type(params)(**{**params.__dict__, "threshold": 3}), site_id="site0", identity=identities["site0"]
+    )
+    fooled.advertise_keys()
+    # Execute / Assert: signatures bind the parameter digest
+    assert other.digest() != params.digest()
+    with pytest.raises(SignatureError):
+        fooled.share_keys(keys)
+
+
+# ----------------------------------------------------------------- misuse and persistence
+
+
+def test_wrong_identity_or_inputs_fail_loudly(five_sites):
+    params, identities, inputs = five_sites
+    with pytest.raises(ValueError, match="not the roster's key"):
+        SiteSession(params, site_id="site0", identity=identities["site1"])
+    with pytest.raises(ValueError, match="not in the roster"):
+        SiteSession(params, site_id="mallory", identity=identities["site1"])
+    rnd = Round(params, identities, inputs).advertise().share()
+    with pytest.raises(ValueError, match="shapes"):
+        rnd.sites["site0"].masked_input(rnd.deliveries["site0"], [np.zeros(17)])
+    with pytest.raises(ValueError, match="NaN"):
+        rnd.sites["site0"].masked_input(rnd.deliveries["site0"], [np.full((3, 4), np.nan), np.zeros(5)])
+    with pytest.raises(TypeError):
+        rnd.sites["site0"].masked_input(rnd.deliveries["site0"], np.zeros(17))
+
+
+def test_parameters_validate_threshold(make_params):
+    with pytest.raises(ValueError):
+        make_params(3, 4)
+    with pytest.raises(ValueError):
+        make_params(3, 1)
+    p, _ = make_params(4, 3)
+    with pytest.warns(UserWarning, match="t > n/2"):
+        SecAggParams(**{**p.__dict__, "threshold": 2})
+
+
+def test_site_state_survives_serialisation_between_every_stage(five_sites):
+    # Prepare
+    params, identities, inputs = five_sites
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs, persist=True)
+    # Assert
+    assert_sum(result, inputs, params.sites)
+
+
+def test_serialised_state_needs_the_right_identity(five_sites):
+    params, identities, _ = five_sites
+    site = SiteSession(params, site_id="site0", identity=identities["site0"])
+    site.advertise_keys()
+    blob = site.to_bytes()
+    with pytest.raises(ValueError):
+        SiteSession.from_bytes(blob, identity=identities["site1"])
+    restored = SiteSession.from_bytes(blob, identity=identities["site0"])
+    assert restored.stage == Stage.ADVERTISE_KEYS and restored.params == params
