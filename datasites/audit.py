@@ -309,6 +309,11 @@ def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
+def _short_ts(ts: Any) -> str:
+    """2026-01-05T12:00:00.000000Z -> 2026-01-05 12:00:00 UTC"""
+    return f"{str(ts)[:19].replace('T', ' ')} UTC" if ts else ""
+
+
 def _f(x: Any) -> str:
     if x is None:
         return ""
@@ -334,7 +339,7 @@ def render_html(report: AuditReport) -> str:
             ("", _e(r["researcher"])),
             ("", _e(r["dataset"])),
             ("", _e(r["code_name"]) + f'<br><code>{_e((r["code_hash"] or "")[:16])}…</code>'),
-            ("", _e(r["received"])),
+            ("", _e(_short_ts(r["received"]))),
             ("status", f'<span class="st-{_e(r["status"])}">{_e(r["status"])}</span>'),
             ("", _e(r["decided_by"]) + (f" ({_e(r['mode'])})" if r["mode"] else "")),
             ("num", _f(r["epsilon_approved"])),
@@ -357,7 +362,7 @@ def render_html(report: AuditReport) -> str:
         )
 
     pol_rows = "".join(
-        f"<tr><td>{c['seq']}</td><td>{_e(c['ts'])}</td><td>{_e(c['who'])}</td>"
+        f"<tr><td>{c['seq']}</td><td>{_e(_short_ts(c['ts']))}</td><td>{_e(c['who'])}</td>"
         f"<td><code>{_e((c['old_hash'] or '')[:16])}</code></td><td><code>{_e((c['new_hash'] or '')[:16])}</code></td>"
         f"<td class=\"reasons\">{'<br>'.join(_e(x) for x in c['changed'])}</td></tr>"
         for c in report.policy_changes
@@ -378,7 +383,10 @@ th {{ background: #e8eef6; }}
 .st-denied, .st-aborted {{ color: #c62828; font-weight: bold; }}
 .st-pending, .st-pending_manual {{ color: #b26a00; font-weight: bold; }}
 code {{ font-size: 11px; }}
-td.reasons {{ max-width: 360px; overflow-wrap: anywhere; font-size: 12px; }}
+#requests {{ width: 100%; table-layout: fixed; }}
+#requests td {{ overflow-wrap: anywhere; }}
+#requests th.reasons {{ width: 26%; }}
+td.reasons {{ overflow-wrap: anywhere; font-size: 12px; }}
 img {{ max-width: 100%; height: auto; }}
 </style></head><body>
 <h1>Privacy ledger audit</h1>
@@ -390,7 +398,7 @@ img {{ max-width: 100%; height: auto; }}
 <h2>Requests</h2>
 <table id="requests"><thead><tr><th>request</th><th>researcher</th><th>dataset</th><th>code</th><th>received</th>
 <th>status</th><th>decided by</th><th>epsilon approved</th><th>epsilon charged</th><th>rounds run</th>
-<th>advisory warning shown</th><th>reasons</th></tr></thead><tbody>{req_rows}</tbody></table>
+<th>advisory warning shown</th><th class="reasons">reasons</th></tr></thead><tbody>{req_rows}</tbody></table>
 <h2>Spend per researcher</h2>
 <table id="researchers"><thead><tr><th>researcher</th><th>epsilon spent</th><th>budget</th><th>left</th></tr></thead>
 <tbody>{spend_rows(report.researcher_spent, "researcher_epsilon_budget", "researcher")}</tbody></table>
@@ -401,9 +409,9 @@ img {{ max-width: 100%; height: auto; }}
 <table id="policy-changes"><thead><tr><th>seq</th><th>time</th><th>who</th><th>old policy</th><th>new policy</th><th>changed</th></tr></thead>
 <tbody>{pol_rows}</tbody></table>
 <p>Epsilon is composed from the ledger's privacy records (never summed) at delta={_e(budgets.get("delta"))}
-with the {_e(budgets.get("accountant"))} accountant. Ledger head: {_e((v.head or {}).get("seq"))}
-(<code>{_e(((v.head or {}).get("hash") or "")[:16])}</code>); keep this number and pass it as the expected
-entry count to the next audit to detect a rollback.</p>
+with the {_e(budgets.get("accountant"))} accountant. Signed head: seq {_e((v.head or {}).get("seq"))}
+(<code>{_e(((v.head or {}).get("hash") or "")[:16])}</code>), {v.entries} entries; keep this count and pass it
+as the expected entry count to the next audit to detect a rollback of ledger and head together.</p>
 </body></html>
 """
 

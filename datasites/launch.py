@@ -168,12 +168,14 @@ def launch(
     admin_password: str | None = None,
     in_process: bool = False,
     ready_timeout: float = 180.0,
-    review: dict[str, Any] | None = None,
+    policy: str | Path | Any | None = None,
 ) -> DatasiteHandle:
     """Start (and on first launch, create) the datasite whose state lives in ``home``.
 
-    ``review`` holds the interim automatic-review settings stored in the home (for example
-    ``{"epsilon_budget": 8.0, "delta": 1e-5}``); see :mod:`fedmtl.datasites.autoreview`.
+    ``policy`` is a policy file (TOML/YAML) or a :class:`~fedmtl.datasites.policy.Policy`.
+    On first launch without one, the default policy applies (templates only, automatic
+    approval of conforming requests, the schema's tasks). A policy given on relaunch
+    replaces the current one; the change is recorded in the ledger.
     """
     home = Path(home).resolve()
     first = not home_mod.is_home(home)
@@ -202,6 +204,7 @@ def launch(
                 f"stop it first with `fedmtl datasite stop --home {home}`"
             )
     _check_name(name)
+    pol = _load_policy(policy)
 
     # 1. validate before anything is written
     df = sch = None
@@ -239,12 +242,15 @@ def launch(
                 schema=sch,
                 admin_email=admin_email or f"admin@{name}.datasite",
                 admin_password=admin_password or os.environ.get(ADMIN_PASSWORD_ENV),
-                review=review,
             )
             created_home = True
-        elif review is not None:
-            cfg = home_mod.read_config(home)
-            home_mod.write_config(home, {**cfg, "review": review})
+            from fedmtl.datasites import ledger_seam
+
+            ledger_seam.install_policy(home, pol or ledger_seam.default_policy(sch), who="owner (first launch)")
+        elif pol is not None:
+            from fedmtl.datasites import ledger_seam
+
+            ledger_seam.install_policy(home, pol, who="owner (relaunch)")
         cfg = home_mod.read_config(home)
         handle = DatasiteHandle(
             name=name,
@@ -267,6 +273,14 @@ def launch(
         raise
 
 
+def _load_policy(policy):
+    if policy is None:
+        return None
+    from fedmtl.datasites.policy import Policy
+
+    return policy if isinstance(policy, Policy) else Policy.load(policy)
+
+
 def _check_name(name: str) -> None:
     import re
 
@@ -284,7 +298,6 @@ def _create_home(
     schema: Schema,
     admin_email: str,
     admin_password: str | None,
-    review: dict[str, Any] | None,
 ) -> None:
     from syft.server.credentials import SyftSigningKey
     from syft.types.uid import UID
@@ -312,7 +325,6 @@ def _create_home(
             "records_file": str(records.resolve()),
             "records_sha256": _sha256_file(records),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "review": review or {},
             "setup_complete": False,
         },
     )
@@ -435,6 +447,7 @@ def _first_setup(handle: DatasiteHandle, df, schema: Schema | None) -> None:
     client = handle.login_admin()
     public = identity.load_public(handle.home)
     meta = dataset_meta(schema, df, public)
+    home_mod.write_json_atomic(handle.home / "dataset_meta.json", meta)
     mock = make_mock(df, schema, seed=0)
     description = (
         describe_dataset(schema, df)

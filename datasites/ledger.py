@@ -49,7 +49,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import threading
 import time

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Mapping
 
 from fedmtl.datasites.policy import ADVISORY_ID, ADVISORY_TEXT, Policy
 from fedmtl.errors import FedMTLError

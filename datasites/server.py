@@ -62,6 +62,9 @@ def build_app(home: Path):
         enable_warnings=False,
         log_level=logging.WARNING,
     )
+    from fedmtl.datasites import runtime
+
+    runtime.register_home(cfg["name"], home)
     app = FastAPI(title=cfg["name"])
     api = APIRouter()
     api.include_router(make_routes(worker=worker))

@@ -35,9 +35,6 @@ def _read_password(args: argparse.Namespace, env: str, prompt: str) -> str:
 def cmd_datasite_launch(args: argparse.Namespace) -> int:
     from fedmtl.datasites.launch import launch
 
-    review = None
-    if args.epsilon_budget is not None:
-        review = {"epsilon_budget": args.epsilon_budget, "delta": args.delta}
     print(f"launching datasite at {args.home} ...", flush=True)
     handle = launch(
         home=args.home,
@@ -47,7 +44,7 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         admin_email=args.admin_email,
-        review=review,
+        policy=args.policy,
     )
     print(f"datasite {handle.name!r} running at {handle.url}")
     print(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
@@ -128,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--port", type=int, default=8080)
     la.add_argument("--host", default="127.0.0.1")
     la.add_argument("--admin-email")
-    la.add_argument("--epsilon-budget", type=float, help="interim auto-review: total epsilon budget")
-    la.add_argument("--delta", type=float, default=1e-5)
+    la.add_argument("--policy", type=Path, help="policy file (TOML/YAML); default: templates only, auto-approve")
     la.add_argument("--detach", action="store_true", help="return once running; stop with `datasite stop`")
     la.set_defaults(func=cmd_datasite_launch)
     st = dsub.add_parser("stop", help="stop a datasite")

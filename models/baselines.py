@@ -225,34 +225,15 @@ def run_baselines(
     names = [s.name for s in sites]
     pooled_train = _cat([prep.train[n] for n in names])
     results: dict[str, Any] = {}
-
-    def model_predictor(model: MultiTaskNet):
-        return lambda name: model.predict(prep.test[name][0])
-
     for method in cfg.methods:
         t = time.perf_counter()
-        if method in ("pooled_mtl", "pooled_mtl_dp"):
-            model, info = _fit(*pooled_train, prep.tasks, cfg, seed=seed, dp=method.endswith("_dp"))
-            entry = {"training": info, **_evaluate(model_predictor(model), prep, names, cfg.n_bins)}
-        elif method == "pooled_single":
-            per_task, infos = {}, {}
-            for j, t_ in enumerate(prep.tasks):
-                X, Y, M = pooled_train
-                if not bool(M[:, j].any()):
-                    continue
-                model, infos[t_.name] = _fit(X, Y[:, [j]], M[:, [j]], [t_], cfg, seed=seed, dp=False)
-                per_task[t_.name] = _evaluate(model_predictor(model), prep, names, cfg.n_bins, tasks=[t_])
-            entry = {"training": infos, **_merge_tasks(per_task, names)}
-        elif method == "local_mtl":
-            models, infos = {}, {}
-            for n in names:
-                models[n], infos[n] = _fit(*prep.train[n], prep.tasks, cfg, seed=seed, dp=False)
-            entry = {"training": infos, **_evaluate(lambda name: models[name].predict(prep.test[name][0]), prep, names, cfg.n_bins)}
-        else:  # pooled_logreg
-            entry = _logreg(prep, names, pooled_train, cfg, seed)
+        try:
+            entry = _run_method(method, prep, names, pooled_train, cfg, seed)
+        except (ValueError, RuntimeError) as e:  # e.g. a diverged model's NaN scores
+            entry = {"error": f"{type(e).__name__}: {e}"}
         entry["seconds"] = round(time.perf_counter() - t, 2)
         results[method] = entry
-        log(f"{method}: done in {entry['seconds']:.1f}s")
+        log(f"{method}: " + (f"FAILED ({entry['error']})" if "error" in entry else f"done in {entry['seconds']:.1f}s"))
     return {
         "seed": seed,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -265,6 +246,35 @@ def run_baselines(
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def _run_method(
+    method: str, prep: _Prepared, names: Sequence[str], pooled_train, cfg: BaselineConfig, seed: int
+) -> dict[str, Any]:
+    def model_predictor(model: MultiTaskNet):
+        return lambda name: model.predict(prep.test[name][0])
+
+    if method in ("pooled_mtl", "pooled_mtl_dp"):
+        model, info = _fit(*pooled_train, prep.tasks, cfg, seed=seed, dp=method.endswith("_dp"))
+        return {"training": info, **_evaluate(model_predictor(model), prep, names, cfg.n_bins)}
+    if method == "pooled_single":
+        per_task, infos = {}, {}
+        X, Y, M = pooled_train
+        for j, t in enumerate(prep.tasks):
+            if not bool(M[:, j].any()):
+                continue
+            model, infos[t.name] = _fit(X, Y[:, [j]], M[:, [j]], [t], cfg, seed=seed, dp=False)
+            per_task[t.name] = _evaluate(model_predictor(model), prep, names, cfg.n_bins, tasks=[t])
+        return {"training": infos, **_merge_tasks(per_task, names)}
+    if method == "local_mtl":
+        models, infos = {}, {}
+        for n in names:
+            models[n], infos[n] = _fit(*prep.train[n], prep.tasks, cfg, seed=seed, dp=False)
+        return {
+            "training": infos,
+            **_evaluate(lambda name: models[name].predict(prep.test[name][0]), prep, names, cfg.n_bins),
+        }
+    return _logreg(prep, names, pooled_train, cfg, seed)
 
 
 def _merge_tasks(per_task: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -301,6 +311,9 @@ def format_table(report: dict[str, Any], metric: str = "auroc") -> str:
     cols = ["pooled"] + sites
     lines = [f"{metric.upper()} on test splits (pooled = all hospitals' test records)"]
     for method, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"\n{method}: {r['error']}")
+            continue
         lines.append(f"\n{method}" + (f"  (epsilon={r['training']['epsilon']:.2f})" if method.endswith("_dp") else ""))
         lines.append("  " + "task".ljust(18) + "".join(c[:11].rjust(12) for c in cols))
         for t in tasks:

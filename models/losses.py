@@ -13,7 +13,8 @@ sample's loss then depends on that sample only, which per-sample clipping in DP-
 requires (and Opacus's ``loss_reduction="mean"`` assumes).
 
 Per-task losses ``l_t``: binary cross-entropy with logits, cross-entropy over C logits
-(``Y`` holds the class index), squared error for regression.
+(``Y`` holds the class index), squared error for regression on the task's scale
+``(y - shift) / scale``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def per_task_losses(
         elif t.kind == "multiclass":
             li = F.cross_entropy(out, y.long(), reduction="none")
         else:
-            li = (out[:, 0] - y.to(out.dtype)) ** 2
+            li = (out[:, 0] - (y.to(out.dtype) - t.shift) / t.scale) ** 2
         cols.append(torch.where(m, li, torch.zeros_like(li)))
     return torch.stack(cols, dim=1)
 

@@ -131,7 +131,7 @@ def unflatten_state(vec: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> S
 
 # -- ranking metrics -----------------------------------------------------------
 def _bin(scores: np.ndarray, n_bins: int) -> np.ndarray:
-    if scores.size and (np.nanmin(scores) < 0 or np.nanmax(scores) > 1 or np.isnan(scores).any()):
+    if scores.size and (np.isnan(scores).any() or scores.min() < 0 or scores.max() > 1):
         raise ValueError("scores must be probabilities in [0, 1] (apply a sigmoid/softmax first)")
     return np.minimum((scores * n_bins).astype(int), n_bins - 1)
 

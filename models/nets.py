@@ -138,7 +138,7 @@ class MultiTaskNet(nn.Module):
             elif t.kind == "multiclass":
                 res[t.name] = torch.softmax(o, dim=1).numpy()
             else:
-                res[t.name] = o[:, 0].numpy()
+                res[t.name] = (o[:, 0] * t.scale + t.shift).numpy()
         return res
 
     def n_parameters(self) -> int:

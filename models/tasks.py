@@ -20,6 +20,10 @@ class TaskSpec:
     ``name`` names the head (an identifier: letters, digits, underscore);
     ``label`` is the label column; ``classes`` the class labels of a multiclass task
     (``None`` otherwise); ``weight`` the task's weight in the summed loss.
+
+    Regression only: the head predicts ``(y - shift) / scale`` (the loss is computed on
+    that scale, so targets far from 0 do not blow up training) and
+    :meth:`MultiTaskNet.predict` returns ``output * scale + shift`` in label units.
     """
 
     name: str
@@ -27,6 +31,8 @@ class TaskSpec:
     label: str
     classes: tuple[str, ...] | None = None
     weight: float = 1.0
+    shift: float = 0.0
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -49,6 +55,12 @@ class TaskSpec:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
             raise ValueError(f"task {self.name!r}: weight must be a finite number >= 0, got {w!r}")
         object.__setattr__(self, "weight", float(w))
+        if self.kind != "regression" and (self.shift != 0.0 or self.scale != 1.0):
+            raise ValueError(f"task {self.name!r}: shift/scale only apply to regression tasks")
+        if not (isinstance(self.scale, (int, float)) and self.scale > 0 and self.scale != float("inf")):
+            raise ValueError(f"task {self.name!r}: scale must be a finite number > 0, got {self.scale!r}")
+        object.__setattr__(self, "shift", float(self.shift))
+        object.__setattr__(self, "scale", float(self.scale))
 
     @property
     def out_dim(self) -> int:
@@ -59,6 +71,8 @@ class TaskSpec:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, "label": self.label, "weight": self.weight}
         if self.classes is not None:
             d["classes"] = list(self.classes)
+        if self.kind == "regression":
+            d["shift"], d["scale"] = self.shift, self.scale
         return d
 
     @classmethod
@@ -70,6 +84,8 @@ class TaskSpec:
             label=d.get("label", d["name"]),
             classes=tuple(classes) if classes is not None else None,
             weight=float(d.get("weight", 1.0)),
+            shift=float(d.get("shift", 0.0)),
+            scale=float(d.get("scale", 1.0)),
         )
 
 
@@ -95,7 +111,9 @@ def tasks_from_schema(
     weights: Mapping[str, float] | None = None,
 ) -> list[TaskSpec]:
     """One task per label column of ``schema`` (or per name in ``labels``), named after
-    the column: binary -> binary, categorical -> multiclass, numeric -> regression."""
+    the column: binary -> binary, categorical -> multiclass, numeric -> regression.
+    A regression label with a declared min/max is scaled to [-1, 1] for training
+    (``shift`` = midpoint, ``scale`` = half-range)."""
     label_cols = {c.name: c for c in schema.labels}
     chosen = list(labels) if labels is not None else list(label_cols)
     unknown = [n for n in chosen if n not in label_cols]
@@ -109,6 +127,9 @@ def tasks_from_schema(
     out = []
     for n in chosen:
         c = label_cols[n]
+        shift, scale = 0.0, 1.0
+        if c.type == "numeric" and c.min is not None and c.max is not None and c.max > c.min:
+            shift, scale = (c.min + c.max) / 2, (c.max - c.min) / 2
         out.append(
             TaskSpec(
                 name=n,
@@ -116,6 +137,8 @@ def tasks_from_schema(
                 label=n,
                 classes=c.categories if c.type == "categorical" else None,
                 weight=weights.get(n, 1.0),
+                shift=shift,
+                scale=scale,
             )
         )
     return out

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -70,7 +71,9 @@ class TrainResult:
 
     ``privacy_records`` go straight into :func:`fedmtl.privacy.accounting.epsilon_of`;
     ``epsilon`` is this run alone at ``delta`` (``None`` when no delta was given).
-    ``losses`` is the mean masked loss of each step's batch (NaN for an empty batch).
+    ``losses`` is the mean masked loss of each step's batch (NaN for an empty batch);
+    ``samples_seen`` the sum of the batch sizes; ``seconds`` the wall time of the steps
+    alone (no setup, no final evaluation).
     """
 
     privacy_records: list[PrivacyRecord]
@@ -84,6 +87,8 @@ class TrainResult:
     task_losses: dict[str, float] = field(default_factory=dict)
     dp: bool = True
     secure_rng: str = "none"
+    samples_seen: int = 0
+    seconds: float = 0.0
 
     @property
     def privacy_record(self) -> PrivacyRecord:
@@ -103,6 +108,8 @@ class TrainResult:
             "task_losses": dict(self.task_losses),
             "dp": self.dp,
             "secure_rng": self.secure_rng,
+            "samples_seen": self.samples_seen,
+            "seconds": self.seconds,
         }
 
 
@@ -327,7 +334,8 @@ def train_local(
             loader = DPDataLoader.from_data_loader(base_loader, generator=gen)
             net, opt, crit = model, optimizer, criterion
 
-        done = 0
+        done = seen = 0
+        t_start = time.perf_counter()
         while done < steps:
             for xb, yb, mb in loader:
                 if secure_mode and not use_native_secure:
@@ -337,6 +345,7 @@ def train_local(
                 loss = crit(outputs, (yb, mb))
                 loss.backward()
                 losses.append(float(loss.item()) if len(xb) else float("nan"))
+                seen += len(xb)
                 stepped = opt.pre_step() if dp else True
                 if stepped:
                     if vec_global is not None:
@@ -345,6 +354,7 @@ def train_local(
                 done += 1
                 if done >= steps:
                     break
+        loop_seconds = time.perf_counter() - t_start
     finally:
         if wrapped is not None:
             wrapped._close()
@@ -373,6 +383,8 @@ def train_local(
         task_losses=task_losses,
         dp=dp,
         secure_rng=secure_rng,
+        samples_seen=seen,
+        seconds=loop_seconds,
     )
 
 

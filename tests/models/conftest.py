@@ -18,7 +18,7 @@ SCHEMA_DICT = {
         {"name": "smoker", "role": "feature", "type": "binary", "missing": True},
         {"name": "diabetes", "role": "label", "type": "binary", "missing": True},
         {"name": "stage", "role": "label", "type": "categorical", "categories": ["F0", "F1", "F2"], "missing": True},
-        {"name": "alt", "role": "label", "type": "numeric", "missing": True},
+        {"name": "alt", "role": "label", "type": "numeric", "min": 0, "max": 60, "missing": True},
         {"name": "split", "role": "split", "type": "categorical", "categories": ["train", "test"]},
     ],
 }

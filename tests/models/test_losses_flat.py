@@ -160,3 +160,15 @@ def test_vector_to_model_rejects_wrong_size_nan_and_unknown_part():
         vector_to_model(model, bad)
     with pytest.raises(ValueError, match="unknown part"):
         slice_mask(model, ["nope"])
+
+
+def test_regression_loss_uses_the_task_scale():
+    # Prepare
+    t = TaskSpec("r", "regression", "r", shift=100.0, scale=10.0)
+    out = {"r": torch.tensor([[0.5], [-1.0]])}
+    Y = torch.tensor([[105.0], [90.0]])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    # Execute
+    loss = masked_multitask_loss(out, Y, mask, [t], reduction="none")
+    # Assert: (0.5 - 0.5)^2 and (-1 - -1)^2
+    assert torch.allclose(loss, torch.zeros(2))

@@ -122,3 +122,23 @@ def test_labels_reject_unknown_class_and_non_binary(schema, records):
     with pytest.raises(ValueError) as e:
         labels_of(bad, tasks)
     assert "F9" in str(e.value) and "0 or 1" in str(e.value)
+
+
+def test_stats_need_no_declared_ranges(schema, records):
+    # Prepare: a schema whose numeric features declare no min/max
+    from fedmtl.datasites.schema import Schema
+    from fedmtl.models import local_stats
+
+    d = schema.to_dict()
+    for c in d["columns"]:
+        if c["role"] == "feature":
+            c.pop("min", None)
+            c.pop("max", None)
+    bare = Schema.from_dict(d)
+    # Execute
+    pre = Preprocessor.from_stats(bare, local_stats(bare, records))
+    X = pre.transform(records)
+    # Assert
+    age = X[:, pre.feature_names.index("age")].numpy()
+    assert abs(age.mean()) < 1e-4
+    assert local_stats(bare, records)["count"].tolist() == [len(records), records["bmi"].notna().sum()]

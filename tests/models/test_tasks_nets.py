@@ -152,3 +152,24 @@ def test_mlp_rejects_bad_options(options, match):
 def test_duplicate_task_names_are_rejected():
     with pytest.raises(ValueError, match="unique"):
         build_model(n_features=3, tasks=[TASKS[0], TASKS[0]])
+
+
+def test_regression_task_is_trained_on_its_scale_and_predicted_in_label_units(schema):
+    # Prepare
+    alt = tasks_from_schema(schema, labels=["alt"])[0]
+    model = build_model(n_features=3, tasks=[alt], dropout=0.0, seed=0)
+    x = torch.randn(4, 3)
+    # Execute
+    raw = model(x)["alt"][:, 0].detach().numpy()
+    pred = model.predict(x)["alt"]
+    # Assert: schema range [0, 60] -> shift 30, scale 30
+    assert (alt.shift, alt.scale) == (30.0, 30.0)
+    assert abs(pred - (raw * 30 + 30)).max() < 1e-4
+    assert TaskSpec.from_dict(alt.to_dict()) == alt
+
+
+def test_shift_and_scale_only_for_regression_and_scale_positive():
+    with pytest.raises(ValueError, match="only apply to regression"):
+        TaskSpec("a", "binary", "a", scale=2.0)
+    with pytest.raises(ValueError, match="scale must be"):
+        TaskSpec("r", "regression", "r", scale=0.0)

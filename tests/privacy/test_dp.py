@@ -56,6 +56,7 @@ def test_dp_training_learns_and_reports_its_cost():
     assert res.privacy_records == [PrivacyRecord(0.8, 0.1, 30)]
     assert res.epsilon == pytest.approx(epsilon_of(res.privacy_records, delta=1e-5))
     assert len(res.losses) == 30
+    assert res.samples_seen > 0 and res.seconds > 0
     assert res.task_losses["a"] < before.task_losses["a"] - 0.1
     assert np.isfinite(model_to_vector(model)).all()
 

@@ -1,0 +1,89 @@
+"""Where the datasite runtime and reviewer meet the policy and the signed ledger.
+
+The ledger (:mod:`fedmtl.datasites.ledger`) is signed with the datasite's Ed25519
+identity key. The policy lives in ``HOME/policy.toml``; every change of it is recorded in
+the ledger. A home without a policy file gets :func:`default_policy` on first launch.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fedmtl.datasites.policy import Policy
+from fedmtl.datasites.schema import Schema
+from fedmtl.privacy.accounting import PrivacyRecord
+
+POLICY_FILE = "policy.toml"
+DRY_RUN_MARKER = "DRY_RUN_HOME"  # fedmtl.datasites.runtime.DRY_RUN_MARKER
+_LEDGERS: dict[Path, Any] = {}
+_LOCK = threading.Lock()
+
+
+def default_policy(schema: Schema, **overrides: Any) -> Policy:
+    """Templates only, automatic approval of conforming requests, the schema's tasks."""
+    from fedmtl.datasites.template import TEMPLATE_NAME, TEMPLATE_SHA256
+
+    return Policy.default(
+        allowed_tasks=[c.name for c in schema.labels],
+        templates={TEMPLATE_NAME: TEMPLATE_SHA256},
+        **overrides,
+    )
+
+
+def open_ledger(home: Path):
+    from fedmtl.datasites import identity
+    from fedmtl.datasites.ledger import Ledger
+
+    home = Path(home).resolve()
+    with _LOCK:
+        led = _LEDGERS.get(home)
+        if led is None:
+            led = Ledger.open(home, identity.load(home).signing_key)
+            _LEDGERS[home] = led
+        return led
+
+
+def install_policy(home: Path, policy: Policy, *, who: str) -> None:
+    """Write ``HOME/policy.toml`` and record the change in the ledger (if it changed)."""
+    led = open_ledger(home)
+    policy.save(Path(home) / POLICY_FILE)
+    led.record_policy(policy, who=who)
+
+
+def current_policy(home: Path) -> Policy:
+    pol = open_ledger(home).current_policy()
+    if pol is None:
+        raise RuntimeError(f"no policy recorded in the ledger of {home}")
+    return pol
+
+
+def charge_round(home: Path, spec: Mapping[str, Any], round_no: int, records: Sequence[PrivacyRecord]) -> None:
+    from fedmtl.datasites.runtime import RoundError
+
+    if (Path(home) / DRY_RUN_MARKER).exists():
+        return
+    if not records:
+        raise RoundError("non-private training (dp = false) never runs on a datasite")
+    open_ledger(home).charge_round(
+        request_id=str(spec["job_id"]),
+        round=int(round_no),
+        records=list(records),
+        participants=sorted(spec.get("roster", {})),
+    )
+
+
+def finish_job(home: Path, spec: Mapping[str, Any]) -> None:
+    if (Path(home) / DRY_RUN_MARKER).exists():
+        return
+    led = open_ledger(home)
+    st = led.request(str(spec["job_id"]))
+    if st is not None and st.status == "approved":
+        led.finish_job(str(spec["job_id"]))
+
+
+def site_metrics_allowed(home: Path) -> bool:
+    if (Path(home) / DRY_RUN_MARKER).exists():
+        return True
+    return bool(current_policy(home).release_per_site_metrics)

@@ -1,0 +1,160 @@
+"""The round protocol both sides compute identically: the researcher's orchestrator and the
+datasite runtime. Pure (no syft).
+
+A job of ``R`` rounds runs ``R + 1`` *passes* through secure aggregation. Pass ``p`` (1-based)
+carries, as one masked vector per site:
+
+- ``update`` (if ``p <= R``): the site's clipped model update, multiplied per group (trunk,
+  each task head) by the site's labelled count for that group;
+- ``counts`` (if ``p <= R``): those counts, one per group, so the sum gives the weighted
+  average per head;
+- ``metrics`` (if the evaluation schedule says so): the sufficient statistics of every
+  task's metrics for the *incoming* global model on the site's test split. Pass ``R + 1``
+  evaluates the final model and trains nothing.
+
+The site-specific job spec (the syft ``Constant`` the reviewer approves) is a dict::
+
+    {"job": JobSpec.to_dict(), "job_id": str, "site": str,
+     "roster": {site: ed25519 hex}, "schema": Schema.to_dict(), "max_count": int}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedmtl.datasites.schema import Schema
+from fedmtl.errors import ConfigError
+
+N_BINS = 200
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    pass_no: int
+    train: bool
+    evaluate: bool
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def job_of(site_spec: Mapping[str, Any]):
+    from fedmtl.researcher.spec import JobSpec
+
+    return JobSpec.from_dict(site_spec["job"])
+
+
+def schema_of(site_spec: Mapping[str, Any]) -> Schema:
+    return Schema.from_dict(site_spec["schema"], source="the job's schema")
+
+
+def tasks_of(site_spec: Mapping[str, Any]):
+    return job_of(site_spec).task_specs(schema_of(site_spec))
+
+
+def build_model(site_spec: Mapping[str, Any]):
+    """The job's model (identical initial weights at every party) and preprocessor."""
+    from fedmtl.models.preprocessing import Preprocessor
+
+    job = job_of(site_spec)
+    schema = schema_of(site_spec)
+    pre = Preprocessor(schema)
+    return job.build_model(schema, n_features=pre.n_features), pre
+
+
+def groups_of(model) -> dict[str, list[slice]]:
+    from fedmtl.models import task_slices
+
+    return task_slices(model)
+
+
+def task_metrics(tasks):
+    """A fresh :class:`~fedmtl.models.metrics.TaskMetrics` for the job's tasks."""
+    from fedmtl.models.metrics import TaskMetrics
+
+    return TaskMetrics(tasks, n_bins=N_BINS)
+
+
+def metric_size(tasks) -> int:
+    return int(sum(int(np.prod(s)) for s in task_metrics(tasks).state_shapes().values()))
+
+
+def metric_vector(tm) -> np.ndarray:
+    from fedmtl.models.metrics import flatten_state
+
+    return flatten_state(tm.state()).astype(np.float64)
+
+
+def compute_metrics(vec: np.ndarray, tasks) -> dict[str, dict[str, float]]:
+    """Metric values per task from a (summed, de-quantised) flat metric vector."""
+    from fedmtl.models.metrics import unflatten_state
+
+    tm = task_metrics(tasks)
+    state = unflatten_state(np.asarray(vec, dtype=np.float64), tm.state_shapes())
+    state = {k: np.maximum(np.rint(v), 0) if _is_count(k) else v for k, v in state.items()}
+    out = {}
+    for task, vals in tm.compute(state).items():
+        out[task] = {k: float(v) for k, v in vals.items()}
+    return out
+
+
+def _is_count(key: str) -> bool:
+    # histogram bins and totals are integer counts; sums (brier, errors) are not
+    return any(w in key.rsplit("/", 1)[-1] for w in ("pos", "neg", "total", "correct", "count"))
+
+
+def evaluates(job, pass_no: int) -> bool:
+    rounds = int(job.rounds)
+    every = max(1, int(job.eval_every))
+    return pass_no == rounds + 1 or (pass_no - 1) % every == 0
+
+
+def plan(site_spec: Mapping[str, Any], pass_no: int, *, model=None) -> PassPlan:
+    job = job_of(site_spec)
+    rounds = int(job.rounds)
+    if not 1 <= pass_no <= rounds + 1:
+        raise ConfigError(f"pass {pass_no} is outside this job's 1..{rounds + 1}")
+    if model is None:
+        model, _ = build_model(site_spec)
+    tasks = job.task_specs(schema_of(site_spec))
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    train = pass_no <= rounds
+    if train:
+        from fedmtl.models import vector_size
+
+        names += ["update", "counts"]
+        shapes += [(vector_size(model),), (len(groups_of(model)),)]
+    ev = evaluates(job, pass_no)
+    if ev:
+        names.append("metrics")
+        shapes.append((metric_size(tasks),))
+    return PassPlan(pass_no, train, ev, tuple(names), tuple(shapes))
+
+
+def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass_plan: PassPlan):
+    from fedmtl.privacy.keys import VerifyKey
+    from fedmtl.privacy.quantization import QuantizationConfig, weighted_bound
+    from fedmtl.privacy.secagg import SecAggParams
+
+    job = job_of(site_spec)
+    roster = {s: VerifyKey.from_bytes(bytes.fromhex(h)) for s, h in site_spec["roster"].items()}
+    sa = job.secagg
+    max_count = int(site_spec["max_count"])
+    bound = max(weighted_bound(clip=float(sa.clip), max_count=max_count), float(max_count))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the t <= n/2 warning is reported at validation time
+        return SecAggParams(
+            job_id=f"{site_spec['job_id']}/attempt-{attempt}",
+            round=pass_no,
+            roster=roster,
+            threshold=int(sa.threshold),
+            shapes=pass_plan.shapes,
+            quantization=QuantizationConfig(
+                bound=bound, num_sites=len(roster), frac_bits=int(sa.frac_bits)
+            ),
+        )

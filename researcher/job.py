@@ -1,0 +1,470 @@
+"""A federated multi-task DP job: submit, follow, run, resume.
+
+The researcher acts as the secure-aggregation server: each pass (see
+:mod:`fedmtl.datasites.protocol`) it relays the four stages between the sites, sums the
+masked vectors (masks cancel), recovers dropped sites' masks from the survivors' shares,
+de-quantises, and applies the strategy. It never sees one site's update.
+
+Everything the job needs to continue lives in its output folder: ``job.json`` (the spec,
+the per-site specs, the request names), ``checkpoints/`` (after every pass), and
+``aggregates/`` (the aggregated update and metric sums of each pass, which is all the
+researcher learns). ``Job.resume`` continues from the last completed pass; a site never
+trains or charges a pass twice.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from fedmtl.datasites import protocol, syftio
+from fedmtl.datasites.home import write_json_atomic
+from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
+from fedmtl.errors import ConfigError, FedMTLError
+
+CALLS_PER_PASS = 4
+
+
+class JobError(FedMTLError):
+    """A job cannot be submitted, run or resumed; the message says which site and why."""
+
+
+# ---------------------------------------------------------------------------- transports
+
+
+class SyftTransport:
+    """Calls the approved round template on each datasite through syft."""
+
+    def __init__(self, session, func_name: str):
+        self.session = session
+        self.func_name = func_name
+
+    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+        conn = self.session.sites[site]
+        try:
+            with syftio.quiet():
+                fn = getattr(conn.client.code, self.func_name)
+                out = fn(data=conn.asset, message=message)
+                out = out.get() if hasattr(out, "get") else out
+        except Exception as e:  # noqa: BLE001 - a site that fails is a dropout
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    "kind": "Unreachable"}
+        if not isinstance(out, dict):
+            msg = getattr(out, "message", None) or repr(out)[:200]
+            return {"ok": False, "error": str(msg), "kind": "SyftError"}
+        return out
+
+
+class LocalTransport:
+    """Runs the round runtime in this process on mock data (the dry run)."""
+
+    def __init__(self, data: Mapping[str, Any], site_specs: Mapping[str, dict]):
+        self.data = dict(data)
+        self.site_specs = dict(site_specs)
+
+    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+        from fedmtl.datasites.runtime import handle
+
+        return handle(data=self.data[site], spec=self.site_specs[site], message=message)
+
+
+# ---------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class PassOutcome:
+    pass_no: int
+    arrays: dict[str, np.ndarray]
+    survivors: list[str]
+    dropped: dict[str, str]
+    reports: dict[str, dict[str, Any]]
+    seconds: dict[str, float]
+
+
+def run_pass(
+    *,
+    transport,
+    site_specs: Mapping[str, dict],
+    sites: list[str],
+    pass_no: int,
+    attempt: int,
+    weights: np.ndarray,
+    model,
+    on_stage: Callable[[str], None] | None = None,
+) -> PassOutcome:
+    """One pass through the four secure-aggregation stages over ``sites``."""
+    from fedmtl.privacy.secagg import ServerSession, TooFewSitesError
+
+    any_spec = next(iter(site_specs.values()))
+    plan = protocol.plan(any_spec, pass_no, model=model)
+    params = protocol.secagg_params(any_spec, pass_no, attempt, plan)
+    server = ServerSession(params)
+    dropped: dict[str, str] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, active: list[str], make_msg: Callable[[str], dict]) -> dict[str, Any]:
+        if on_stage:
+            on_stage(name)
+        t0 = time.perf_counter()
+        base = {"stage": name, "pass": pass_no, "attempt": attempt}
+        with ThreadPoolExecutor(max_workers=max(1, len(active))) as ex:
+            futs = {s: ex.submit(transport.call, s, {**base, **make_msg(s)}) for s in active}
+            results = {s: f.result() for s, f in futs.items()}
+        seconds[name] = time.perf_counter() - t0
+        out = {}
+        for s, r in results.items():
+            if r.get("ok"):
+                out[s] = r
+            else:
+                dropped[s] = f"{name}: {r.get('error')}"
+        return out
+
+    try:
+        adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32)})
+        for s, r in adv.items():
+            reports[s] = r.get("report", {})
+        t0 = time.perf_counter()
+        keys = server.collect_advertisements([r["message"] for r in adv.values()])
+        shares = stage("share_keys", list(adv), lambda s: {"keys": keys})
+        deliveries = server.collect_shares([r["message"] for r in shares.values()])
+        masked = stage("masked_input", list(deliveries), lambda s: {"delivery": deliveries[s]})
+        request = server.collect_masked_inputs([r["message"] for r in masked.values()])
+        reveals = stage("unmask", list(masked), lambda s: {"request": request})
+        t1 = time.perf_counter()
+        result = server.unmask([r["message"] for r in reveals.values()])
+        seconds["unmask_server"] = time.perf_counter() - t1
+    except TooFewSitesError as e:
+        detail = "; ".join(f"{s}: {why}" for s, why in sorted(dropped.items())) or "none"
+        raise JobError(
+            f"pass {pass_no} aborted: {e}. Nothing was revealed. Sites that failed: {detail}"
+        ) from None
+    arrays = dict(zip(plan.names, result.arrays))
+    return PassOutcome(pass_no, arrays, list(result.survivors), dropped, reports, seconds)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+class Job:
+    """A job over a :class:`~fedmtl.researcher.session.Session`'s sites."""
+
+    def __init__(self, session, out: Path, state: dict[str, Any]):
+        from fedmtl.researcher.spec import JobSpec
+
+        self.session = session
+        self.out = Path(out)
+        self.state = state
+        self.spec = JobSpec.from_dict(state["spec"])
+        self.site_specs: dict[str, dict] = state["site_specs"]
+        self._model = None
+
+    # -- creation ------------------------------------------------------------------
+    @classmethod
+    def create(cls, session, spec, *, out: str | Path) -> "Job":
+        out = Path(out)
+        if (out / "job.json").exists():
+            raise JobError(f"{out} already holds a job; use Job.resume(session, {str(out)!r}) or another --out")
+        schemas = session.schemas
+        spec.validate(schemas)
+        sites = spec.participating(sorted(schemas))
+        first = schemas[sites[0]]
+        for s in sites[1:]:
+            if schemas[s].to_dict()["columns"] != first.to_dict()["columns"]:
+                raise JobError(f"{s}'s schema differs from {sites[0]}'s; a job needs one shared schema")
+        token = secrets.token_hex(4)
+        job_id = f"{_slug(spec.name)}-{token}"
+        roster = {s: session.sites[s].identity.verify_key.to_bytes().hex() for s in sites}
+        max_count = max(session.sites[s].n_records for s in sites)
+        site_specs = {
+            s: {
+                "job": spec.to_dict(),
+                "job_id": job_id,
+                "site": s,
+                "roster": roster,
+                "schema": first.to_dict(),
+                "max_count": int(max_count),
+                "template": TEMPLATE_NAME,
+            }
+            for s in sites
+        }
+        state = {
+            "job_id": job_id,
+            "func_name": f"{TEMPLATE_NAME}_{job_id.replace('-', '_')}",
+            "spec": spec.to_dict(),
+            "spec_hash": spec.spec_hash(),
+            "sites": sites,
+            "site_specs": site_specs,
+            "submitted": False,
+            "attempts": {},
+            "urls": {s: session.sites[s].url for s in sites},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        job = cls(session, out, state)
+        job._save()
+        return job
+
+    @classmethod
+    def resume(cls, session, out: str | Path) -> "Job":
+        """Reattach to a job in ``out`` (after the researcher process died)."""
+        path = Path(out) / "job.json"
+        if not path.exists():
+            raise JobError(f"no job in {out} (no job.json)")
+        state = json.loads(path.read_text())
+        missing = [s for s in state["sites"] if s not in session.sites]
+        if missing:
+            raise JobError(f"to resume, connect to every site of the job; missing {missing}")
+        return cls(session, Path(out), state)
+
+    def _save(self) -> None:
+        write_json_atomic(self.out / "job.json", self.state)
+
+    @property
+    def job_id(self) -> str:
+        return self.state["job_id"]
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.state["sites"])
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model, _ = protocol.build_model(next(iter(self.site_specs.values())))
+        return self._model
+
+    # -- dry run -------------------------------------------------------------------
+    def dry_run(self, *, passes: int = 2) -> dict[str, Any]:
+        """Run the exact round code on every site's mock data, locally (fresh throw-away
+        identities and ledgers), through secure aggregation; raise on any error."""
+        import tempfile
+
+        from fedmtl.datasites import identity
+        from fedmtl.datasites import runtime as rt
+
+        with tempfile.TemporaryDirectory(prefix="fedmtl-dryrun-") as tmp:
+            specs, data = {}, {}
+            roster = {}
+            for s in self.sites:
+                home = Path(tmp) / s
+                home.mkdir()
+                (home / rt.DRY_RUN_MARKER).write_text("dry run: no ledger\n")
+                roster[s] = identity.create(home, s).public.verify_key.to_bytes().hex()
+                rt.register_home(s, home)
+                data[s] = self.session.sites[s].mock()
+            dry_id = f"dryrun-{secrets.token_hex(3)}"
+            for s in self.sites:
+                specs[s] = {**self.site_specs[s], "roster": roster, "job_id": dry_id}
+            transport = LocalTransport(data, specs)
+            weights = _initial_vector(self.model)
+            metrics = {}
+            try:
+                for p in range(1, min(passes, int(self.spec.rounds) + 1) + 1):
+                    outcome = run_pass(transport=transport, site_specs=specs, sites=self.sites, pass_no=p,
+                                       attempt=0, weights=weights, model=self.model)
+                    if outcome.dropped:
+                        raise JobError("dry run failed: " + "; ".join(f"{s}: {w}" for s, w in outcome.dropped.items()))
+                    if "metrics" in outcome.arrays:
+                        metrics[p] = protocol.compute_metrics(outcome.arrays["metrics"], self._tasks())
+            finally:
+                for s in self.sites:
+                    rt.unregister_home(s)
+        return {"ok": True, "passes": len(metrics) or passes, "metrics": metrics}
+
+    # -- submission ------------------------------------------------------------------
+    def submit(self) -> None:
+        """Send one code request per site: the round template with this site's spec as
+        a syft ``Constant``."""
+        if self.state["submitted"]:
+            raise JobError(f"job {self.job_id} was already submitted")
+        sy = syftio.import_syft()
+        from syft.service.policy.policy import OutputPolicyExecuteCount
+
+        limit = CALLS_PER_PASS * (int(self.spec.rounds) + 1) * 4
+        for s in self.sites:
+            conn = self.session.sites[s]
+            fn = make_round_function(self.state["func_name"])
+            with syftio.quiet():
+                policy = sy.MixedInputPolicy(
+                    data=conn.asset, spec=sy.Constant(val=self.site_specs[s]), message=dict, client=conn.client
+                )
+                code = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=limit))(fn)
+                req = conn.client.code.request_code_execution(code)
+            syftio.check(req, f"submitting job {self.job_id} to {s}")
+        self.state["submitted"] = True
+        self._save()
+
+    def status(self) -> dict[str, dict[str, str]]:
+        """Per site: ``pending``, ``approved`` or ``denied``, with the reason."""
+        out = {}
+        for s in self.sites:
+            conn = self.session.sites[s]
+            with syftio.quiet():
+                reqs = [
+                    r for r in conn.client.requests.get_all()
+                    if getattr(r.code, "service_func_name", None) == self.state["func_name"]
+                ]
+            if not reqs:
+                out[s] = {"status": "not submitted", "reason": ""}
+                continue
+            r = reqs[-1]
+            st = r.status.name.lower()
+            reason = ""
+            if st in ("rejected", "denied"):
+                st = "denied"
+                with syftio.quiet():
+                    reason = str(r.deny_reason or "")
+            out[s] = {"status": st, "reason": reason}
+        return out
+
+    def wait_for_review(self, timeout: float = 120.0, poll: float = 1.0) -> dict[str, dict[str, str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if all(v["status"] != "pending" for v in st.values()) or time.monotonic() > deadline:
+                return st
+            time.sleep(poll)
+
+    # -- running -----------------------------------------------------------------------
+    def _tasks(self):
+        return protocol.tasks_of(next(iter(self.site_specs.values())))
+
+    def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport=None):
+        """Run (or continue) every pass; returns the :class:`JobResult`."""
+        from fedmtl.researcher.checkpoint import CheckpointStore
+        from fedmtl.researcher.strategies import make_strategy
+
+        if transport is None:
+            st = self.wait_for_review(review_timeout)
+            denied = {s: v for s, v in st.items() if v["status"] != "approved"}
+            approved = [s for s in self.sites if s not in denied]
+            if denied:
+                why = "; ".join(f"{s}: {v['status']}{' (' + v['reason'] + ')' if v['reason'] else ''}"
+                                for s, v in sorted(denied.items()))
+                if not self.spec.allow_partial:
+                    raise JobError(f"not every site approved job {self.job_id}: {why}. "
+                                   "Fix the spec, or set allow_partial = true to run with the rest")
+                if len(approved) < int(self.spec.secagg.threshold):
+                    raise JobError(f"only {len(approved)} site(s) approved, fewer than the "
+                                   f"threshold {self.spec.secagg.threshold}: {why}")
+            transport = SyftTransport(self.session, self.state["func_name"])
+        else:
+            approved = self.sites
+        store = CheckpointStore(self.out / "checkpoints")
+        ckpt = store.latest(spec_hash=self.state["spec_hash"])
+        strategy = make_strategy(self.spec.strategy)
+        model = self.model
+        groups = protocol.groups_of(model)
+        tasks = self._tasks()
+        if ckpt is not None:
+            weights = np.asarray(ckpt.global_vector, dtype=np.float64)
+            strategy.load_state_dict(ckpt.strategy_state)
+            history = list(ckpt.metrics)
+            done = int(ckpt.round)
+            site_status = dict(ckpt.site_status)
+        else:
+            weights = _initial_vector(model).astype(np.float64)
+            history, done, site_status = [], 0, {}
+        last = int(self.spec.rounds) + 1
+        bar = _progress(progress, total=last, initial=done, desc=f"job {self.job_id}")
+        try:
+            for p in range(done + 1, last + 1):
+                attempt = int(self.state["attempts"].get(str(p), -1)) + 1
+                self.state["attempts"][str(p)] = attempt
+                self._save()
+                outcome = run_pass(
+                    transport=transport, site_specs=self.site_specs, sites=approved, pass_no=p,
+                    attempt=attempt, weights=weights, model=model,
+                    on_stage=(lambda name, p=p: bar.set_postfix_str(f"pass {p}: {name}")) if bar else None,
+                )
+                record: dict[str, Any] = {"round": p - 1, "survivors": outcome.survivors,
+                                          "dropped": outcome.dropped, "seconds": outcome.seconds}
+                if "metrics" in outcome.arrays:
+                    record["metrics"] = protocol.compute_metrics(outcome.arrays["metrics"], tasks)
+                    record["site_metrics"] = {s: r["site_metrics"] for s, r in outcome.reports.items() if "site_metrics" in r}
+                if "update" in outcome.arrays:
+                    from fedmtl.privacy.quantization import average_by_group
+
+                    avg, totals = average_by_group(outcome.arrays["update"], outcome.arrays["counts"], groups=groups)
+                    agg_dir = self.out / "aggregates"
+                    agg_dir.mkdir(exist_ok=True)
+                    np.savez(agg_dir / f"pass-{p}.npz", average_update=avg,
+                             counts=outcome.arrays["counts"], weights_in=weights)
+                    weights = strategy.aggregate(weights, avg, totals, groups=groups)
+                    record["counts"] = totals
+                history.append(record)
+                for s in approved:
+                    site_status[s] = "dropped: " + outcome.dropped[s] if s in outcome.dropped else "ok"
+                epsilon = self._epsilon(min(p, int(self.spec.rounds)))
+                store.save(p, {
+                    "spec_hash": self.state["spec_hash"], "global_vector": weights,
+                    "strategy_state": strategy.state_dict(), "metrics": history,
+                    "epsilon": epsilon, "site_status": site_status,
+                })
+                if bar:
+                    bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+        return self.result()
+
+    def _epsilon(self, rounds_done: int) -> dict[str, float]:
+        out = {}
+        for s in self.sites:
+            meta = self.session.sites[s].meta
+            n_train = int(meta["split_sizes"].get("train", meta["n_records"]))
+            out[s] = float(self.spec.epsilon_for_site(n_train, rounds=rounds_done)) if rounds_done else 0.0
+        return out
+
+    def result(self):
+        """The job's result from its newest checkpoint."""
+        from fedmtl.models.preprocessing import Preprocessor
+        from fedmtl.researcher.checkpoint import CheckpointStore
+        from fedmtl.researcher.result import JobResult
+
+        ckpt = CheckpointStore(self.out / "checkpoints").latest(spec_hash=self.state["spec_hash"])
+        if ckpt is None:
+            raise JobError(f"job {self.job_id} has not completed a pass yet")
+        schema = protocol.schema_of(next(iter(self.site_specs.values())))
+        return JobResult(
+            spec=self.spec,
+            model_config=dict(self.model.config),
+            preprocessor=Preprocessor(schema).to_dict(),
+            global_vector=np.asarray(ckpt.global_vector, dtype=np.float32),
+            metrics=[_metrics_row(r) for r in ckpt.metrics if "metrics" in r],
+            epsilon=dict(ckpt.epsilon),
+            rounds_done=min(int(ckpt.round), int(self.spec.rounds)),
+            site_status=dict(ckpt.site_status),
+        )
+
+
+def _metrics_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"round": record["round"], "pooled": record["metrics"], "sites": record.get("site_metrics", {})}
+
+
+def _initial_vector(model) -> np.ndarray:
+    from fedmtl.models import model_to_vector
+
+    return model_to_vector(model)
+
+
+def _slug(name: str) -> str:
+    import re
+
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return (s or "job")[:24]
+
+
+def _progress(enabled: bool, *, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="pass")

@@ -1,0 +1,785 @@
+"""The job spec: everything a federated multi-task DP job asks of the datasites.
+
+A :class:`JobSpec` is plain data (frozen, keyword-only). It is what the reviewer of each
+datasite sees, so it holds every parameter that affects privacy or what leaves a site:
+the tasks (by label column), the model, rounds, local epochs or steps, the sampling
+rate, the learning rate, the noise multiplier *or* a target epsilon per site (for the
+whole job) with delta, the clipping norm, the strategy, the secure-aggregation
+threshold and clip, the evaluation schedule and whether per-site metrics are asked for.
+
+Files: :meth:`JobSpec.save` / :meth:`JobSpec.load` read and write ``.toml``, ``.yaml`` /
+``.yml`` and ``.json``. Top-level keys are the fields; ``tasks`` is a list of tables,
+``model``, ``strategy`` and ``secagg`` are tables::
+
+    name = "nafld-5y"
+    rounds = 3
+    local_epochs = 1.0
+    sample_rate = 0.05
+    lr = 0.1
+    target_epsilon = 4.0
+    delta = 1e-5
+    max_grad_norm = 1.0
+
+    [[tasks]]
+    label = "diabetes_5y"          # kind inferred from the schema
+
+    [[tasks]]
+    label = "htn_5y"
+    weight = 0.5
+
+    [model]
+    widths = [64, 32]
+
+    [strategy]
+    name = "fedavg"
+
+    [secagg]
+    threshold = 2
+
+:meth:`JobSpec.spec_hash` is the sha256 of the canonical JSON of :meth:`JobSpec.to_dict`
+(sorted keys, no whitespace, ``None`` values dropped), so the same spec has the same hash
+whichever file format it came from.
+
+Construction checks everything that needs no schema and raises :class:`JobSpecError`
+(a :class:`~fedmtl.errors.ConfigError`) listing every problem; :meth:`JobSpec.validate`
+adds the checks against the connected sites' schemas.
+
+Privacy: one site's participation costs ``rounds`` records of :meth:`steps_per_round`
+steps at the *effective* Poisson rate Opacus uses for ``sample_rate`` on that site's
+``n_train`` records (:func:`fedmtl.privacy.dp.effective_sample_rate`), with the noise
+multiplier :meth:`noise_for_site` (fixed, or calibrated so that all rounds together stay
+within ``target_epsilon``). The datasite runtime trains each round with exactly that
+noise multiplier and sample rate, so what the spec promises is what is charged.
+
+This module imports no syft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fedmtl.datasites.schema import Column, Schema
+from fedmtl.errors import ConfigError
+from fedmtl.models.tasks import TASK_KINDS, TaskSpec, tasks_from_schema
+from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
+from fedmtl.researcher.strategies import STRATEGY_NAMES
+
+__all__ = [
+    "CLIPPINGS",
+    "OPTIMIZERS",
+    "SCALINGS",
+    "JobSpec",
+    "JobSpecError",
+    "ModelConfig",
+    "SecAggConfig",
+    "StrategyConfig",
+    "TaskConfig",
+    "kind_of_column",
+]
+
+CLIPPINGS: tuple[str, ...] = ("flat", "per_layer")
+OPTIMIZERS: tuple[str, ...] = ("sgd",)
+SCALINGS: tuple[str, ...] = ("range", "standard")
+_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KIND_OF_TYPE = {"binary": "binary", "categorical": "multiclass", "numeric": "regression"}
+
+
+class JobSpecError(ConfigError):
+    """A job spec is invalid. ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str], source: str = "job spec") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} has {len(self.problems)} problem(s); fix these and try again:\n{lines}")
+
+
+def kind_of_column(column: Column) -> str:
+    """The task kind a label column implies: binary -> binary, categorical -> multiclass,
+    numeric -> regression."""
+    return _KIND_OF_TYPE[column.type]
+
+
+# -- small coercion helpers: they record problems instead of raising ---------------------
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _float(v: Any, where: str, problems: list[str]) -> Any:
+    if v is None:
+        return None
+    if not _is_num(v) or not math.isfinite(float(v)):
+        problems.append(f"{where} must be a finite number, got {v!r}")
+        return v
+    return float(v)
+
+
+def _int(v: Any, where: str, problems: list[str]) -> Any:
+    if v is None:
+        return None
+    if _is_num(v) and float(v).is_integer():
+        return int(v)
+    problems.append(f"{where} must be a whole number, got {v!r}")
+    return v
+
+
+def _bool(v: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(v, bool):
+        problems.append(f"{where} must be true or false, got {v!r}")
+    return v
+
+
+def _unknown_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str, problems: list[str]) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+
+
+def _from_mapping(cls: type, d: Any, where: str, problems: list[str]) -> Any:
+    """Build a sub-config dataclass from a mapping, recording unknown keys as problems."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        problems.append(f"{where} must be a table/mapping, got {type(d).__name__}")
+        return cls()  # type: ignore[call-arg]
+    allowed = [f.name for f in fields(cls)]
+    _unknown_keys(d, allowed, where, problems)
+    return cls(**{k: v for k, v in d.items() if k in allowed})
+
+
+def _coerce(obj: Any, floats: Sequence[str] = (), ints: Sequence[str] = ()) -> None:
+    """Normalise numeric types in place on a frozen dataclass (1 -> 1.0 for float fields,
+    3.0 -> 3 for int fields) so that equal specs serialise and hash equal; values of the
+    wrong type are left for the problem checks."""
+    for k in floats:
+        v = getattr(obj, k)
+        if _is_num(v):
+            object.__setattr__(obj, k, float(v))
+    for k in ints:
+        v = getattr(obj, k)
+        if _is_num(v) and float(v).is_integer():
+            object.__setattr__(obj, k, int(v))
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+# -- sub-configs -------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """One task: its label column, optional kind (inferred from the schema when omitted),
+    loss weight, and head name (defaults to the label; must be an identifier)."""
+
+    label: str = ""
+    kind: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _coerce(self, floats=("weight",))
+
+    @property
+    def task_name(self) -> str:
+        return self.name if self.name is not None else self.label
+
+    def _problems(self, where: str) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.label, str) or not self.label:
+            p.append(f"{where}: 'label' must name a label column (a non-empty string), got {self.label!r}")
+        if self.kind is not None and self.kind not in TASK_KINDS:
+            p.append(f"{where}: kind {self.kind!r} is not one of {list(TASK_KINDS)} (or leave it out to infer it)")
+        w = _float(self.weight, f"{where}: weight", p)
+        if _is_num(w) and w < 0:
+            p.append(f"{where}: weight must be >= 0, got {w}")
+        n = self.task_name
+        if isinstance(n, str) and n and not _IDENT.match(n):
+            p.append(
+                f"{where}: task name {n!r} is not an identifier (letters, digits, underscore); "
+                "give the task a 'name' such as " + repr(re.sub(r"\W", "_", n))
+            )
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "weight": self.weight, "name": self.name}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network: a trunk from the registry (:func:`fedmtl.models.trunk_names`) and its
+    options; one linear head per task is added by the model builder."""
+
+    trunk: str = "mlp"
+    widths: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0
+    layer_norm: bool = True
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.widths, list):
+            object.__setattr__(self, "widths", tuple(self.widths))
+        if isinstance(self.widths, tuple):
+            object.__setattr__(self, "widths", tuple(int(w) if _is_num(w) and float(w).is_integer() else w for w in self.widths))
+        _coerce(self, floats=("dropout",))
+
+    def trunk_options(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.widths),
+            "dropout": self.dropout,
+            "layer_norm": self.layer_norm,
+            "activation": self.activation,
+        }
+
+    def _problems(self) -> list[str]:
+        from fedmtl.models.nets import trunk_names
+
+        p: list[str] = []
+        if self.trunk not in trunk_names():
+            p.append(f"model.trunk {self.trunk!r} is unknown; registered trunks are {trunk_names()}")
+        if not self.widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.widths):
+            p.append(f"model.widths must be a non-empty list of positive whole numbers, got {list(self.widths)!r}")
+        d = _float(self.dropout, "model.dropout", p)
+        if _is_num(d) and not 0.0 <= d < 1.0:
+            p.append(f"model.dropout must be in [0, 1), got {d}")
+        _bool(self.layer_norm, "model.layer_norm", p)
+        if self.activation not in ("relu", "gelu", "tanh"):
+            p.append(f"model.activation {self.activation!r} is not one of ['gelu', 'relu', 'tanh']")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trunk": self.trunk, **self.trunk_options()}
+
+
+_SERVER_LR_DEFAULT = {"fedadam": 0.1}
+_MU_DEFAULT = {"fedprox": 0.01}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """The server strategy (see :mod:`fedmtl.researcher.strategies`).
+
+    ``mu`` is FedProx's proximal weight (default 0.01 for fedprox, must stay 0 for the
+    others); ``server_lr`` the server step (default 1.0, 0.1 for fedadam); ``beta1``,
+    ``beta2``, ``tau`` FedAdam's moment decays and adaptivity (Reddi et al. 2021).
+    """
+
+    name: str = "fedavg"
+    mu: float | None = None
+    server_lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.mu is None:
+            object.__setattr__(self, "mu", _MU_DEFAULT.get(self.name, 0.0))
+        if self.server_lr is None:
+            object.__setattr__(self, "server_lr", _SERVER_LR_DEFAULT.get(self.name, 1.0))
+        _coerce(self, floats=("mu", "server_lr", "beta1", "beta2", "tau"))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        if self.name not in STRATEGY_NAMES:
+            p.append(f"strategy.name {self.name!r} is unknown; choose one of {list(STRATEGY_NAMES)}")
+        mu = _float(self.mu, "strategy.mu", p)
+        if _is_num(mu):
+            if mu < 0:
+                p.append(f"strategy.mu must be >= 0, got {mu}")
+            elif self.name == "fedprox" and mu == 0:
+                p.append("strategy.mu must be > 0 for fedprox (mu = 0 is plain fedavg)")
+            elif self.name != "fedprox" and mu != 0:
+                p.append(f"strategy.mu only applies to fedprox; remove it or set strategy.name = 'fedprox' (got {mu})")
+        lr = _float(self.server_lr, "strategy.server_lr", p)
+        if _is_num(lr) and lr <= 0:
+            p.append(f"strategy.server_lr must be > 0, got {lr}")
+        for key in ("beta1", "beta2"):
+            b = _float(getattr(self, key), f"strategy.{key}", p)
+            if _is_num(b) and not 0.0 <= b < 1.0:
+                p.append(f"strategy.{key} must be in [0, 1), got {b}")
+        tau = _float(self.tau, "strategy.tau", p)
+        if _is_num(tau) and tau <= 0:
+            p.append(f"strategy.tau must be > 0, got {tau}")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggConfig:
+    """Secure aggregation: ``threshold`` sites must survive a round (and fewer than it
+    learn nothing); ``clip`` bounds each update entry in L-inf before quantisation;
+    ``frac_bits`` is the fixed-point resolution."""
+
+    threshold: int = 2
+    clip: float = 1.0
+    frac_bits: int = 16
+
+    def __post_init__(self) -> None:
+        _coerce(self, floats=("clip",), ints=("threshold", "frac_bits"))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        t = _int(self.threshold, "secagg.threshold", p)
+        if isinstance(t, int) and t < 2:
+            p.append(f"secagg.threshold must be >= 2 (with 1, one site's update would be revealed), got {t}")
+        c = _float(self.clip, "secagg.clip", p)
+        if _is_num(c) and c <= 0:
+            p.append(f"secagg.clip must be > 0, got {c}")
+        fb = _int(self.frac_bits, "secagg.frac_bits", p)
+        if isinstance(fb, int) and not 0 <= fb <= 52:
+            p.append(f"secagg.frac_bits must be in 0..52, got {fb}")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "clip": self.clip, "frac_bits": self.frac_bits}
+
+
+# -- the job spec ---------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A federated multi-task DP training job (see the module docs).
+
+    ``tasks``, ``model``, ``strategy`` and ``secagg`` accept the config objects or plain
+    mappings. Give at most one of ``local_epochs`` and ``local_steps`` (neither means one
+    local epoch); with ``dp`` give exactly one of ``noise_multiplier`` and
+    ``target_epsilon`` (the latter: per site, for all rounds of the job, at ``delta``).
+    Use :func:`dataclasses.replace` to derive a changed spec (it is re-checked).
+    """
+
+    name: str
+    tasks: tuple[TaskConfig, ...]
+    sites: tuple[str, ...] = ()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rounds: int = 3
+    local_epochs: float | None = None
+    local_steps: int | None = None
+    sample_rate: float = 0.05
+    lr: float = 0.1
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+    dp: bool = True
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"
+    scaling: str = "range"
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    eval_every: int = 1
+    allow_partial: bool = False
+    per_site_metrics: bool = False
+    seed: int = 0
+
+    # -- construction ------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        s = object.__setattr__
+        # nested configs from mappings
+        raw_tasks = self.tasks
+        if isinstance(raw_tasks, (str, bytes)) or not isinstance(raw_tasks, Sequence):
+            p.append(f"tasks must be a list of tables with a 'label' each, got {type(raw_tasks).__name__}")
+            raw_tasks = ()
+        s(self, "tasks", tuple(_from_mapping(TaskConfig, t, f"tasks[{i}]", p) for i, t in enumerate(raw_tasks)))
+        s(self, "model", _from_mapping(ModelConfig, self.model, "model", p))
+        strat = self.strategy
+        if isinstance(strat, str):
+            strat = {"name": strat}
+        s(self, "strategy", _from_mapping(StrategyConfig, strat, "strategy", p))
+        s(self, "secagg", _from_mapping(SecAggConfig, self.secagg, "secagg", p))
+        sites = self.sites
+        if isinstance(sites, str) or not isinstance(sites, Sequence) or not all(isinstance(x, str) and x for x in sites):
+            p.append(f"sites must be a list of site names (empty = every connected site), got {sites!r}")
+            sites = ()
+        s(self, "sites", tuple(sites))
+        # scalar coercion (int-valued floats in files become ints and vice versa)
+        for key in ("rounds", "local_steps", "eval_every", "seed"):
+            s(self, key, _int(getattr(self, key), key, p))
+        for key in ("local_epochs", "sample_rate", "lr", "momentum", "noise_multiplier",
+                    "target_epsilon", "delta", "max_grad_norm"):
+            s(self, key, _float(getattr(self, key), key, p))
+        for key in ("dp", "allow_partial", "per_site_metrics"):
+            _bool(getattr(self, key), key, p)
+        if self.local_epochs is None and self.local_steps is None:
+            s(self, "local_epochs", 1.0)
+        p += self._static_problems()
+        if p:
+            raise JobSpecError(_dedupe(p), source=f"job spec {self.name!r}")
+
+    def _static_problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.name, str) or not self.name.strip():
+            p.append(f"name must be a non-empty string, got {self.name!r}")
+        if len(set(self.sites)) != len(self.sites):
+            p.append(f"sites are named more than once: {sorted({x for x in self.sites if self.sites.count(x) > 1})}")
+        if not self.tasks:
+            p.append("tasks is empty: give at least one task, e.g. [[tasks]] label = \"<label column>\"")
+        for i, t in enumerate(self.tasks):
+            p += t._problems(f"tasks[{i}] ({t.label!r})")
+        names = [t.task_name for t in self.tasks]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            p.append(f"task names must be unique; repeated: {dups} (give one of them a different 'name')")
+        p += self.model._problems()
+        p += self.strategy._problems()
+        p += self.secagg._problems()
+        if self.sites and isinstance(self.secagg.threshold, int) and self.secagg.threshold > len(self.sites):
+            p.append(
+                f"secagg.threshold {self.secagg.threshold} is larger than the {len(self.sites)} site(s) named "
+                f"{list(self.sites)}; lower it or add sites"
+            )
+
+        def check(key: str, ok: bool, need: str) -> None:
+            v = getattr(self, key)
+            if _is_num(v) and not ok:
+                p.append(f"{key} must be {need}, got {v}")
+
+        check("rounds", _is_num(self.rounds) and self.rounds >= 1, ">= 1")
+        check("eval_every", _is_num(self.eval_every) and self.eval_every >= 1, ">= 1 (evaluate every N rounds)")
+        check("sample_rate", _is_num(self.sample_rate) and 0 < self.sample_rate <= 1, "in (0, 1]")
+        check("lr", _is_num(self.lr) and self.lr > 0, "> 0")
+        check("momentum", _is_num(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
+        if self.local_epochs is not None and self.local_steps is not None:
+            p.append("give local_epochs or local_steps, not both")
+        elif self.local_epochs is not None:
+            check("local_epochs", _is_num(self.local_epochs) and self.local_epochs > 0, "> 0")
+        else:
+            check("local_steps", _is_num(self.local_steps) and self.local_steps >= 1, ">= 1")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"optimizer {self.optimizer!r} is not supported; choose one of {list(OPTIMIZERS)}")
+        if self.clipping not in CLIPPINGS:
+            p.append(f"clipping {self.clipping!r} is not one of {list(CLIPPINGS)}")
+        if self.scaling not in SCALINGS:
+            p.append(f"scaling {self.scaling!r} is not one of {list(SCALINGS)}")
+        if self.accountant not in ACCOUNTANTS:
+            p.append(f"accountant {self.accountant!r} is not one of {list(ACCOUNTANTS)}")
+        check("delta", _is_num(self.delta) and 0 < self.delta < 1, "in (0, 1)")
+        check("max_grad_norm", _is_num(self.max_grad_norm) and self.max_grad_norm > 0, "> 0")
+        if self.dp is True:
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                p.append("dp is on: give exactly one of noise_multiplier and target_epsilon (neither was given)")
+            elif self.noise_multiplier is not None and self.target_epsilon is not None:
+                p.append(
+                    "dp is on: give exactly one of noise_multiplier and target_epsilon "
+                    f"(both were given: {self.noise_multiplier} and {self.target_epsilon})"
+                )
+            check("noise_multiplier", self.noise_multiplier is None or (_is_num(self.noise_multiplier) and self.noise_multiplier > 0), "> 0")
+            check("target_epsilon", self.target_epsilon is None or (_is_num(self.target_epsilon) and self.target_epsilon > 0), "> 0")
+        elif self.dp is False and (self.noise_multiplier is not None or self.target_epsilon is not None):
+            p.append("dp is off, so noise_multiplier and target_epsilon do not apply; remove them or set dp = true")
+        return p
+
+    # -- schema checks ---------------------------------------------------------------------
+    def participating(self, connected: Sequence[str]) -> list[str]:
+        """The sites this job runs on: ``sites`` if given, else every connected site."""
+        return list(self.sites) if self.sites else list(connected)
+
+    def can_run(self, *, approved: int, participating: int) -> bool:
+        """Whether the job may run when ``approved`` of the ``participating`` sites approved:
+        all of them, or (with ``allow_partial``) at least ``secagg.threshold``."""
+        if approved >= participating:
+            return approved >= self.secagg.threshold
+        return bool(self.allow_partial) and approved >= self.secagg.threshold
+
+    def problems(self, schemas: Mapping[str, Schema]) -> list[str]:
+        """Every problem of this spec against the connected sites' schemas (site -> schema);
+        an empty list means the spec fits."""
+        p = self._static_problems()
+        connected = list(schemas)
+        if not connected:
+            return p + ["no sites are connected: connect to the datasites before validating the job"]
+        missing = [x for x in self.sites if x not in schemas]
+        if missing:
+            p.append(f"site(s) {missing} are named in sites but not connected; connected sites are {connected}")
+        sites = [x for x in self.participating(connected) if x in schemas]
+        n = len(self.participating(connected))
+        t = self.secagg.threshold
+        if not self.sites and t > n:
+            p.append(f"secagg.threshold {t} is larger than the {n} connected site(s) {connected}; lower it or connect more sites")
+        # tasks against each site's schema
+        for task in self.tasks:
+            kinds: dict[str, str] = {}
+            classes: dict[str, tuple[str, ...] | None] = {}
+            for site in sites:
+                sch = schemas[site]
+                col = next((c for c in sch.columns if c.name == task.label), None)
+                labels = [c.name for c in sch.labels]
+                if col is None:
+                    p.append(
+                        f"task {task.task_name!r}: site {site!r} has no column {task.label!r}; "
+                        f"its label columns are {labels}"
+                    )
+                    continue
+                if col.role != "label":
+                    p.append(
+                        f"task {task.task_name!r}: column {task.label!r} of site {site!r} is a {col.role} column, "
+                        f"not a label; its label columns are {labels}"
+                    )
+                    continue
+                kinds[site] = kind_of_column(col)
+                classes[site] = col.categories
+                if task.kind is not None and task.kind != kinds[site]:
+                    p.append(
+                        f"task {task.task_name!r}: declared kind {task.kind!r}, but label column {task.label!r} "
+                        f"of site {site!r} is {col.type}, which makes a {kinds[site]!r} task; "
+                        "fix the kind or leave it out to infer it"
+                    )
+            if len(set(kinds.values())) > 1:
+                p.append(f"task {task.task_name!r}: sites disagree on the label's type: {kinds}")
+            elif len({c for c in classes.values()}) > 1:
+                p.append(f"task {task.task_name!r}: sites declare different categories for {task.label!r}: "
+                         f"{ {k: list(v or ()) for k, v in classes.items()} }")
+        # one feature layout for the shared model
+        feats = {site: [(c.name, c.type, c.categories, c.missing) for c in schemas[site].features] for site in sites}
+        if len({tuple(v) for v in feats.values()}) > 1:
+            first = sites[0]
+            differ = [x for x in sites if feats[x] != feats[first]]
+            p.append(
+                f"the sites' feature columns differ ({differ} vs {first!r}); the shared model needs the "
+                "same features (names, types, categories, missing) at every site"
+            )
+        if self.scaling == "range":
+            for site in sites[:1]:
+                noscale = [c.name for c in schemas[site].features if c.type == "numeric" and (c.min is None or c.max is None)]
+                if noscale:
+                    p.append(
+                        f"scaling = 'range' needs min and max for every numeric feature; {noscale} declare none "
+                        f"(site {site!r}): use scaling = 'standard'"
+                    )
+        return _dedupe(p)
+
+    def validate(self, schemas: Mapping[str, Schema]) -> "JobSpec":
+        """Raise :class:`JobSpecError` listing every problem against the schemas; else
+        return the spec."""
+        p = self.problems(schemas)
+        if p:
+            raise JobSpecError(p, source=f"job spec {self.name!r}")
+        return self
+
+    def task_specs(self, schema: Schema) -> list[TaskSpec]:
+        """The tasks as :class:`~fedmtl.models.TaskSpec` for ``schema`` (kinds inferred,
+        multiclass classes from the schema's categories)."""
+        p: list[str] = []
+        out: list[TaskSpec] = []
+        labels = [c.name for c in schema.labels]
+        for t in self.tasks:
+            col = next((c for c in schema.labels if c.name == t.label), None)
+            if col is None:
+                p.append(f"task {t.task_name!r}: {t.label!r} is not a label column of schema {schema.name!r}; its label columns are {labels}")
+                continue
+            kind = kind_of_column(col)
+            if t.kind is not None and t.kind != kind:
+                p.append(f"task {t.task_name!r}: declared kind {t.kind!r} but {t.label!r} is {col.type} ({kind!r})")
+                continue
+            # the models package decides classes and regression shift/scale from the column
+            base = tasks_from_schema(schema, labels=[t.label])[0]
+            out.append(dataclasses.replace(base, name=t.task_name, weight=t.weight))
+        if p:
+            raise JobSpecError(p, source=f"job spec {self.name!r}")
+        return out
+
+    def build_model(self, schema: Schema, *, n_features: int | None = None):
+        """The job's initial model, identical at every party: :func:`fedmtl.models.build_model`
+        with this spec's trunk and ``seed``. ``n_features`` defaults to the range-scaling
+        :class:`~fedmtl.models.Preprocessor` width of ``schema``."""
+        from fedmtl.models.nets import build_model
+        from fedmtl.models.preprocessing import Preprocessor
+
+        if n_features is None:
+            n_features = Preprocessor(schema).n_features
+        return build_model(n_features=n_features, tasks=self.task_specs(schema), trunk=self.model.trunk,
+                           seed=self.seed, **self.model.trunk_options())
+
+    # -- privacy -------------------------------------------------------------------------------
+    def sample_rate_for_site(self, n_train: int) -> float:
+        """The Poisson rate Opacus actually uses on ``n_train`` records
+        (:func:`fedmtl.privacy.dp.effective_sample_rate`)."""
+        from fedmtl.privacy.dp import effective_sample_rate
+
+        _check_n(n_train)
+        return effective_sample_rate(self.sample_rate, int(n_train))[0]
+
+    def steps_per_round(self, n_train: int) -> int:
+        """DP-SGD steps of one round on ``n_train`` records: ``local_steps``, or
+        ``max(1, round(local_epochs / q))`` as :func:`~fedmtl.privacy.dp.train_local` does."""
+        if self.local_steps is not None:
+            return int(self.local_steps)
+        q = self.sample_rate_for_site(n_train)
+        return max(1, round(float(self.local_epochs) / q))  # type: ignore[arg-type]
+
+    def noise_for_site(self, n_train: int) -> float:
+        """The noise multiplier a site with ``n_train`` records trains with: the fixed
+        ``noise_multiplier``, or the smallest one keeping all ``rounds`` rounds within
+        ``target_epsilon`` at ``delta``; 0.0 without DP."""
+        if not self.dp:
+            return 0.0
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        return _calibrated(float(self.target_epsilon), float(self.delta),  # type: ignore[arg-type]
+                           self.sample_rate_for_site(n_train),
+                           self.rounds * self.steps_per_round(n_train), self.accountant)
+
+    def privacy_records(self, n_train: int, rounds: int | None = None) -> list[PrivacyRecord]:
+        """What one site's participation costs: one record per round (``rounds`` defaults
+        to the whole job)."""
+        r = self.rounds if rounds is None else rounds
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rounds must be a whole number >= 0, got {r!r}")
+        rec = PrivacyRecord(noise_multiplier=self.noise_for_site(n_train),
+                            sample_rate=self.sample_rate_for_site(n_train),
+                            steps=self.steps_per_round(n_train))
+        return [rec] * r
+
+    def epsilon_for_site(self, n_train: int, rounds: int | None = None) -> float:
+        """Epsilon at ``delta`` of :meth:`privacy_records` (``inf`` without DP)."""
+        return epsilon_of(self.privacy_records(n_train, rounds), delta=self.delta, accountant=self.accountant)
+
+    def client_config(self) -> dict[str, Any]:
+        """What the datasite runtime passes to :func:`fedmtl.privacy.dp.train_local`
+        besides the data, the model, the noise multiplier and the steps."""
+        return {
+            "sample_rate": self.sample_rate,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "dp": self.dp,
+            "delta": self.delta if self.dp else None,
+            "accountant": self.accountant,
+            "max_grad_norm": self.max_grad_norm,
+            "clipping": self.clipping,
+            "fedprox_mu": self.strategy.mu if self.strategy.name == "fedprox" else 0.0,
+        }
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML/YAML-ready data; ``None`` values are dropped."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "tasks":
+                v = [t.to_dict() for t in v]
+            elif f.name in ("model", "strategy", "secagg"):
+                v = v.to_dict()
+            elif f.name == "sites":
+                v = list(v)
+            d[f.name] = v
+        return _drop_none(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "job spec") -> "JobSpec":
+        if not isinstance(d, Mapping):
+            raise JobSpecError([f"expected a table of job settings, got {type(d).__name__}"], source=source)
+        allowed = [f.name for f in fields(cls)]
+        p: list[str] = []
+        _unknown_keys(d, allowed, "job", p)
+        for req in ("name", "tasks"):
+            if req not in d:
+                p.append(f"'{req}' is required")
+        if "name" not in d or "tasks" not in d:
+            raise JobSpecError(p, source=source)
+        kw = {k: d[k] for k in allowed if k in d}
+        try:
+            spec = cls(**kw)
+        except JobSpecError as e:
+            raise JobSpecError(p + e.problems, source=source) from None
+        if p:  # unknown keys, with everything else fine
+            raise JobSpecError(p, source=source)
+        return spec
+
+    def dumps(self, fmt: str = "toml") -> str:
+        """The spec as ``toml``, ``yaml`` or ``json`` text."""
+        d = self.to_dict()
+        if fmt == "toml":
+            import tomli_w
+
+            return tomli_w.dumps(d)
+        if fmt in ("yaml", "yml"):
+            import yaml
+
+            return yaml.safe_dump(d, sort_keys=False)
+        if fmt == "json":
+            return json.dumps(d, indent=2) + "\n"
+        raise ValueError(f"unknown format {fmt!r}; choose toml, yaml or json")
+
+    @classmethod
+    def loads(cls, text: str, fmt: str = "toml", *, source: str = "job spec") -> "JobSpec":
+        if fmt not in ("toml", "yaml", "yml", "json"):
+            raise ValueError(f"unknown format {fmt!r}; choose toml, yaml or json")
+        try:
+            if fmt == "toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            elif fmt == "json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # parser errors of each library
+            raise ConfigError(f"{source} is not valid {fmt.upper()}: {e}") from e
+        return cls.from_dict(data if data is not None else {}, source=source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec to ``path`` (.toml, .yaml, .yml or .json), atomically."""
+        path = Path(path)
+        fmt = _fmt_of(path)
+        text = self.dumps(fmt)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JobSpec":
+        path = Path(path)
+        fmt = _fmt_of(path)
+        if not path.is_file():
+            raise ConfigError(f"job spec file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read job spec file {path}: {e}") from e
+        return cls.loads(text, fmt, source=f"job spec file {path}")
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+    def spec_hash(self) -> str:
+        """Hex sha256 of :meth:`canonical_json`: the same for the same spec from any format."""
+        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _fmt_of(path: Path) -> str:
+    suf = path.suffix.lower()
+    if suf not in _SUFFIXES:
+        raise ConfigError(f"job spec file {path} must end in one of {list(_SUFFIXES)}")
+    return suf.lstrip(".")
+
+
+def _check_n(n_train: int) -> None:
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+        raise ValueError(f"n_train must be a positive whole number of training records, got {n_train!r}")
+
+
+def _dedupe(problems: list[str]) -> list[str]:
+    return list(dict.fromkeys(problems))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=accountant)

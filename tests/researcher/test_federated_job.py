@@ -1,0 +1,158 @@
+"""A federated multi-task DP job across three real datasites on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmtl.datasites import admin, protocol
+from fedmtl.datasites.launch import free_port, launch
+from fedmtl.datasites.runtime import TEST_HOOK_ENV
+from fedmtl.researcher.job import Job, JobError, SyftTransport
+from fedmtl.researcher.session import Session
+from fedmtl.researcher.spec import JobSpec
+
+PW = "researcher-password-1"
+EMAIL = "ada@uni.example"
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+    import os
+
+    from fedmtl.datasites.cohort import prepare
+
+    os.environ[TEST_HOOK_ENV] = "1"  # test-only: sites keep their unmasked payloads on disk
+    out = tmp_path_factory.mktemp("cohort")
+    files = prepare(out, sites=3, seed=0)
+    homes = tmp_path_factory.mktemp("homes")
+    handles = []
+    try:
+        for f in files:
+            h = launch(home=homes / f.name, name=f.name, records=f.records, schema=f.schema, port=free_port())
+            handles.append(h)
+            admin.add_researcher(home=h.home, email=EMAIL, password=PW)
+        yield handles
+    finally:
+        for h in handles:
+            h.stop()
+        os.environ.pop(TEST_HOOK_ENV, None)
+
+
+def _session(handles):
+    return Session.connect([{"url": h.url, "email": EMAIL, "password": PW} for h in handles])
+
+
+def _spec(**kw):
+    base = dict(
+        name="mtl",
+        tasks=[{"label": "diabetes_5y"}, {"label": "dyslipidemia_5y"}],
+        rounds=3,
+        local_steps=5,
+        sample_rate=0.02,
+        lr=0.5,
+        noise_multiplier=1.0,
+        secagg={"threshold": 2, "clip": 1.0},
+    )
+    base.update(kw)
+    return JobSpec(**base)
+
+
+@pytest.mark.integration
+def test_three_sites_three_rounds_secure_aggregate_equals_plain_fedavg(three_sites, tmp_path):
+    # Prepare
+    session = _session(three_sites)
+    assert sorted(session.sites) == ["general", "riverside", "st-mary"]
+    job = session.submit(_spec(), out=tmp_path / "job")
+    # Execute
+    result = job.run(progress=False)
+    # Assert: every site approved automatically, all passes ran
+    assert {v["status"] for v in job.status().values()} == {"approved"}
+    assert result.rounds_done == 3
+    assert len(result.metrics) == 4  # rounds 0..3 evaluated
+    assert all(0.0 < r["pooled"]["diabetes_5y"]["auroc"] < 1.0 for r in result.metrics)
+    assert set(result.epsilon) == set(session.sites) and all(e > 0 for e in result.epsilon.values())
+    # the aggregate equals the plain weighted FedAvg of the sites' unmasked updates
+    model = job.model
+    groups = protocol.groups_of(model)
+    for p in (1, 2, 3):
+        agg = np.load(tmp_path / "job" / "aggregates" / f"pass-{p}.npz")
+        sums = np.zeros_like(agg["average_update"])
+        counts = None
+        for h in three_sites:
+            payload = np.load(h.home / "jobs" / job.job_id / "test-hook" / f"pass-{p}.npz")
+            sums = sums + payload["update"]
+            counts = payload["counts"] if counts is None else counts + payload["counts"]
+        from fedmtl.privacy.quantization import average_by_group
+
+        plain, _ = average_by_group(sums, counts, groups=groups)
+        np.testing.assert_allclose(agg["average_update"], plain, atol=1e-3)
+        assert np.array_equal(np.rint(agg["counts"]), counts)
+    # riverside has no dyslipidemia labels: it contributed zero weight to that head
+    riverside = next(h for h in three_sites if h.name == "riverside")
+    names = sorted(groups)
+    payload = np.load(riverside.home / "jobs" / job.job_id / "test-hook" / "pass-1.npz")
+    assert payload["counts"][names.index("dyslipidemia_5y")] == 0
+
+    # Round 4 of a 3-round approval, and a replayed round, are refused by the runtime
+    transport = SyftTransport(session, job.state["func_name"])
+    w = np.zeros(result.global_vector.size, dtype=np.float32)
+    beyond = transport.call("st-mary", {"stage": "advertise", "pass": 5, "attempt": 0, "weights": w})
+    assert not beyond["ok"] and "beyond the approved 3 round" in beyond["error"]
+    replay = transport.call("st-mary", {"stage": "advertise", "pass": 2, "attempt": 9, "weights": w})
+    assert not replay["ok"] and "replay is refused" in replay["error"]
+    bad = transport.call("general", {"stage": "advertise", "pass": 5, "attempt": 0, "weights": w[:3]})
+    assert not bad["ok"]
+
+    # the result predicts
+    mock = session.mock("st-mary")
+    pred = result.predict(mock)
+    assert set(pred) == {"diabetes_5y", "dyslipidemia_5y"}
+    assert np.all((pred["diabetes_5y"] >= 0) & (pred["diabetes_5y"] <= 1))
+
+
+@pytest.mark.integration
+def test_denied_site_is_named_with_its_reason(three_sites, tmp_path):
+    # Prepare: noise below the default policy's minimum (0.8)
+    session = _session(three_sites)
+    job = session.submit(_spec(name="too-noisy", noise_multiplier=0.3, rounds=1), out=tmp_path / "job")
+    # Execute
+    status = job.wait_for_review(timeout=60)
+    # Assert
+    assert {v["status"] for v in status.values()} == {"denied"}
+    assert all("noise" in v["reason"] for v in status.values())
+    with pytest.raises(JobError, match="not every site approved"):
+        job.run(progress=False, review_timeout=5)
+
+
+@pytest.mark.integration
+def test_site_killed_mid_round_recovers_or_aborts(three_sites, tmp_path):
+    # Prepare: one pass driven by hand; a site vanishes after sharing its keys
+    session = _session(three_sites)
+    job = session.submit(_spec(name="dropout", rounds=1), out=tmp_path / "job")
+    assert {v["status"] for v in job.wait_for_review(60).values()} == {"approved"}
+
+    class Flaky(SyftTransport):
+        def __init__(self, *a, gone=(), **k):
+            super().__init__(*a, **k)
+            self.gone = set(gone)
+
+        def call(self, site, message):
+            if site in self.gone and message["stage"] in ("masked_input", "unmask"):
+                return {"ok": False, "error": "connection refused", "kind": "Unreachable"}
+            return super().call(site, message)
+
+    from fedmtl.researcher.job import run_pass
+
+    w = job.model and np.asarray(__import__("fedmtl.models", fromlist=["x"]).model_to_vector(job.model))
+    outcome = run_pass(transport=Flaky(session, job.state["func_name"], gone={"general"}),
+                       site_specs=job.site_specs, sites=job.sites, pass_no=1, attempt=0,
+                       weights=w, model=job.model)
+    # Assert: the round completed with the two survivors
+    assert sorted(outcome.survivors) == ["riverside", "st-mary"]
+    assert "general" in outcome.dropped
+    # with two sites gone, fewer than t=2 remain: a clean abort, nothing revealed
+    with pytest.raises(JobError, match="aborted"):
+        run_pass(transport=Flaky(session, job.state["func_name"], gone={"general", "riverside"}),
+                 site_specs=job.site_specs, sites=job.sites, pass_no=2, attempt=0,
+                 weights=w, model=job.model)
