@@ -93,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=8192, help="training records")
-    ap.add_argument("--batch", type=int, help="expected batch size (default 256, quick 128)")
-    ap.add_argument("--steps", type=int, help="steps per configuration (default 30, quick 8)")
+    ap.add_argument("--batch", type=int, help="expected batch size (default 256, quick 64)")
+    ap.add_argument("--steps", type=int, help="steps per configuration (default 20, quick 6)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dp_training.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return 0
-    steps = args.steps or (8 if args.quick else 30)
-    args.batch = args.batch or (128 if args.quick else 256)
+    steps = args.steps or (6 if args.quick else 20)
+    args.batch = args.batch or (64 if args.quick else 256)
     rows = []
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for size in SIZES:

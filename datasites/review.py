@@ -167,12 +167,14 @@ class Decision:
 
 
 def _num(x: float) -> float | str:
-    """JSON has no infinity: write it as the string "inf"."""
-    return "inf" if isinstance(x, float) and math.isinf(x) else x
+    """JSON has no infinity or NaN: write them as the strings "inf" / "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
 
 
 def _unnum(x: Any) -> float:
-    return math.inf if x == "inf" else float(x)
+    return float(x)  # float("inf"), float("nan") parse the strings back
 
 
 def non_template_warning(code_name: str, code_hash: str) -> str:

@@ -111,6 +111,41 @@ def cmd_demo_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- researcher ---------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedmtl.researcher.job import Job
+    from fedmtl.researcher.session import Session
+    from fedmtl.researcher.spec import JobSpec
+
+    session = Session.connect(args.sites)
+    print(f"connected to {', '.join(sorted(session.sites))}", flush=True)
+    if (Path(args.out) / "job.json").exists():
+        job = Job.resume(session, args.out)
+        print(f"resuming job {job.job_id} in {args.out}", flush=True)
+    else:
+        if args.job is None:
+            raise FedMTLError(f"{args.out} holds no job yet: give the job spec with --job FILE")
+        spec = JobSpec.load(args.job)
+        job = session.job(spec, out=args.out)
+        if not args.no_dry_run:
+            print("dry run on the sites' mock data ...", flush=True)
+            job.dry_run()
+        job.submit()
+        print(f"submitted job {job.job_id}; waiting for the sites' review ...", flush=True)
+    for site, st in job.wait_for_review(args.review_timeout).items():
+        print(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
+    result = job.run(progress=not args.quiet, review_timeout=args.review_timeout)
+    result.save(Path(args.out) / "result")
+    table = result.metrics_table()
+    last = table[table["round"] == table["round"].max()]
+    print(last.to_string(index=False))
+    print("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
+    print(f"result saved to {Path(args.out) / 'result'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmtl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--full-name")
     ar.add_argument("--password-stdin", action="store_true")
     ar.set_defaults(func=cmd_datasite_add_researcher)
+
+    tr = sub.add_parser("train", help="researcher: run a federated job over datasites")
+    tr.add_argument("--sites", required=True, type=Path, help="sites file (TOML)")
+    tr.add_argument("--job", type=Path, help="job spec (TOML/YAML/JSON); not needed to resume")
+    tr.add_argument("--out", required=True, type=Path, help="job folder (checkpoints, result)")
+    tr.add_argument("--review-timeout", type=float, default=300.0)
+    tr.add_argument("--no-dry-run", action="store_true")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
 
     de = sub.add_parser("demo", help="the demo: NAFLD cohort, three hospitals, one job")
     desub = de.add_subparsers(dest="action")

@@ -432,7 +432,7 @@ def _crash_during_append(home: Path, key_bytes: bytes, request_id: str, kill_at_
     led = Ledger.open(home, SigningKey.from_bytes(key_bytes))
     for r in range(1, 6):
         c = led.charge_round(request_id=request_id, round=r, records=[R], participants=PARTS)
-        out.put((c.round, c.seq))
+        out.send((c.round, c.seq))  # a Pipe send is synchronous: nothing queued dies with us
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
@@ -443,14 +443,18 @@ def test_process_killed_mid_append_loses_nothing_acknowledged(home, key, kill_at
     f = H.make_facts(rounds=5)
     assert led.review_and_record(f).status == "approved"
     ctx = mp.get_context("fork")
-    q = ctx.Queue()
+    recv, send = ctx.Pipe(duplex=False)
     # Execute: write 5 is round 3's ledger line; write 6 is round 3's head update
-    p = ctx.Process(target=_crash_during_append, args=(home, key.to_bytes(), f.request_id, kill_at_write, q))
+    p = ctx.Process(target=_crash_during_append, args=(home, key.to_bytes(), f.request_id, kill_at_write, send))
     p.start()
-    p.join(60)
+    send.close()
     acked = []
-    while not q.empty():
-        acked.append(q.get())
+    while recv.poll(60):  # True on data and on EOF (the child died)
+        try:
+            acked.append(recv.recv())
+        except EOFError:
+            break
+    p.join(60)
     # Assert
     assert p.exitcode == -signal.SIGKILL
     assert [a[0] for a in acked] == [1, 2]
@@ -473,3 +477,18 @@ def test_key_files(home):
     assert oct((home / "secrets" / L.KEY_FILE).stat().st_mode & 0o777) == "0o600"
     assert load_or_create_key(home).to_bytes() == k.to_bytes()
     assert read_public_key(home) == k.verify_key
+
+
+def test_a_denial_without_epsilon_can_be_recorded(home, key):
+    """Malformed requests are denied before any epsilon is computed (NaN epsilons)."""
+    from fedmtl.datasites.review import Decision
+
+    led = _open(home, key)
+    nan = float("nan")
+    d = Decision(status="denied", reasons=("the request carries no job spec",), epsilon_job=nan,
+                 epsilon_after_dataset=nan, epsilon_after_researcher=nan, budget_left={})
+    f = H.make_facts(rounds=0, tasks=())
+    led.record_review(f, d)
+    st = Ledger.open(home, key).request(f.request_id)
+    assert st.status == "denied" and st.decision.reasons == d.reasons
+    assert verify(home, key.verify_key).ok

@@ -29,7 +29,7 @@ def _sites(make_site_records):
 def test_every_method_reports_per_site_and_pooled_metrics(schema, make_site_records):
     # Prepare
     sites = _sites(make_site_records)
-    cfg = BaselineConfig(epochs=4, dp_epochs=2, batch_size=32, dp_batch_size=64, widths=(16,), dp_target_epsilon=5.0, n_bins=100)
+    cfg = BaselineConfig(epochs=3, dp_epochs=1, batch_size=32, dp_batch_size=64, widths=(16,), dp_target_epsilon=5.0, n_bins=100)
     # Execute
     rep = run_baselines(schema, sites, cfg=cfg, seed=3)
     # Assert

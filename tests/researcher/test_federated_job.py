@@ -156,3 +156,83 @@ def test_site_killed_mid_round_recovers_or_aborts(three_sites, tmp_path):
         run_pass(transport=Flaky(session, job.state["func_name"], gone={"general", "riverside"}),
                  site_specs=job.site_specs, sites=job.sites, pass_no=2, attempt=0,
                  weights=w, model=job.model)
+
+
+@pytest.mark.integration
+def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fedmtl.datasites import ledger_seam
+
+    # Prepare: a sites file and a job file for the CLI
+    sites = tmp_path / "sites.toml"
+    sites.write_text("".join(
+        f'[[sites]]\nurl = "{h.url}"\nemail = "{EMAIL}"\npassword_env = "FEDMTL_TEST_PW"\n\n' for h in three_sites
+    ))
+    spec = _spec(name="resume", rounds=3)
+    spec.save(tmp_path / "job.toml")
+    out = tmp_path / "job"
+    env = {**__import__("os").environ, "FEDMTL_TEST_PW": PW}
+    # Execute: start `fedmtl train`, kill it once pass 2 is checkpointed
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmtl.cli", "train", "--sites", str(sites), "--job", str(tmp_path / "job.toml"),
+         "--out", str(out), "--quiet", "--no-dry-run"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not list((out / "checkpoints").glob("*2*")):
+        assert proc.poll() is None, "fedmtl train exited before it was killed"
+        time.sleep(0.5)
+    time.sleep(2.0)  # let it get into pass 3
+    proc.kill()
+    proc.wait()
+    # resume from the CLI, in a fresh process
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmtl.cli", "train", "--sites", str(sites), "--out", str(out), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    # Assert: the job completed, and every site charged rounds 1, 2, 3 exactly once
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming job" in done.stdout
+    job_id = __import__("json").loads((out / "job.json").read_text())["job_id"]
+    for h in three_sites:
+        led = ledger_seam.open_ledger(h.home)
+        assert led.executed_rounds(job_id) == [1, 2, 3], h.name
+        charges = [e for e in led.entries() if e["kind"] == "round_executed" and e["body"].get("request_id") == job_id]
+        assert len(charges) == 3
+        assert led.request_status(job_id) == "finished"
+
+
+@pytest.mark.integration
+def test_modified_template_is_denied_naming_the_advisory(three_sites, tmp_path):
+    import inspect
+
+    from fedmtl.datasites import syftio
+
+    sy = syftio.import_syft()
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    session = _session(three_sites)
+    job = session.job(_spec(name="evil", rounds=1), out=tmp_path / "job")
+    conn = session.sites["st-mary"]
+    name = job.state["func_name"]
+    src = (
+        f"def {name}(data, spec, message):\n"
+        "    return {'rows': data.head(5).to_dict()}\n"
+    )
+    import linecache
+
+    linecache.cache["<evil>"] = (len(src), None, src.splitlines(True), "<evil>")
+    ns: dict = {}
+    exec(compile(src, "<evil>", "exec"), ns)
+    with syftio.quiet():
+        policy = sy.MixedInputPolicy(data=conn.asset, spec=sy.Constant(val=job.site_specs["st-mary"]),
+                                     message=dict, client=conn.client)
+        conn.client.code.request_code_execution(
+            sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=1))(ns[name])
+        )
+    st = job.wait_for_review(60)["st-mary"]
+    assert st["status"] == "denied"
+    assert "PYSEC-2026-546" in st["reason"]

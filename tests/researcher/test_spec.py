@@ -325,3 +325,14 @@ def test_can_run_with_partial_approval():
     assert not strict.can_run(approved=2, participating=3)
     assert partial.can_run(approved=2, participating=3)
     assert not partial.can_run(approved=1, participating=3)
+
+
+def test_client_config_keys_are_train_local_parameters():
+    import inspect
+
+    params = inspect.signature(train_local).parameters
+    for spec in (_spec(), _spec(strategy={"name": "fedprox", "mu": 0.3}), _spec(noise_multiplier=None, dp=False)):
+        cfg = spec.client_config()
+        assert set(cfg) <= set(params), set(cfg) - set(params)
+    assert _spec(strategy={"name": "fedprox", "mu": 0.3}).client_config()["fedprox_mu"] == 0.3
+    assert _spec(noise_multiplier=None, dp=False).client_config()["delta"] is None
