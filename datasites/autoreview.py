@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,12 @@ def review_pending(home: Path, client) -> None:
     for req in pending:
         facts, problems = facts_of(home, req)
         known = led.request(facts.request_id)
+        if known is not None and not same_request(known.facts, facts):
+            # a job id the researcher reused for other code or another spec: never let
+            # it inherit the earlier request's decision; decide it under its syft id
+            problems = [*problems, reused_id_reason(facts.request_id, known.facts)]
+            facts = replace(facts, request_id=f"syft-{req.id}")
+            known = led.request(facts.request_id)
         if known is None:
             if problems:
                 decision = _denied(problems)
@@ -128,6 +135,19 @@ def review_pending(home: Path, client) -> None:
             elif status == "denied":
                 req.deny(reason="; ".join(reasons) or "denied by the datasite policy")
         log.info("request %s (%s): %s", req.id, facts.request_id, status)
+
+
+def same_request(a, b) -> bool:
+    """Whether two RequestFacts are the same request (same code, job spec, researcher)."""
+    return (a.code_hash, a.spec_hash, a.researcher) == (b.code_hash, b.spec_hash, b.researcher)
+
+
+def reused_id_reason(request_id: str, earlier) -> str:
+    return (
+        f"job id {request_id!r} is already used in the ledger by another request (code "
+        f"{earlier.code_hash[:12]}..., from {earlier.researcher}); a reused id never inherits a "
+        "decision: submit the job again (a new job gets a new id)"
+    )
 
 
 def _denied(problems: list[str]):

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedmtl.models.flat import model_to_vector, vector_size
+from fedmtl.models.flat import vector_size
 from fedmtl.models.losses import masked_multitask_loss, task_mean_losses
 from fedmtl.models.tasks import TaskSpec, check_tasks
 from fedmtl.privacy.accounting import PrivacyRecord, calibrate_noise, epsilon_of

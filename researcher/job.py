@@ -174,6 +174,12 @@ class Job:
             raise JobError(f"{out} already holds a job; use Job.resume(session, {str(out)!r}) or another --out")
         schemas = session.schemas
         spec.validate(schemas)
+        if spec.scaling != "range":
+            raise JobError(
+                f"scaling={spec.scaling!r}: the federated runtime scales features by the schema's "
+                "declared ranges; use scaling = 'range' (standard scaling from securely aggregated "
+                "statistics is not wired into the runtime yet)"
+            )
         sites = spec.participating(sorted(schemas))
         first = schemas[sites[0]]
         for s in sites[1:]:
@@ -242,41 +248,11 @@ class Job:
 
     # -- dry run -------------------------------------------------------------------
     def dry_run(self, *, passes: int = 2) -> dict[str, Any]:
-        """Run the exact round code on every site's mock data, locally (fresh throw-away
-        identities and ledgers), through secure aggregation; raise on any error."""
-        import tempfile
+        """Run the exact round code on every site's mock data, locally (throw-away
+        identities, no ledger), through secure aggregation; raise on any error."""
+        from fedmtl.researcher.simulate import run_local_passes
 
-        from fedmtl.datasites import identity
-        from fedmtl.datasites import runtime as rt
-
-        with tempfile.TemporaryDirectory(prefix="fedmtl-dryrun-") as tmp:
-            specs, data = {}, {}
-            roster = {}
-            for s in self.sites:
-                home = Path(tmp) / s
-                home.mkdir()
-                (home / rt.DRY_RUN_MARKER).write_text("dry run: no ledger\n")
-                roster[s] = identity.create(home, s).public.verify_key.to_bytes().hex()
-                rt.register_home(s, home)
-                data[s] = self.session.sites[s].mock()
-            dry_id = f"dryrun-{secrets.token_hex(3)}"
-            for s in self.sites:
-                specs[s] = {**self.site_specs[s], "roster": roster, "job_id": dry_id}
-            transport = LocalTransport(data, specs)
-            weights = _initial_vector(self.model)
-            metrics = {}
-            try:
-                for p in range(1, min(passes, int(self.spec.rounds) + 1) + 1):
-                    outcome = run_pass(transport=transport, site_specs=specs, sites=self.sites, pass_no=p,
-                                       attempt=0, weights=weights, model=self.model)
-                    if outcome.dropped:
-                        raise JobError("dry run failed: " + "; ".join(f"{s}: {w}" for s, w in outcome.dropped.items()))
-                    if "metrics" in outcome.arrays:
-                        metrics[p] = protocol.compute_metrics(outcome.arrays["metrics"], self._tasks())
-            finally:
-                for s in self.sites:
-                    rt.unregister_home(s)
-        return {"ok": True, "passes": len(metrics) or passes, "metrics": metrics}
+        return run_local_passes(self, {s: self.session.sites[s].mock() for s in self.sites}, passes=passes)
 
     # -- submission ------------------------------------------------------------------
     def submit(self) -> None:

@@ -130,14 +130,19 @@ def test_registry_accepts_a_new_trunk_and_refuses_duplicates():
         def forward(self, x):
             return torch.tanh(self.lin(x))
 
+    from fedmtl.models.nets import _TRUNKS
+
     register_trunk("tiny_test")(Tiny)
-    # Execute
-    model = build_model(n_features=4, tasks=TASKS[:1], trunk="tiny_test", width=5)
-    # Assert
-    assert "tiny_test" in trunk_names()
-    assert model(torch.randn(2, 4))["diabetes"].shape == (2, 1)
-    with pytest.raises(ValueError, match="already registered"):
-        register_trunk("tiny_test")(lambda n: Tiny(n))
+    try:
+        # Execute
+        model = build_model(n_features=4, tasks=TASKS[:1], trunk="tiny_test", width=5)
+        # Assert
+        assert "tiny_test" in trunk_names()
+        assert model(torch.randn(2, 4))["diabetes"].shape == (2, 1)
+        with pytest.raises(ValueError, match="already registered"):
+            register_trunk("tiny_test")(lambda n: Tiny(n))
+    finally:
+        _TRUNKS.pop("tiny_test", None)
 
 
 @pytest.mark.parametrize(
