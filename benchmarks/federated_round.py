@@ -9,7 +9,8 @@ interleaved so that the machine's load hits all three alike:
 * ``train``  -- DP-SGD alone, in this process, no syft, no secure aggregation: for every
   site, the same preprocessing and :func:`fedmtl.privacy.dp.train_local` call the datasite
   runtime makes (same model from :func:`fedmtl.datasites.protocol.build_model`, same
-  ``JobSpec.client_config()``, steps and noise), run one site after another. ``train_sum``
+  ``JobSpec.client_config()``, steps and noise), run one site after another in a worker
+  thread (the runtime runs in threads on the other two paths too). ``train_sum``
   is the sum over sites (one process doing all the work), ``train_max`` the slowest site
   (perfectly parallel sites);
 * ``local``  -- the whole round pipeline in this process without syft: the datasite runtime
@@ -44,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,14 @@ RESULTS = Path(__file__).parent / "results" / "federated_round.json"
 EMAIL = "bench@uni.example"
 PASSWORD = "bench-researcher-pw-1"
 STAGES = ("advertise", "share_keys", "masked_input", "unmask", "unmask_server")
+_STREAMS = (sys.stdout, sys.stderr)
+
+
+def _restore_streams() -> None:
+    """Put our stdout/stderr back. ``syftio.quiet()`` (contextlib.redirect_stdout) is not
+    thread-safe: run_pass calls SyftTransport.call from several threads at once, and the
+    interleaved save/restore can leave sys.stdout/sys.stderr pointing at a dead buffer."""
+    sys.stdout, sys.stderr = _STREAMS
 
 
 def _log(msg: str) -> None:
@@ -105,6 +115,13 @@ class TrainOnly:
             self.sites[s] = (job, schema, model, pre, train_df, job.task_specs(schema))
 
     def round(self, weights: np.ndarray) -> dict[str, Any]:
+        # in a worker thread, as the runtime runs in the other two paths (run_pass's thread
+        # pool; the datasite's request threads): torch's OpenMP pool of the main thread is
+        # far slower on an oversubscribed machine (10x seen with load 8 on 2 cores)
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            return ex.submit(self._round, weights).result()
+
+    def _round(self, weights: np.ndarray) -> dict[str, Any]:
         from fedmtl.models import vector_to_model
         from fedmtl.privacy.dp import train_local
 
@@ -234,18 +251,21 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         fed.start()
+        _restore_streams()
         _log(f"  {n} sites up, job approved ({time.perf_counter() - t0:.1f} s)")
         syft_t = fed.transport()
         for p in range(1, rounds + 1):
             row: dict[str, Any] = {"pass": p}
             # interleaved, so that the machine's load hits all three alike
             row["syft"] = timed_pass(syft_t, fed.job.site_specs, fed.job.sites, p, weights, fed.job.model)
+            _restore_streams()
             row["local"] = timed_pass(local.transport, local.site_specs, local.names, p, weights, model)
             row["train"] = train.round(weights)
             passes.append(row)
             _log(f"  pass {p}: syft {row['syft']['wall']:.2f} s, local {row['local']['wall']:.2f} s, "
                  f"train (sum over sites) {row['train']['train_sum']:.2f} s")
     finally:
+        _restore_streams()
         fed.stop()
         local.close()
     n_train = {s: int((df[schema.split_column] == "train").sum()) for s, df in records.items()}
@@ -360,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "syft = one pass (all four secure-aggregation stages) through real datasites on loopback, one server process per site",
             "local = the same pass with the datasite runtime in this process (LocalTransport, throw-away homes, no ledger)",
-            "train_sum = preprocessing + train_local for every site, one after another, in this process; train_max = the slowest site",
+            "train_sum = preprocessing + train_local for every site, one after another, in this process (in a worker thread, as the runtime runs in the other paths); train_max = the slowest site",
             "round figures = median of passes 2..N; pass 1 (cold) under cold_pass1",
             "stage seconds = wall time of the concurrent requests of that stage; advertise includes training and evaluation",
             "overhead_platform_s = syft wall - local wall; overhead_vs_train_s = syft wall - train_sum",

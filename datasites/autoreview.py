@@ -103,7 +103,6 @@ def facts_of(home: Path, request):
 
 def review_pending(home: Path, client) -> None:
     from fedmtl.datasites import ledger_seam, syftio
-    from fedmtl.datasites.review import Decision
 
     if not (Path(home) / "dataset_meta.json").exists():
         return  # first launch still uploading

@@ -185,6 +185,13 @@ def non_template_warning(code_name: str, code_hash: str) -> str:
     )
 
 
+def _named_as_template(code_name: str, template_name: str) -> bool:
+    """Each job submits a template under its own name, ``<template>_<job>``."""
+    import re
+
+    return bool(re.fullmatch(rf"{re.escape(template_name)}(_[a-z0-9_]+)?", code_name or ""))
+
+
 def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Decision:
     """Review ``request`` against ``policy`` given what was already ``spent``."""
     r, p = request, policy
@@ -209,7 +216,7 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
                 f"(allowed: {allowed}); a person must review it ({ADVISORY_ID})"
             )
             warnings.append(non_template_warning(r.code_name, r.code_hash))
-    elif template.name != r.code_name:
+    elif not _named_as_template(r.code_name, template.name):
         warnings.append(
             f"code is named {r.code_name!r} but its hash is that of template {template.name!r}"
         )

@@ -191,7 +191,7 @@ class JobRuntime:
 
     # -- stage 1: train / evaluate ---------------------------------------------
     def _advertise(self, data: Any, p: int, msg: Mapping[str, Any]) -> dict[str, Any]:
-        from fedmtl.models import model_to_vector, vector_to_model
+        from fedmtl.models import model_to_vector
         from fedmtl.privacy.secagg import SiteSession
 
         plan = self._plan(p)

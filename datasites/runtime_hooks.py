@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger("fedmtl.datasite")
 _stop = threading.Event()
 _thread: threading.Thread | None = None
-POLL_SECONDS = 0.5
+POLL_SECONDS = 1.0
 
 
 def start_background(home: Path, worker) -> None:

@@ -10,6 +10,8 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -24,23 +26,44 @@ def _silence_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_streams: tuple = ()
+
+
 @contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
-    """Swallow syft's stdout/stderr chatter (kept in the yielded buffer for debugging)."""
+def quiet() -> Iterator[None]:
+    """Swallow syft's stdout/stderr chatter while syft calls run.
+
+    Thread-safe: ``sys.stdout`` is process-wide, so nested and concurrent uses (the job
+    calls several datasites from threads) swap the streams once, on the outermost entry,
+    and restore them on the last exit. ``FEDMTL_SYFT_VERBOSE=1`` shows everything.
+    """
+    global _quiet_depth, _saved_streams
     if os.environ.get("FEDMTL_SYFT_VERBOSE"):
-        yield io.StringIO()
+        yield
         return
-    buf = io.StringIO()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _saved_streams = (sys.stdout, sys.stderr)
+            sink = io.StringIO()
+            sys.stdout = sys.stderr = sink
             _silence_loggers()
-            yield buf
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                sys.stdout, sys.stderr = _saved_streams
 
 
 def import_syft():
     """Import syft quietly (its import prints and warns)."""
+    warnings.filterwarnings("ignore", module=r"syft(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     with quiet():
         import syft
 

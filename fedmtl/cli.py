@@ -338,6 +338,10 @@ def cmd_datasite_review(args: argparse.Namespace) -> int:
         raise FedMTLError("give your name with --reviewer NAME; it goes to the ledger")
     details = mr.show_request(args.home, target, client=client, dry_run=False)
     d = details.decision
+    if details.summary.ledger_status not in ("unknown", "pending", "pending_manual") and \
+            details.summary.syft_status != "pending":
+        raise FedMTLError(f"request {details.summary.request_id} was already decided "
+                          f"({details.summary.ledger_status}); decisions are final")
     print(f"request {details.summary.request_id} from {details.summary.researcher}: code "
           f"{details.summary.code_name} ({'template ' + repr(details.template) if details.template else 'NOT a template'}), "
           f"epsilon {_eps(d.epsilon_job)}; policy: {d.status}")

@@ -23,7 +23,6 @@ import json
 import secrets
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -54,7 +53,6 @@ def run_demo(
     from fedmtl.datasites.records import load_records
     from fedmtl.datasites.schema import Schema
     from fedmtl.researcher.session import Session
-    from fedmtl.researcher.spec import JobSpec
 
     t_start = time.perf_counter()
     out = Path(out).resolve()
@@ -263,7 +261,8 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
 
     out = {}
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for task, vals in report["federated"]["auroc_by_round"].items():
+    for task in report["tasks"]:
+        vals = report["federated"]["auroc_by_round"].get(task, [])
         ax.plot(range(len(vals)), vals, marker="o", label=task)
     ax.set_xlabel("round")
     ax.set_ylabel("pooled test AUROC")
@@ -284,6 +283,9 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
             mean = sum(v for v in nodp.values() if v is not None) / max(1, len(nodp))
             ax.axhline(mean, color="grey", linestyle="--", label="no DP (mean over tasks)")
         ax.set_xscale("log")
+        ax.set_xticks([float(e) for e in eps])
+        ax.set_xticklabels([f"{float(e):g}" for e in eps])
+        ax.minorticks_off()
         ax.set_xlabel("epsilon per site (delta = 1e-5)")
         ax.set_ylabel("pooled test AUROC")
         ax.set_title("AUROC against epsilon")

@@ -27,7 +27,7 @@ import numpy as np
 from fedmtl.datasites import protocol, syftio
 from fedmtl.datasites.home import write_json_atomic
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
-from fedmtl.errors import ConfigError, FedMTLError
+from fedmtl.errors import FedMTLError
 
 CALLS_PER_PASS = 4
 
@@ -131,7 +131,6 @@ def run_pass(
         adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32)})
         for s, r in adv.items():
             reports[s] = r.get("report", {})
-        t0 = time.perf_counter()
         keys = server.collect_advertisements([r["message"] for r in adv.values()])
         shares = stage("share_keys", list(adv), lambda s: {"keys": keys})
         deliveries = server.collect_shares([r["message"] for r in shares.values()])

@@ -30,17 +30,25 @@ def _code_cells(nb) -> list:
 
 
 def _text(cell) -> str:
-    """Everything a code cell showed: streams, plain-text results, error tracebacks."""
+    """Everything a code cell showed: streams (as written), plain-text and HTML results,
+    error tracebacks."""
     parts = []
     for o in cell.get("outputs", []):
         if o.output_type == "stream":
-            parts.append(o.text)
+            if parts and parts[-1][0] == "stream":
+                parts[-1] = ("stream", parts[-1][1] + o.text)  # a stream may arrive in chunks
+            else:
+                parts.append(("stream", o.text))
         elif o.output_type in ("execute_result", "display_data"):
-            parts.append(o.data.get("text/plain", ""))
-            parts.append(o.data.get("text/html", ""))
+            parts.append(("data", o.data.get("text/plain", "") + "\n" + o.data.get("text/html", "")))
         elif o.output_type == "error":
-            parts.append("\n".join(o.traceback))
-    return "\n".join(parts)
+            parts.append(("error", "\n".join(o.traceback)))
+    return "\n".join(text for _, text in parts)
+
+
+def _out(nb, snippet: str) -> str:
+    """The output of the first code cell whose source contains ``snippet``."""
+    return next(_text(c) for c in _code_cells(nb) if snippet in c.source)
 
 
 def _all_text(nb) -> str:
@@ -165,7 +173,7 @@ def test_data_owner_notebook(tmp_path, monkeypatch):
     assert "datasite riverside running at http://127.0.0.1:" in text
     assert "researchers: ada@uni.example" in text
     assert "pending requests: 0" in text
-    counts = next(_text(c) for c in _code_cells(nb) if c.source.startswith("label_counts ="))
+    counts = _out(nb, "label_counts = pd.DataFrame")
     dys = next(line for line in counts.splitlines() if line.startswith("dyslipidemia_5y"))
     assert dys.split()[1:4] == ["binary", "0", "3896"]  # riverside lacks this task
     assert "ledger verified: True" in text
@@ -178,13 +186,12 @@ def test_researcher_notebook(tmp_path, monkeypatch):
     # Execute
     nb = _execute("researcher.ipynb", tmp_path, monkeypatch)
     text = _all_text(nb)
-    cells = {c.source.splitlines()[0]: _text(c) for c in _code_cells(nb)}
     # Assert: dry run, approval at every site, two rounds, an AUROC table with rounds 0..2
     assert "dry run ok: True" in text
-    status = next(v for k, v in cells.items() if k.startswith("job.submit()"))
+    status = _out(nb, "job.submit()")
     assert status.count("approved") >= 3 and "denied" not in status
     assert "2 rounds in" in text
-    table = next(v for k, v in cells.items() if k.startswith("table = result.metrics_table()"))
+    table = _out(nb, "table = result.metrics_table()")
     lines = table.splitlines()
     assert lines[0] == "pooled test AUROC per task and round"
     assert {"diabetes_5y", "htn_5y", "dyslipidemia_5y"} <= set(lines[1].split())
@@ -193,7 +200,7 @@ def test_researcher_notebook(tmp_path, monkeypatch):
     assert all(0.0 < float(v) < 1.0 for r in rows for v in r[1:])
     # the learning-curve plot was drawn; epsilon per site; predictions are probabilities
     assert _images(nb) >= 1
-    eps = next(v for k, v in cells.items() if k.startswith('print("epsilon spent per site'))
+    eps = _out(nb, 'print("epsilon spent per site')
     for site in ("general", "riverside", "st-mary"):
         line = next(x for x in eps.splitlines() if x.strip().startswith(site))
         assert float(line.split()[1]) > 0
@@ -212,7 +219,7 @@ def test_compliance_notebook(tmp_path, monkeypatch):
     # Assert: every ledger verified, approvals and denials listed, tampering caught
     for site in ("general", "riverside", "st-mary"):
         assert f"{site:10s} ledger VERIFIED" in text
-    denied = next(_text(c) for c in _code_cells(nb) if c.source.startswith('print("denied requests'))
+    denied = _out(nb, 'print("denied requests')
     assert denied.count("noise") >= 3
     assert "tampered copy verified: False" in text and "was edited" in text
     assert _images(nb) >= 1

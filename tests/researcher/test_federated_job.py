@@ -8,7 +8,7 @@ import pytest
 from fedmtl.datasites import admin, protocol
 from fedmtl.datasites.launch import free_port, launch
 from fedmtl.datasites.runtime import TEST_HOOK_ENV
-from fedmtl.researcher.job import Job, JobError, SyftTransport
+from fedmtl.researcher.job import JobError, SyftTransport
 from fedmtl.researcher.session import Session
 from fedmtl.researcher.spec import JobSpec
 
@@ -207,7 +207,6 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
 
 @pytest.mark.integration
 def test_modified_template_is_denied_naming_the_advisory(three_sites, tmp_path):
-    import inspect
 
     from fedmtl.datasites import syftio
 
