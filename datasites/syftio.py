@@ -60,6 +60,15 @@ def quiet() -> Iterator[None]:
                 sys.stdout, sys.stderr = _saved_streams
 
 
+def console(err: bool = False):
+    """The user's terminal stream, also while :func:`quiet` holds syft's output (another
+    thread may be inside a syft call when we need to tell the user something)."""
+    with _quiet_lock:
+        if _quiet_depth > 0 and _saved_streams:
+            return _saved_streams[1 if err else 0]
+    return sys.stderr if err else sys.stdout
+
+
 def import_syft():
     """Import syft quietly (its import prints and warns)."""
     warnings.filterwarnings("ignore", module=r"syft(\.|$)")

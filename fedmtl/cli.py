@@ -485,11 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except FedMTLError as e:
-        print(f"fedmtl: error: {e}", file=sys.stderr)
+        print(f"fedmtl: error: {e}", file=_console(err=True))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=_console(err=True))
         return 130
+
+
+def _console(err: bool = False):
+    from fedmtl.datasites.syftio import console
+
+    return console(err)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ RESEARCHER = "researcher@demo.example"
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    from fedmtl.datasites.syftio import console
+
+    print(msg, file=console(), flush=True)
 
 
 def run_demo(
