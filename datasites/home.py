@@ -81,15 +81,10 @@ def secrets_dir(home: Path) -> Path:
 
 def write_secret(home: Path, name: str, value: str) -> Path:
     """Write a secret owner-only (0600), atomically."""
+    from fedmtl.privacy.keys import save_private_key
+
     path = secrets_dir(home) / name
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(value)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    os.chmod(path, 0o600)
+    save_private_key(path, value.encode("utf-8"))
     return path
 
 
