@@ -134,7 +134,10 @@ def _terminate_pid(pid: int, timeout: float) -> None:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now. SO_REUSEADDR as uvicorn uses
+    it: connections of a just-stopped server in TIME_WAIT do not block, a listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -83,6 +83,20 @@ def finish_job(home: Path, spec: Mapping[str, Any]) -> None:
         led.finish_job(str(spec["job_id"]))
 
 
+def researcher_view_of_job(home: Path, job_id: str) -> dict[str, Any]:
+    """The spend and budget left of the researcher who submitted ``job_id`` — only their
+    own entries (:func:`fedmtl.datasites.audit.researcher_view`)."""
+    if (Path(home) / DRY_RUN_MARKER).exists():
+        return {}
+    from fedmtl.datasites.audit import researcher_view
+
+    led = open_ledger(home)
+    st = led.request(job_id)
+    if st is None:
+        return {}
+    return researcher_view(led, st.facts.researcher).to_dict()
+
+
 def site_metrics_allowed(home: Path) -> bool:
     if (Path(home) / DRY_RUN_MARKER).exists():
         return True

@@ -89,6 +89,7 @@ def handle(*, data: Any, spec: Mapping[str, Any], message: Mapping[str, Any]) ->
 
 class JobRuntime:
     STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+    QUERIES = ("spend",)
 
     def __init__(self, home: Path, spec: Mapping[str, Any]):
         self.home = Path(home)
@@ -128,8 +129,12 @@ class JobRuntime:
     # -- dispatch ------------------------------------------------------------
     def dispatch(self, data: Any, msg: dict[str, Any]) -> dict[str, Any]:
         stage = msg.get("stage")
+        if stage == "spend":
+            from fedmtl.datasites import ledger_seam
+
+            return {"view": ledger_seam.researcher_view_of_job(self.home, self.job_id)}
         if stage not in self.STAGES:
-            raise RoundError(f"unknown stage {stage!r}; expected one of {list(self.STAGES)}")
+            raise RoundError(f"unknown stage {stage!r}; expected one of {list(self.STAGES + self.QUERIES)}")
         p = msg.get("pass")
         if isinstance(p, bool) or not isinstance(p, int):
             raise RoundError(f"'pass' must be an int, got {p!r}")

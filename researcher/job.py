@@ -299,6 +299,16 @@ class Job:
             out[s] = {"status": st, "reason": reason}
         return out
 
+    def spend(self) -> dict[str, dict[str, Any]]:
+        """Per site: your own requests, epsilon spent and budget left there (read from the
+        site's ledger through your approved job; other researchers' entries stay hidden)."""
+        transport = SyftTransport(self.session, self.state["func_name"])
+        out = {}
+        for s in self.sites:
+            r = transport.call(s, {"stage": "spend"})
+            out[s] = r.get("view", {}) if r.get("ok") else {"error": r.get("error")}
+        return out
+
     def wait_for_review(self, timeout: float = 120.0, poll: float = 1.0) -> dict[str, dict[str, str]]:
         deadline = time.monotonic() + timeout
         while True:

@@ -209,3 +209,28 @@ def test_first_launch_needs_records_and_a_valid_name(tmp_path, small_schema, sma
     with pytest.raises(DatasiteError, match="name 'St Mary' is invalid"):
         launch(home=tmp_path / "h", name="St Mary", records=records, schema=schema, port=free_port())
     assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.integration
+def test_in_process_mode_serves_and_stops(site_files, tmp_path):
+    # Prepare / Execute: the same datasite, served from a thread of this process
+    f = site_files["riverside"]
+    port = free_port()
+    h = launch(home=tmp_path / "h", name=f.name, records=f.records, schema=f.schema, port=port, in_process=True)
+    try:
+        assert h.is_running()
+        with syftio.quiet():
+            names = [d.name for d in h.login_admin().datasets.get_all()]
+        assert names == ["riverside-records"]
+    finally:
+        h.stop()
+    # Assert: stopped, port released, relaunch (as a process) finds the same dataset
+    from fedmtl.datasites.launch import port_free
+
+    assert not h.is_running() and port_free("127.0.0.1", port)
+    h2 = launch(home=tmp_path / "h", port=free_port())
+    try:
+        with syftio.quiet():
+            assert [d.name for d in h2.login_admin().datasets.get_all()] == ["riverside-records"]
+    finally:
+        h2.stop()

@@ -104,6 +104,15 @@ def test_three_sites_three_rounds_secure_aggregate_equals_plain_fedavg(three_sit
     bad = transport.call("general", {"stage": "advertise", "pass": 5, "attempt": 0, "weights": w[:3]})
     assert not bad["ok"]
 
+    # the researcher sees their own spend and budget left at each site, nothing else
+    spend = job.spend()
+    for site, view in spend.items():
+        assert view["email"] == EMAIL, site
+        assert view["requests"] and all(r["researcher"] == EMAIL for r in view["requests"])
+        (dataset, eps), = view["epsilon_spent"].items()
+        assert eps == pytest.approx(result.epsilon[site], rel=0.05)
+        assert view["budget_left"][dataset] == pytest.approx(5.0 - eps, rel=1e-6)
+
     # the result predicts
     mock = session.mock("st-mary")
     pred = result.predict(mock)
