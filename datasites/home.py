@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.errors import DatasiteError
 
 CONFIG = "datasite.json"
@@ -59,13 +60,7 @@ def read_config(home: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), mode=mode)
 
 
 def write_config(home: Path, cfg: dict[str, Any]) -> None:

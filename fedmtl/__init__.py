@@ -3,8 +3,8 @@
 The package is one import name with four subpackages, each a top-level folder of the
 repository: ``fedmtl.datasites`` (data owner side), ``fedmtl.researcher`` (scientist
 side), ``fedmtl.models`` (multi-task networks, metrics) and ``fedmtl.privacy`` (DP
-training, accounting, secure aggregation). ``fedmtl`` itself holds only the errors and
-the command line.
+training, accounting, secure aggregation). ``fedmtl`` itself holds only the errors, the
+command line and crash-safe file writes.
 """
 
 from fedmtl.errors import FedMTLError

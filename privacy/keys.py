@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.errors import SecAggError
 
 __all__ = [
@@ -347,28 +347,7 @@ def save_private_key(path: PathLike, raw: bytes) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise KeyFileError(f"folder {target.parent} does not exist; create it (mode 0o700) first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    atomic_write_bytes(target, raw, mode=0o600)
 
 
 def load_private_key(path: PathLike) -> bytes:

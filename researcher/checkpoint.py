@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,44 +30,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedmtl.errors import ConfigError
+from fedmtl.fsutil import atomic_write_bytes
 
 __all__ = ["Checkpoint", "CheckpointStore", "atomic_write_bytes"]
 
 _NAME = re.compile(r"^round-(\d{6,})\.npz$")
 _KNOWN = ("global_vector", "spec_hash", "strategy_state", "metrics", "epsilon", "site_status")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync,
-    :func:`os.replace`, fsync of the folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _json_default(o: Any) -> Any:
