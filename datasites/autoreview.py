@@ -101,6 +101,19 @@ def facts_of(home: Path, request):
     ), problems
 
 
+def resolve_request(home: Path, req, led):
+    """(facts, problems, ledger state) of a syft request. A job id the ledger already holds
+    for another request (other code, spec or researcher) is never inherited: the request
+    is then known under ``syft-<uid>`` and carries the reason."""
+    facts, problems = facts_of(home, req)
+    known = led.request(facts.request_id)
+    if known is not None and not same_request(known.facts, facts):
+        problems = [*problems, reused_id_reason(facts.request_id, known.facts)]
+        facts = replace(facts, request_id=f"syft-{req.id}")
+        known = led.request(facts.request_id)
+    return facts, problems, known
+
+
 def review_pending(home: Path, client) -> None:
     from fedmtl.datasites import ledger_seam, syftio
 
@@ -110,14 +123,7 @@ def review_pending(home: Path, client) -> None:
     with syftio.quiet():
         pending = [r for r in client.requests.get_all() if r.status.name == "PENDING"]
     for req in pending:
-        facts, problems = facts_of(home, req)
-        known = led.request(facts.request_id)
-        if known is not None and not same_request(known.facts, facts):
-            # a job id the researcher reused for other code or another spec: never let
-            # it inherit the earlier request's decision; decide it under its syft id
-            problems = [*problems, reused_id_reason(facts.request_id, known.facts)]
-            facts = replace(facts, request_id=f"syft-{req.id}")
-            known = led.request(facts.request_id)
+        facts, problems, known = resolve_request(home, req, led)
         if known is None:
             if problems:
                 decision = _denied(problems)

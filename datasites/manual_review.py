@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedmtl.datasites.autoreview import resolve_request
 from fedmtl.datasites import home as home_mod
 from fedmtl.datasites.policy import ADVISORY_ID
 from fedmtl.datasites.review import Decision, ReviewError, code_diff, decide, manual_decision
@@ -202,23 +203,8 @@ def _code_requests(client) -> list:
         return out
 
 
-def _resolved(home: Path, req, led):
-    """(facts, problems, ledger state) of a syft request; a job id that the ledger holds
-    for another request (other code, spec or researcher) is not inherited: the request
-    is then known under ``syft-<uid>`` and carries the reason."""
-    from fedmtl.datasites.autoreview import facts_of, reused_id_reason, same_request
-
-    facts, problems = facts_of(home, req)
-    known = led.request(facts.request_id)
-    if known is not None and not same_request(known.facts, facts):
-        problems = [*problems, reused_id_reason(facts.request_id, known.facts)]
-        facts = replace(facts, request_id=f"syft-{req.id}")
-        known = led.request(facts.request_id)
-    return facts, problems, known
-
-
 def _summary(home: Path, req, led) -> RequestSummary:
-    facts, _, known = _resolved(home, req, led)
+    facts, _, known = resolve_request(home, req, led)
     return RequestSummary(
         request_id=facts.request_id,
         syft_id=str(req.id),
@@ -295,7 +281,7 @@ def _assess(home: Path, req, led):
     """(facts, problems, decision now, ledger state) of one syft request."""
     from fedmtl.datasites.autoreview import _denied
 
-    facts, problems, known = _resolved(home, req, led)
+    facts, problems, known = resolve_request(home, req, led)
     policy = led.current_policy()
     if policy is None:
         raise ManualReviewError(f"the ledger of {home} has no policy; relaunch the datasite with --policy")

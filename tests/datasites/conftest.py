@@ -86,3 +86,20 @@ def demo_records(demo_cohort):
         schema = Schema.load(sf.schema)
         out[sf.name] = (schema, load_records(sf.records, schema))
     return out
+
+
+def _register_compliance_helpers() -> None:
+    """Make ``import compliance_helpers`` work in the policy/review/ledger/audit tests
+    (pytest runs with --import-mode=importlib, so sibling modules are not importable)."""
+    import importlib.util
+    import sys
+
+    name = "compliance_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+
+
+_register_compliance_helpers()

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,18 +19,9 @@ from fedmtl.datasites.ledger import Ledger
 from fedmtl.privacy.accounting import epsilon_of
 from fedmtl.privacy.keys import SigningKey
 
-
-def _helpers():
-    name = "fedmtl_compliance_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("compliance_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 
 
-H = _helpers()
 R = H.ROUND
 
 

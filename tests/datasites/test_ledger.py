@@ -3,7 +3,6 @@ tamper evidence, crash safety."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -30,18 +29,9 @@ from fedmtl.errors import PrivacyBudgetError
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import SigningKey
 
-
-def _helpers():
-    name = "fedmtl_compliance_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("compliance_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 
 
-H = _helpers()
 R = H.ROUND
 PARTS = ["st-mary", "general", "riverside"]
 

@@ -7,7 +7,6 @@ riverside approves every request by hand, general approves conforming ones itsel
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

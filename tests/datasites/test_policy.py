@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
 from fedmtl.datasites.policy import ADVISORY_ID, Policy, PolicyError, Template, code_hash
 from fedmtl.errors import ConfigError
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 
-def _helpers():
-    name = "fedmtl_compliance_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("compliance_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-H = _helpers()
 
 TOML = f"""
 [review]

@@ -3,10 +3,7 @@ that name the rule and the numbers."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -21,18 +18,9 @@ from fedmtl.datasites.review import (
 )
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 
-
-def _helpers():
-    name = "fedmtl_compliance_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("compliance_helpers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 
 
-H = _helpers()
 NONE = SpendSummary()
 R = H.ROUND
 
