@@ -182,6 +182,7 @@ class Federation:
     def start(self) -> None:
         from fedmtl.datasites import admin, ledger_seam
         from fedmtl.datasites.launch import free_port, launch
+        from fedmtl.datasites.peers import pin_federation
         from fedmtl.researcher.session import Session
 
         policy = ledger_seam.default_policy(self.schema, min_sites=2)
@@ -193,6 +194,7 @@ class Federation:
             admin.add_researcher(home=h.home, email=EMAIL, password=PASSWORD)
             self.launch_seconds.append(time.perf_counter() - t0)
             _log(f"  launched {f.name} at {h.url} in {self.launch_seconds[-1]:.1f} s")
+        pin_federation([h.home for h in self.handles], who="owner (benchmark)")  # the owners pin each other
         t0 = time.perf_counter()
         self.session = Session.connect([{"url": h.url, "email": EMAIL, "password": PASSWORD} for h in self.handles])
         self.job = self.session.job(self.spec, out=self.tmp / "job")

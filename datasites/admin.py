@@ -59,6 +59,7 @@ class DatasiteStatus:
     home: str
     running: bool
     url: str | None = None
+    fingerprint: str = ""  # of this site's Ed25519 identity key: what its peers pin
     datasets: list[str] = field(default_factory=list)
     researchers: list[str] = field(default_factory=list)
     pending_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -68,6 +69,8 @@ class DatasiteStatus:
 
     def render(self) -> str:
         lines = [f"datasite {self.name} ({self.home})"]
+        if self.fingerprint:
+            lines.append(f"  fingerprint: {self.fingerprint}  (give it to the owners of the peer datasites)")
         if not self.running:
             lines.append("  status: stopped")
             return "\n".join(lines)
@@ -87,6 +90,12 @@ def status(home: str | Path) -> DatasiteStatus:
     cfg = home_mod.read_config(home)
     info = home_mod.running(home)
     st = DatasiteStatus(name=cfg["name"], home=str(home), running=info is not None)
+    try:
+        from fedmtl.datasites import identity
+
+        st.fingerprint = identity.load_public(home).fingerprint
+    except (OSError, ValueError, KeyError):
+        pass  # an incomplete home (first launch failed): nothing to pin yet
     if info is None:
         return st
     st.url = info.url

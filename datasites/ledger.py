@@ -334,7 +334,7 @@ class _State:
             if researcher is not None and st.facts.researcher != researcher:
                 continue
             planned = st.facts.privacy_records()
-            out.extend(planned[len(st.rounds):])
+            out.extend(planned[len(st.records):])
         return out
 
 
@@ -696,7 +696,7 @@ class Ledger:
                 raise RoundRefusedError(
                     f"request {request_id!r} is {st.status}, not approved; no round may run"
                 )
-            approved_rounds = st.facts.rounds
+            approved_rounds = st.facts.passes or st.facts.rounds
             if round < 1 or round > approved_rounds:
                 raise RoundRefusedError(
                     f"round {round} of request {request_id!r} is outside the approved rounds 1..{approved_rounds}"

@@ -189,6 +189,14 @@ def _request_id(req) -> str:
     return str(spec.get("job_id")) if spec and spec.get("job_id") else f"syft-{req.id}"
 
 
+def _binding(home: Path, client) -> dict:
+    """What a round request must be bound to on this datasite (server id, records asset)."""
+    from fedmtl.datasites.autoreview import binding_of
+
+    server_id, asset_id = binding_of(home, client)
+    return {"server_id": server_id, "asset_id": asset_id}
+
+
 def _code_requests(client) -> list:
     from fedmtl.datasites import syftio
 
@@ -203,8 +211,8 @@ def _code_requests(client) -> list:
         return out
 
 
-def _summary(home: Path, req, led) -> RequestSummary:
-    facts, _, known = resolve_request(home, req, led)
+def _summary(home: Path, req, led, client) -> RequestSummary:
+    facts, _, known = resolve_request(home, req, led, **_binding(home, client))
     return RequestSummary(
         request_id=facts.request_id,
         syft_id=str(req.id),
@@ -227,7 +235,7 @@ def list_requests(home: str | Path, *, client=None, include_decided: bool = Fals
     out: list[RequestSummary] = []
     seen: set[str] = set()
     for req in _code_requests(client):
-        s = _summary(home, req, led)
+        s = _summary(home, req, led, client)
         seen.add(s.request_id)
         if include_decided or s.syft_status == "pending" or s.ledger_status in _OPEN:
             out.append(s)
@@ -277,11 +285,11 @@ def find_request(home: str | Path, name: str, *, client=None):
 # ----------------------------------------------------------------------------- reviewing
 
 
-def _assess(home: Path, req, led):
+def _assess(home: Path, req, led, client):
     """(facts, problems, decision now, ledger state) of one syft request."""
     from fedmtl.datasites.autoreview import _denied
 
-    facts, problems, known = resolve_request(home, req, led)
+    facts, problems, known = resolve_request(home, req, led, **_binding(home, client))
     policy = led.current_policy()
     if policy is None:
         raise ManualReviewError(f"the ledger of {home} has no policy; relaunch the datasite with --policy")
@@ -313,7 +321,7 @@ def show_request(
     client = _client(home, client)
     req = find_request(home, name, client=client)
     led = ledger_seam.open_ledger(home)
-    facts, problems, decision, known = _assess(home, req, led)
+    facts, problems, decision, known = _assess(home, req, led, client)
     with syftio.quiet():
         code = str(req.code.raw_code or "")
     try:
@@ -322,7 +330,7 @@ def show_request(
     except SyntaxError:
         diff = code_diff(code, TEMPLATE_SOURCE, name=facts.code_name, template_name=TEMPLATE_NAME)
     spec = spec_of(req)
-    summary = _summary(home, req, led)
+    summary = _summary(home, req, led, client)
     details = RequestDetails(
         summary=summary, code=code, code_hash=facts.code_hash, template=decision.template,
         diff=diff, spec=spec, problems=list(problems), decision=decision,
@@ -465,7 +473,7 @@ def decide_request(
     req = find_request(home, name, client=client)
     led = ledger_seam.open_ledger(home)
     for attempt in range(2):
-        facts, problems, auto, known = _assess(home, req, led)
+        facts, problems, auto, known = _assess(home, req, led, client)
         if known is not None and known.status not in _OPEN:
             final = known.decision
             want = "approved" if approve else "denied"

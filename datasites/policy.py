@@ -26,9 +26,34 @@ One file per datasite, TOML (or YAML with the same structure)::
     max_rounds = 50
     max_local_epochs = 5
 
+    [limits]                      # caps on what one job may make this site spend
+    max_model_params = 2_000_000  # parameters of the whole multi-task network
+    max_memory_mb = 2048          # estimated peak memory of one round
+    max_local_steps = 5000        # optimiser steps per round
+    max_eval_passes = 1           # passes that may release evaluation statistics
+                                  # (the final evaluation counts as one; 0: none)
+    min_eval_noise_multiplier = 2.0   # smallest noise on released evaluation statistics
+    min_secagg_clip = 1e-3        # range allowed for the secure-aggregation clip
+    max_secagg_clip = 10.0
+    allowed_clipping = ["flat", "per_layer"]   # DP-SGD clipping modes
+    max_sample_rate = 0.5         # largest Poisson sampling rate, in (0, 1]
+    max_batch_size = 4096         # largest expected batch (sample_rate x records)
+    max_width = 1024              # largest hidden layer
+    max_layers = 8                # most hidden layers
+
     [[templates]]
     name = "fedmtl.round.v1"
     sha256 = "3b1f..."            # sha256 of the template's exact source (UTF-8)
+
+    [[peers]]                     # the federation: the other datasites a job may name
+    name = "general"              # the peer's datasite name
+    fingerprint = "9c0e..."       # hex sha256 of its raw Ed25519 identity key
+                                  # (`fedmtl datasite status` prints a site's own)
+
+A job's roster may only hold this datasite itself and pinned peers, each under its
+pinned name with the key of its pinned fingerprint; this site's own name and key count
+as pinned without being listed. Pin peers with ``fedmtl datasite peers add`` (recorded
+in the ledger) or by listing them here.
 
 Every key is checked; an unknown key, a wrong type or an out-of-range value raises
 :class:`PolicyError` naming the key (``privacy.min_noise_multiplier``) and saying what
@@ -39,6 +64,7 @@ This module imports neither syft nor torch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -46,7 +72,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from fedmtl.errors import ConfigError
 
@@ -58,7 +84,10 @@ ADVISORY_TEXT = (
 )
 APPROVAL_MODES: tuple[str, ...] = ("auto", "manual")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+CLIPPINGS: tuple[str, ...] = ("flat", "per_layer")  # fedmtl.privacy.dp clipping modes
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: a datasite name (fedmtl.datasites.launch checks new sites against the same rule)
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 class PolicyError(ConfigError):
@@ -97,6 +126,19 @@ class Template:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """A peer datasite the owner pinned: its site name and the fingerprint (hex sha256
+    of the raw Ed25519 public key, :meth:`fedmtl.privacy.keys.VerifyKey.fingerprint`) of
+    its identity key, exchanged out of band."""
+
+    name: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy. Build with :meth:`load`, :meth:`from_dict` or :meth:`default`."""
 
@@ -116,12 +158,34 @@ class Policy:
     min_secagg_threshold: int = 2
     max_rounds: int = 50
     max_local_epochs: int = 5
+    # [limits]
+    max_model_params: int = 2_000_000
+    max_memory_mb: int = 2048
+    max_local_steps: int = 5000
+    max_eval_passes: int = 1
+    min_eval_noise_multiplier: float = 2.0
+    max_secagg_clip: float = 10.0
+    min_secagg_clip: float = 1e-3
+    allowed_clipping: tuple[str, ...] = CLIPPINGS
+    max_sample_rate: float = 0.5
+    max_batch_size: int = 4096
+    max_width: int = 1024
+    max_layers: int = 8
+    # [[peers]]
+    peers: tuple[Peer, ...] = ()
 
     # ---------------------------------------------------------------- construction
     def __post_init__(self) -> None:
+        for name in ("allowed_tasks", "allowed_clipping", "templates", "peers"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = _validate(self)
         if problems:
             raise PolicyError(problems)
+        # canonical form: float keys as floats (``2`` and ``2.0`` hash alike), peers by name
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "peers", tuple(sorted(self.peers, key=lambda p: p.name)))
 
     @classmethod
     def default(
@@ -129,17 +193,23 @@ class Policy:
         *,
         allowed_tasks: tuple[str, ...] | list[str],
         templates: tuple[Template, ...] | list[Template] | Mapping[str, str] = (),
+        peers: tuple[Peer, ...] | list[Peer] | Mapping[str, str] = (),
         **overrides: Any,
     ) -> "Policy":
         """The conservative default: templates only, automatic approval of conforming
-        requests, no per-site metrics. ``templates`` may be ``{name: sha256}``;
-        ``overrides`` are any other field (``max_rounds=20``)."""
+        requests, no per-site metrics, no peers pinned. ``templates`` may be
+        ``{name: sha256}``, ``peers`` ``{site name: fingerprint}``; ``overrides`` are any
+        other field (``max_rounds=20``, ``max_model_params=10**6``)."""
         if isinstance(templates, Mapping):
             templates = [Template(name=n, sha256=h) for n, h in templates.items()]
+        if isinstance(peers, Mapping):
+            peers = [Peer(name=n, fingerprint=f) for n, f in peers.items()]
         unknown = set(overrides) - set(_FIELDS)
         if unknown:
             raise PolicyError([f"unknown policy field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}"])
-        return cls(allowed_tasks=tuple(allowed_tasks), templates=tuple(templates), **overrides)
+        if isinstance(overrides.get("allowed_clipping"), list):
+            overrides["allowed_clipping"] = tuple(overrides["allowed_clipping"])
+        return cls(allowed_tasks=tuple(allowed_tasks), templates=tuple(templates), peers=tuple(peers), **overrides)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "policy") -> "Policy":
@@ -149,9 +219,9 @@ class Policy:
             raise PolicyError([f"expected a table at the top level, got {type(d).__name__}"], source)
         kwargs: dict[str, Any] = {}
         for section in d:
-            if section not in _SECTIONS and section != "templates":
+            if section not in _SECTIONS and section not in _ARRAYS:
                 problems.append(
-                    f"{section}: unknown section; known: {sorted([*_SECTIONS, 'templates'])}"
+                    f"{section}: unknown section; known: {sorted([*_SECTIONS, *_ARRAYS])}"
                 )
         for section, keys in _SECTIONS.items():
             table = d.get(section, {})
@@ -167,35 +237,22 @@ class Policy:
             problems.append(
                 "training.allowed_tasks: required; list the label columns researchers may train on"
             )
-        raw_templates = d.get("templates", [])
-        templates: list[Template] = []
-        if not isinstance(raw_templates, list):
-            problems.append("templates: must be an array of tables ([[templates]] name, sha256)")
-        else:
-            for i, t in enumerate(raw_templates):
-                where = f"templates[{i}]"
-                if not isinstance(t, Mapping):
-                    problems.append(f"{where}: must be a table with name and sha256")
-                    continue
-                extra = set(t) - {"name", "sha256"}
-                if extra:
-                    problems.append(f"{where}: unknown key(s) {sorted(extra)}; only name and sha256")
-                if "name" not in t or "sha256" not in t:
-                    problems.append(f"{where}: needs both name and sha256")
-                    continue
-                templates.append(Template(name=t["name"], sha256=t["sha256"]))
-        if isinstance(kwargs.get("allowed_tasks"), list):
-            kwargs["allowed_tasks"] = tuple(kwargs["allowed_tasks"])
+        templates = [Template(**t) for t in _array_of_tables(d, "templates", ("name", "sha256"), problems)]
+        peers = [Peer(**t) for t in _array_of_tables(d, "peers", ("name", "fingerprint"), problems)]
+        for name in ("allowed_tasks", "allowed_clipping"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         kwargs.setdefault("allowed_tasks", ())
         # validate the values too, so one run reports every problem
         unchecked = object.__new__(cls)
         for f in _DATACLASS_FIELDS:
             object.__setattr__(unchecked, f, kwargs.get(f, cls.__dataclass_fields__[f].default))
         object.__setattr__(unchecked, "templates", tuple(templates))
+        object.__setattr__(unchecked, "peers", tuple(peers))
         problems += _validate(unchecked)
         if problems:
             raise PolicyError(problems, source)
-        return cls(templates=tuple(templates), **kwargs)
+        return cls(templates=tuple(templates), peers=tuple(peers), **kwargs)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -225,6 +282,7 @@ class Policy:
                 v = getattr(self, k)
                 out[section][k] = list(v) if isinstance(v, tuple) else v
         out["templates"] = [t.to_dict() for t in self.templates]
+        out["peers"] = [p.to_dict() for p in self.peers]
         return out
 
     def dumps(self) -> str:
@@ -249,6 +307,35 @@ class Policy:
                 return t
         return None
 
+    def peer_by_fingerprint(self, fingerprint: str) -> Peer | None:
+        """The pinned peer whose identity key has this fingerprint, if any. Only listed
+        peers: this datasite's own name and key are not in :attr:`peers`."""
+        for p in self.peers:
+            if p.fingerprint == fingerprint:
+                return p
+        return None
+
+    def peer_by_name(self, name: str) -> Peer | None:
+        """The pinned peer with this site name, if any."""
+        for p in self.peers:
+            if p.name == name:
+                return p
+        return None
+
+    def with_peer(self, name: str, fingerprint: str) -> "Policy":
+        """This policy with peer ``name`` pinned to ``fingerprint`` (a peer of that name
+        already pinned is replaced). Raises :class:`PolicyError` if the values are invalid
+        or the fingerprint is pinned under another name."""
+        others = tuple(p for p in self.peers if p.name != name)
+        return dataclasses.replace(self, peers=(*others, Peer(name=name, fingerprint=fingerprint)))
+
+    def without_peer(self, name: str) -> "Policy":
+        """This policy without peer ``name``; :class:`PolicyError` if it is not pinned."""
+        if self.peer_by_name(name) is None:
+            pinned = ", ".join(p.name for p in self.peers) or "none"
+            raise PolicyError([f"peers: no peer named {name!r} is pinned (pinned: {pinned})"])
+        return dataclasses.replace(self, peers=tuple(p for p in self.peers if p.name != name))
+
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "review": ("approval", "templates_only", "release_per_site_metrics"),
@@ -262,10 +349,62 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "researcher_epsilon_budget",
     ),
     "training": ("allowed_tasks", "min_sites", "min_secagg_threshold", "max_rounds", "max_local_epochs"),
+    "limits": (
+        "max_model_params",
+        "max_memory_mb",
+        "max_local_steps",
+        "max_eval_passes",
+        "min_eval_noise_multiplier",
+        "max_secagg_clip",
+        "min_secagg_clip",
+        "allowed_clipping",
+        "max_sample_rate",
+        "max_batch_size",
+        "max_width",
+        "max_layers",
+    ),
 }
+_ARRAYS: tuple[str, ...] = ("templates", "peers")  # [[templates]], [[peers]]
 _SECTION_OF = {k: s for s, ks in _SECTIONS.items() for k in ks}
 _FIELDS = tuple(_SECTION_OF)
 _DATACLASS_FIELDS = _FIELDS
+_FLOAT_FIELDS: tuple[str, ...] = (
+    "delta",
+    "min_noise_multiplier",
+    "max_grad_norm",
+    "max_epsilon_per_job",
+    "dataset_epsilon_budget",
+    "researcher_epsilon_budget",
+    "min_eval_noise_multiplier",
+    "max_secagg_clip",
+    "min_secagg_clip",
+    "max_sample_rate",
+)
+
+
+def _array_of_tables(
+    d: Mapping[str, Any], section: str, keys: tuple[str, ...], problems: list[str]
+) -> list[dict[str, Any]]:
+    """The tables of ``[[section]]`` that have exactly ``keys`` (problems recorded)."""
+    raw = d.get(section, [])
+    wanted = " and ".join(keys)
+    if not isinstance(raw, list):
+        problems.append(f"{section}: must be an array of tables ([[{section}]] {', '.join(keys)})")
+        return []
+    out: list[dict[str, Any]] = []
+    for i, t in enumerate(raw):
+        where = f"{section}[{i}]"
+        if not isinstance(t, Mapping):
+            problems.append(f"{where}: must be a table with {wanted}")
+            continue
+        extra = set(t) - set(keys)
+        if extra:
+            problems.append(f"{where}: unknown key(s) {sorted(extra)}; only {wanted}")
+        if not all(k in t for k in keys):
+            problems.append(f"{where}: needs both {wanted}")
+            continue
+        out.append({k: t[k] for k in keys})
+    return out
 
 
 def _is_number(v: Any) -> bool:
@@ -348,14 +487,98 @@ def _validate(p: Policy) -> list[str]:
                     f"templates[{i}].sha256: must be 64 lowercase hex characters "
                     f"(sha256 of the template source), got {t.sha256!r}"
                 )
+    problems += _validate_limits(p, key)
+    problems += _validate_peers(p)
+    return problems
+
+
+def _validate_limits(p: Policy, key: Callable[[str], str]) -> list[str]:
+    problems: list[str] = []
+    for name, lo in (
+        ("max_model_params", 1),
+        ("max_memory_mb", 1),
+        ("max_local_steps", 1),
+        ("max_eval_passes", 0),
+        ("max_batch_size", 1),
+        ("max_width", 1),
+        ("max_layers", 1),
+    ):
+        v = getattr(p, name)
+        if not (_is_int(v) and v >= lo):
+            problems.append(f"{key(name)}: must be an integer >= {lo}, got {v!r}")
+    for name in ("min_eval_noise_multiplier", "max_secagg_clip", "min_secagg_clip"):
+        v = getattr(p, name)
+        if not (_is_number(v) and v > 0):
+            problems.append(f"{key(name)}: must be a finite number > 0, got {v!r}")
+    if _is_number(p.min_secagg_clip) and _is_number(p.max_secagg_clip) and p.min_secagg_clip > p.max_secagg_clip:
+        problems.append(
+            f"{key('min_secagg_clip')}: {p.min_secagg_clip:g} is larger than "
+            f"{key('max_secagg_clip')} {p.max_secagg_clip:g}; no job could use it"
+        )
+    if not (_is_number(p.max_sample_rate) and 0 < p.max_sample_rate <= 1):
+        problems.append(f"{key('max_sample_rate')}: must be a number in (0, 1], got {p.max_sample_rate!r}")
+    clip = p.allowed_clipping
+    if not isinstance(clip, tuple) or not all(isinstance(c, str) for c in clip):
+        problems.append(
+            f"{key('allowed_clipping')}: must be a list of clipping modes from {list(CLIPPINGS)}, got {clip!r}"
+        )
+    elif not clip:
+        problems.append(
+            f"{key('allowed_clipping')}: is empty, so no job could run; allow some of {list(CLIPPINGS)}"
+        )
+    else:
+        unknown = [c for c in clip if c not in CLIPPINGS]
+        if unknown:
+            problems.append(f"{key('allowed_clipping')}: unknown mode(s) {unknown}; known: {list(CLIPPINGS)}")
+        if len(set(clip)) != len(clip):
+            problems.append(f"{key('allowed_clipping')}: lists a mode twice: {list(clip)}")
+    return problems
+
+
+def _validate_peers(p: Policy) -> list[str]:
+    problems: list[str] = []
+    if not isinstance(p.peers, tuple):
+        return [f"peers: must be a list, got {type(p.peers).__name__}"]
+    names: dict[str, int] = {}
+    fingerprints: dict[str, int] = {}
+    for i, peer in enumerate(p.peers):
+        if not isinstance(peer, Peer):
+            problems.append(f"peers[{i}]: must be a Peer, got {peer!r}")
+            continue
+        if not isinstance(peer.name, str) or not SITE_NAME.match(peer.name):
+            problems.append(
+                f"peers[{i}].name: must be a datasite name (lower-case letters, digits and '-', "
+                f"e.g. st-mary), got {peer.name!r}"
+            )
+        elif peer.name in names:
+            problems.append(f"peers[{i}].name: {peer.name!r} is pinned twice (also peers[{names[peer.name]}])")
+        else:
+            names[peer.name] = i
+        if not isinstance(peer.fingerprint, str) or not _SHA256.match(peer.fingerprint):
+            problems.append(
+                f"peers[{i}].fingerprint: must be 64 lowercase hex characters (sha256 of the peer's "
+                f"Ed25519 public key, as `fedmtl datasite status` prints it), got {peer.fingerprint!r}"
+            )
+        elif peer.fingerprint in fingerprints:
+            j = fingerprints[peer.fingerprint]
+            other = p.peers[j].name if isinstance(p.peers[j], Peer) else "?"
+            problems.append(
+                f"peers[{i}].fingerprint: {peer.fingerprint[:16]}... is already pinned as peers[{j}] "
+                f"({other!r}); one key is one site"
+            )
+        else:
+            fingerprints[peer.fingerprint] = i
     return problems
 
 
 __all__ = [
     "ADVISORY_ID",
     "ADVISORY_TEXT",
+    "CLIPPINGS",
+    "Peer",
     "Policy",
     "PolicyError",
+    "SITE_NAME",
     "Template",
     "canonical_json",
     "code_hash",

@@ -28,7 +28,9 @@ import numpy as np
 from fedmtl.datasites.schema import Schema
 from fedmtl.errors import ConfigError
 
-N_BINS = 200
+#: score-histogram bins of the released evaluation statistics: few, because each bin
+#: carries Gaussian noise (see fedmtl.privacy.eval_release and docs/compliance.md)
+N_BINS = 20
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,15 @@ def groups_of(model) -> dict[str, list[slice]]:
 
 def task_metrics(tasks):
     """A fresh :class:`~fedmtl.models.metrics.TaskMetrics` for the job's tasks."""
-    from fedmtl.models.metrics import TaskMetrics
+    from fedmtl.privacy.eval_release import eval_metrics
 
-    return TaskMetrics(tasks, n_bins=N_BINS)
+    return eval_metrics(tasks, n_bins=N_BINS)
+
+
+def update_metrics(tm, pred, Y, M, tasks) -> None:
+    """Add one test split's predictions to ``tm`` (bounded per-record contributions, so the
+    release in :mod:`fedmtl.privacy.eval_release` has the sensitivity it assumes)."""
+    tm.update(pred, Y, M)
 
 
 def metric_size(tasks) -> int:
@@ -93,7 +101,10 @@ def compute_metrics(vec: np.ndarray, tasks) -> dict[str, dict[str, float]]:
 
     tm = task_metrics(tasks)
     state = unflatten_state(np.asarray(vec, dtype=np.float64), tm.state_shapes())
-    state = {k: np.maximum(np.rint(v), 0) if _is_count(k) else v for k, v in state.items()}
+    # counts are rounded; every entry is a sum of non-negative terms, so DP noise that
+    # pushed one below 0 is clamped there (post-processing: no privacy cost; exact
+    # vectors are unchanged). A total at 0 gives NaN for that metric, never a crash.
+    state = {k: np.maximum(np.rint(v), 0) if _is_count(k) else np.maximum(v, 0) for k, v in state.items()}
     out = {}
     for task, vals in tm.compute(state).items():
         out[task] = {k: float(v) for k, v in vals.items()}
@@ -106,9 +117,18 @@ def _is_count(key: str) -> bool:
 
 
 def evaluates(job, pass_no: int) -> bool:
-    rounds = int(job.rounds)
-    every = max(1, int(job.eval_every))
-    return pass_no == rounds + 1 or (pass_no - 1) % every == 0
+    """Whether pass ``pass_no`` releases (noised, charged) evaluation statistics."""
+    return job.evaluates(pass_no)
+
+
+def eval_pass_count(job) -> int:
+    return len(job.eval_passes())
+
+
+def job_records(job, n_train: int):
+    """Every privacy record the job costs a site with ``n_train`` training records, in the
+    order the runtime charges them (pass by pass: training round, then evaluation)."""
+    return job.job_records(n_train)
 
 
 def plan(site_spec: Mapping[str, Any], pass_no: int, *, model=None) -> PassPlan:

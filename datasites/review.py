@@ -23,6 +23,7 @@ This module imports neither syft nor torch.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping
@@ -66,6 +67,14 @@ class RequestFacts:
     release_per_site_metrics: bool = False
     spec_hash: str = ""
     records: tuple[PrivacyRecord, ...] = ()
+    #: passes the job may charge (rounds + the final evaluation); 0: ``rounds``
+    passes: int = 0
+    eval_passes: int = 0
+    eval_noise_multiplier: float = 0.0
+    #: ((site, Ed25519 public key hex), ...) of the job's secure-aggregation roster
+    roster: tuple[tuple[str, str], ...] = ()
+    #: this datasite's own name (its roster entry needs no pin)
+    site: str = ""
 
     def privacy_records(self) -> list[PrivacyRecord]:
         if self.records:
@@ -83,6 +92,7 @@ class RequestFacts:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         d["tasks"] = list(self.tasks)
         d["records"] = [r.to_dict() for r in self.records]
+        d["roster"] = [list(x) for x in self.roster]
         return d
 
     @classmethod
@@ -90,6 +100,7 @@ class RequestFacts:
         d = dict(d)
         d["tasks"] = tuple(d.get("tasks", ()))
         d["records"] = tuple(PrivacyRecord.from_dict(r) for r in d.get("records", ()))
+        d["roster"] = tuple((str(a), str(b)) for a, b in d.get("roster", ()))
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown RequestFacts field(s) {sorted(unknown)}")
@@ -192,6 +203,38 @@ def _named_as_template(code_name: str, template_name: str) -> bool:
     return bool(re.fullmatch(rf"{re.escape(template_name)}(_[a-z0-9_]+)?", code_name or ""))
 
 
+def roster_pins(policy: Policy, roster, *, own_site: str) -> tuple[list[str], list[str]]:
+    """(the roster's sites this datasite federates with, a denial per site it does not).
+
+    A roster entry counts only when its key's fingerprint is a pinned peer of the policy
+    under the same name (``[[peers]]``, ``fedmtl datasite peers add``); this datasite's
+    own entry is checked against its identity key elsewhere and needs no pin."""
+    pins = {peer.fingerprint: peer.name for peer in policy.peers}
+    ok: list[str] = []
+    denials: list[str] = []
+    seen: set[str] = set()
+    for site, key_hex in roster:
+        fp = hashlib.sha256(bytes.fromhex(key_hex)).hexdigest()
+        if fp in seen:
+            denials.append(f"review.peers: key {fp[:16]}... appears twice in the roster")
+            continue
+        seen.add(fp)
+        if site == own_site:
+            ok.append(site)
+        elif fp not in pins:
+            denials.append(
+                f"review.peers: roster site {site!r} with key fingerprint {fp} is not a pinned peer of "
+                "this datasite; its owner pins peers with `fedmtl datasite peers add`"
+            )
+        elif pins[fp] != site:
+            denials.append(
+                f"review.peers: roster site {site!r} uses the key pinned for {pins[fp]!r}"
+            )
+        else:
+            ok.append(site)
+    return ok, denials
+
+
 def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Decision:
     """Review ``request`` against ``policy`` given what was already ``spent``."""
     r, p = request, policy
@@ -254,15 +297,30 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
             f"training.max_local_epochs: local_epochs {r.local_epochs} is outside "
             f"1..{p.max_local_epochs}; set local_epochs <= {p.max_local_epochs}"
         )
-    if r.n_sites < p.min_sites:
+    n_sites = r.n_sites
+    if r.roster:
+        pinned, unpinned = roster_pins(p, r.roster, own_site=r.site)
+        denials += unpinned
+        n_sites = len(pinned)
+    if n_sites < p.min_sites:
         denials.append(
-            f"training.min_sites: the job has {r.n_sites} participating site(s), fewer than the "
-            f"minimum {p.min_sites} for secure aggregation; add sites"
+            f"training.min_sites: the job has {n_sites} participating site(s) (pinned), fewer than the "
+            f"minimum {p.min_sites} for secure aggregation; add sites this datasite federates with"
         )
-    if r.secagg_threshold < p.min_secagg_threshold or r.secagg_threshold > r.n_sites:
+    if r.secagg_threshold < p.min_secagg_threshold or r.secagg_threshold > n_sites:
         denials.append(
             f"training.min_secagg_threshold: secagg threshold {r.secagg_threshold} must be between "
-            f"{p.min_secagg_threshold} and the number of sites {r.n_sites}"
+            f"{p.min_secagg_threshold} and the number of sites {n_sites}"
+        )
+    if r.eval_passes > p.max_eval_passes:
+        denials.append(
+            f"limits.max_eval_passes: the job releases evaluation statistics in {r.eval_passes} passes; "
+            f"at most {p.max_eval_passes} allowed here; set eval_every = 0 (final evaluation only)"
+        )
+    if r.eval_passes and r.eval_noise_multiplier < p.min_eval_noise_multiplier:
+        denials.append(
+            f"limits.min_eval_noise_multiplier: eval_noise_multiplier {r.eval_noise_multiplier:g} is below "
+            f"the minimum {p.min_eval_noise_multiplier:g}"
         )
     if r.release_per_site_metrics and not p.release_per_site_metrics:
         denials.append(
@@ -307,9 +365,10 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
     if denials:
         status: Status = "denied"
         reasons = denials
-    elif manual or p.approval == "manual":
+    elif manual or warnings or p.approval == "manual":
+        # automatic approval only with zero warnings: any warning waits for a person
         status = "pending_manual"
-        reasons = manual + (
+        reasons = manual + [f"review: a person must see this warning: {w}" for w in warnings if not manual] + (
             ["review.approval: this datasite approves every request by hand"]
             if p.approval == "manual"
             else []

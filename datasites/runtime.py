@@ -98,7 +98,13 @@ class JobRuntime:
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise ConfigError(f"invalid job id {job_id!r}")
         self.job_id = job_id
-        self.job = protocol.job_of(spec)
+        own_schema = self.home / "schema.toml"
+        if own_schema.is_file():
+            # the datasite's own schema is authoritative, never the researcher's copy
+            from fedmtl.datasites.schema import Schema
+
+            self.spec["schema"] = Schema.load(own_schema).to_dict()
+        self.job = protocol.job_of(self.spec)
         self.dir = self.home / "jobs" / job_id
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -273,8 +279,14 @@ class JobRuntime:
             shared = self._shared_mask(model)
             start[~shared] = local[~shared]
         payload: dict[str, np.ndarray] = {}
-        report: dict[str, Any] = {"pass": p, "n_train": int(len(train_df)), "n_test": int(len(test_df))}
+        # no per-site figure (loss, counts, split sizes, exact metrics) leaves the site:
+        # the report holds only what the approved spec already determines
+        report: dict[str, Any] = {"pass": p}
+        n = int(len(train_df))
+        self._charge(p, n, plan)  # before anything is computed from the records
         if plan.evaluate:
+            from fedmtl.privacy.eval_release import noise_statistics
+
             vector_to_model(model, start)
             tm = protocol.task_metrics(tasks)
             if len(test_df):
@@ -283,20 +295,17 @@ class JobRuntime:
                 with torch.no_grad():
                     pred = model.predict(pre.transform(test_df))
                 Y, M = pre.labels(test_df, tasks)
-                tm.update(pred, Y, M)
-            payload["metrics"] = protocol.metric_vector(tm)
+                protocol.update_metrics(tm, pred, Y, M, tasks)
+            payload["metrics"] = noise_statistics(
+                protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS,
+                noise_multiplier=float(self.job.eval_noise_multiplier),
+            )
             if self.job.per_site_metrics and self._policy_allows_site_metrics():
+                # the same noised, charged statistics, for this site alone
                 report["site_metrics"] = protocol.compute_metrics(payload["metrics"], tasks)
         if plan.train:
-            from fedmtl.datasites import ledger_seam
-
             X = pre.transform(train_df)
             Y, M = pre.labels(train_df, tasks)
-            n = int(len(train_df))
-            records = self.job.privacy_records(n, rounds=1) if self.job.dp else []
-            ledger_seam.charge_round(self.home, self.spec, p, records)  # before training
-            self.state["charged"].append(p)
-            self._save()
             vector_to_model(model, start)
             res = train_local(
                 model=model,
@@ -324,16 +333,23 @@ class JobRuntime:
             weighted, count_vec = weight_by_group(delta, groups=groups, counts=counts, clip=clip)
             payload["update"] = weighted
             payload["counts"] = count_vec
-            report.update(
-                {
-                    "epsilon_round": res.epsilon,
-                    "noise_multiplier": res.noise_multiplier,
-                    "steps": res.steps,
-                    "counts": counts,
-                    "loss": float(np.nanmean(res.losses)) if res.losses else None,
-                }
-            )
+            report.update({"epsilon_round": res.epsilon, "noise_multiplier": res.noise_multiplier,
+                           "steps": res.steps})
         return payload, report
+
+    def _charge(self, p: int, n_train: int, plan: protocol.PassPlan) -> None:
+        """Charge the pass's privacy records to the ledger before it runs (raises, and
+        nothing is computed, when the ledger refuses)."""
+        from fedmtl.datasites import ledger_seam
+
+        if not (plan.train or plan.evaluate):
+            return
+        records = self.job.pass_records(n_train, p)
+        if plan.train and not self.job.dp:
+            records = []  # the ledger refuses non-private training on a datasite
+        ledger_seam.charge_round(self.home, self.spec, p, records)
+        self.state["charged"].append(p)
+        self._save()
 
     def _train_kwargs(self, n: int, weights: np.ndarray) -> dict[str, Any]:
         job = self.job

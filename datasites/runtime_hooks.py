@@ -17,6 +17,7 @@ log = logging.getLogger("fedmtl.datasite")
 _stop = threading.Event()
 _thread: threading.Thread | None = None
 POLL_SECONDS = 1.0
+MAX_POLL_SECONDS = 3.0
 
 
 def start_background(home: Path, worker) -> None:
@@ -24,17 +25,21 @@ def start_background(home: Path, worker) -> None:
     _stop.clear()
 
     def loop() -> None:
-        from fedmtl.datasites import autoreview
+        from fedmtl.datasites.autoreview import Reviewer
 
-        client = None
-        while not _stop.wait(POLL_SECONDS):
+        reviewer = None
+        wait = POLL_SECONDS
+        while not _stop.wait(wait):
             try:
-                if client is None:
-                    client = worker.root_client
-                autoreview.review_pending(home, client)
+                if reviewer is None:
+                    reviewer = Reviewer(home, worker.root_client)
+                decided = reviewer.poll()
+                # back off while nothing arrives; answer at once again after a request
+                wait = POLL_SECONDS if decided else min(MAX_POLL_SECONDS, wait * 1.5)
             except Exception:  # noqa: BLE001 - keep the reviewer alive, log the cause
                 log.exception("automatic review failed; will retry")
-                client = None
+                reviewer = None
+                wait = MAX_POLL_SECONDS
 
     _thread = threading.Thread(target=loop, name="fedmtl-autoreview", daemon=True)
     _thread.start()

@@ -23,12 +23,61 @@ _SYFT_LOGGERS = ("syft", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx", 
 
 def _silence_loggers() -> None:
     for name in _SYFT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        lg = logging.getLogger(name)
+        if lg.level != logging.ERROR:  # setLevel clears every logger's cache: only when needed
+            lg.setLevel(logging.ERROR)
 
 
+class _Sink(io.StringIO):
+    """Where syft's chatter goes while :func:`quiet` holds it (and is dropped: nothing
+    reads it, and a long job must not pile it up). :func:`console` never returns one,
+    so a user message cannot end up here."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+def _process_stream(fd: int):
+    """The process's own stream for ``fd`` (1 or 2) as the interpreter opened it, saved
+    once at import: the last fallback of :func:`console`."""
+    s = sys.__stdout__ if fd == 1 else sys.__stderr__
+    if s is None:  # no console (pythonw, some daemons)
+        s = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    return s
+
+
+_PROCESS_STREAMS = (_process_stream(1), _process_stream(2))
+
+# The state of :func:`quiet`, changed only under ``_quiet_lock``:
+#   _open_blocks  the quiet() blocks now open (one token each, in any thread)
+#   _user_streams (stdout, stderr) as they were before the sink went in; written before
+#                 the sink is installed, never a sink, so it is right whenever one is
 _quiet_lock = threading.Lock()
-_quiet_depth = 0
-_saved_streams: tuple = ()
+_open_blocks: set[object] = set()
+_user_streams: tuple | None = None
+
+
+def _install_sink() -> None:
+    global _user_streams
+    current = (sys.stdout, sys.stderr)
+    if not _open_blocks and not isinstance(current[0], _Sink) and not isinstance(current[1], _Sink):
+        # the first block: what it replaces is the user's (later entries may find a
+        # stream some library swapped in for a moment). One store, before the sink goes in
+        _user_streams = current
+    if not (isinstance(sys.stdout, _Sink) and isinstance(sys.stderr, _Sink)):
+        sink = _Sink()
+        sys.__dict__.update(stdout=sink, stderr=sink)  # both in one C call
+
+
+def _remove_sink() -> None:
+    """Put the user's streams back if a sink is in (idempotent)."""
+    if _user_streams is None:
+        return
+    out, err = _user_streams
+    sys.__dict__.update(
+        stdout=out if isinstance(sys.stdout, _Sink) else sys.stdout,
+        stderr=err if isinstance(sys.stderr, _Sink) else sys.stderr,
+    )
 
 
 @contextlib.contextmanager
@@ -36,37 +85,51 @@ def quiet() -> Iterator[None]:
     """Swallow syft's stdout/stderr chatter while syft calls run.
 
     Thread-safe: ``sys.stdout`` is process-wide, so nested and concurrent uses (the job
-    calls several datasites from threads) swap the streams once, on the outermost entry,
-    and restore them on the last exit. ``FEDMTL_SYFT_VERBOSE=1`` shows everything.
+    calls several datasites from threads) swap the streams on the first entry and put
+    them back on the last exit. Safe against a signal (Ctrl-C) at any point: the entry
+    is undone by the ``finally``, whatever step it had reached, and :func:`console`
+    never depends on where it stopped. ``FEDMTL_SYFT_VERBOSE=1`` shows everything.
     """
-    global _quiet_depth, _saved_streams
     if os.environ.get("FEDMTL_SYFT_VERBOSE"):
         yield
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            _saved_streams = (sys.stdout, sys.stderr)
-            sink = io.StringIO()
-            sys.stdout = sys.stderr = sink
-            _silence_loggers()
-        _quiet_depth += 1
+    token = object()
     try:
+        with _quiet_lock:
+            _install_sink()
+            _open_blocks.add(token)
+        _silence_loggers()
         yield
     finally:
         with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                sys.stdout, sys.stderr = _saved_streams
+            _open_blocks.discard(token)
+            if not _open_blocks:
+                _remove_sink()
+
+
+def restore_streams() -> None:
+    """Give the user's stdout/stderr back now, whatever state an interrupted
+    :func:`quiet` left (the CLI calls it on Ctrl-C, before it says anything)."""
+    with _quiet_lock:
+        _open_blocks.clear()  # a block cut short before its exit would hold the sink forever
+        _remove_sink()
 
 
 def console(err: bool = False):
-    """The user's terminal stream, also while :func:`quiet` holds syft's output (another
-    thread may be inside a syft call when we need to tell the user something)."""
-    with _quiet_lock:
-        if _quiet_depth > 0 and _saved_streams:
-            return _saved_streams[1 if err else 0]
-    return sys.stderr if err else sys.stdout
+    """The user's stream, never syft's quieting sink: the current ``sys.stdout``/``sys.stderr``
+    when no :func:`quiet` holds it (so a notebook or a test capturing output sees it),
+    else the streams :func:`quiet` replaced (another thread may be inside a syft call, or
+    a Ctrl-C may have cut a swap short), else the process's own, saved at import.
+    It reads no state that a signal can leave half-written."""
+    i = 1 if err else 0
+    current = sys.stderr if err else sys.stdout
+    if current is not None and not isinstance(current, _Sink):
+        return current
+    saved = _user_streams
+    if saved is not None and saved[i] is not None and not isinstance(saved[i], _Sink):
+        return saved[i]
+    return _PROCESS_STREAMS[i]
 
 
 def import_syft():

@@ -55,6 +55,60 @@ def make_round_function(name: str):
     return namespace[name]
 
 
+def template_source(name: str) -> str:
+    """The template's exact source under the per-job function name ``name``."""
+    if not is_template_name(name):
+        raise ValueError(f"{name!r} is not a round-template name ({TEMPLATE_NAME}_<job>)")
+    return TEMPLATE_SOURCE.replace(f"def {TEMPLATE_NAME}(", f"def {name}(", 1)
+
+
+def source_problems(raw_code: str, func_name: str) -> list[str]:
+    """Why ``raw_code`` submitted with ``func_name`` (the name syft will call) is not ONE
+    plain function that syft calls by its own name, or ``[]``. Looks at the code exactly
+    as submitted, not a normalised copy: one top-level statement, a ``def`` without
+    decorators, named ``func_name``, taking exactly ``data, spec, message`` without
+    defaults. (Whether it is the template: :func:`is_template`.)"""
+    problems: list[str] = []
+    if not isinstance(func_name, str) or not func_name.isidentifier():
+        problems.append(f"the function syft would call, {func_name!r}, is not a plain name")
+    if not isinstance(raw_code, str):
+        return [*problems, f"the submitted code is a {type(raw_code).__name__}, not source text"]
+    try:
+        tree = ast.parse(raw_code)
+    except SyntaxError as e:
+        return [*problems, f"the submitted code does not parse ({e.msg})"]
+    body = tree.body
+    if len(body) != 1 or not isinstance(body[0], ast.FunctionDef):
+        kinds = ", ".join(type(n).__name__ for n in body) or "nothing"
+        problems.append(f"the submitted code must be exactly one function definition; it has: {kinds}")
+        return problems
+    fn = body[0]
+    if fn.name != func_name:
+        problems.append(f"the code defines {fn.name!r} but syft would call {func_name!r}; they must be the same")
+    if fn.decorator_list:
+        problems.append("the function has decorators; a round function has none")
+    a = fn.args
+    names = [x.arg for x in a.args]
+    if (names != ["data", "spec", "message"] or a.posonlyargs or a.kwonlyargs or a.vararg or a.kwarg
+            or a.defaults or a.kw_defaults):
+        problems.append(
+            "the function must take exactly (data, spec, message) without defaults; it takes "
+            f"({ast.unparse(a)})"
+        )
+    return problems
+
+
+def is_template(raw_code: str, func_name: str) -> bool:
+    """Whether ``raw_code`` is exactly the library's round template under the per-job
+    name ``func_name`` (same syntax tree; comments and blank lines aside)."""
+    if not is_template_name(func_name):
+        return False
+    try:
+        return ast.dump(ast.parse(raw_code)) == ast.dump(ast.parse(template_source(func_name)))
+    except (SyntaxError, TypeError, ValueError):
+        return False
+
+
 def code_sha256(code: str) -> str:
     try:
         return hashlib.sha256(normalise(code).encode("utf-8")).hexdigest()

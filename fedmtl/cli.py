@@ -35,7 +35,7 @@ def _read_password(args: argparse.Namespace, env: str, prompt: str) -> str:
 def cmd_datasite_launch(args: argparse.Namespace) -> int:
     from fedmtl.datasites.launch import launch
 
-    print(f"launching datasite at {args.home} ...", flush=True)
+    _say(f"launching datasite at {args.home} ...")
     handle = launch(
         home=args.home,
         name=args.name,
@@ -46,24 +46,24 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
         admin_email=args.admin_email,
         policy=args.policy,
     )
-    print(f"datasite {handle.name!r} running at {handle.url}")
-    print(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
-    print(f"  dataset: {handle.dataset}")
+    _say(f"datasite {handle.name!r} running at {handle.url}")
+    _say(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
+    _say(f"  dataset: {handle.dataset}")
     if args.detach:
         handle._process = None  # leave it running; `fedmtl datasite stop` stops it
         return 0
-    print("press Ctrl-C to stop", flush=True)
+    _say("press Ctrl-C to stop")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while handle.is_running():
             time.sleep(1)
-        print("the datasite server exited; see logs/server.log in its home", file=sys.stderr)
+        _say("the datasite server exited; see logs/server.log in its home", err=True)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
+        _say("\nstopping ...")
     finally:
         handle.stop()
-    print("stopped")
+    _say("stopped")
     return 0
 
 
@@ -120,29 +120,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fedmtl.researcher.spec import JobSpec
 
     session = Session.connect(args.sites)
-    print(f"connected to {', '.join(sorted(session.sites))}", flush=True)
+    _say(f"connected to {', '.join(sorted(session.sites))}")
     if (Path(args.out) / "job.json").exists():
         job = Job.resume(session, args.out)
-        print(f"resuming job {job.job_id} in {args.out}", flush=True)
+        _say(f"resuming job {job.job_id} in {args.out}")
     else:
         if args.job is None:
             raise FedMTLError(f"{args.out} holds no job yet: give the job spec with --job FILE")
         spec = JobSpec.load(args.job)
         job = session.job(spec, out=args.out)
         if not args.no_dry_run:
-            print("dry run on the sites' mock data ...", flush=True)
+            _say("dry run on the sites' mock data ...")
             job.dry_run()
         job.submit()
-        print(f"submitted job {job.job_id}; waiting for the sites' review ...", flush=True)
+        _say(f"submitted job {job.job_id}; waiting for the sites' review ...")
     for site, st in job.wait_for_review(args.review_timeout).items():
-        print(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
+        _say(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
     result = job.run(progress=not args.quiet, review_timeout=args.review_timeout)
     result.save(Path(args.out) / "result")
     table = result.metrics_table()
     last = table[table["round"] == table["round"].max()]
-    print(last.to_string(index=False))
-    print("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
-    print(f"result saved to {Path(args.out) / 'result'}")
+    _say(last.to_string(index=False))
+    _say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
+    _say(f"result saved to {Path(args.out) / 'result'}")
     return 0
 
 
@@ -152,8 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else (1.0, args.epsilon, 8.0)
     report = run_demo(out=args.out, sites=args.sites, rounds=args.rounds, epsilon=args.epsilon,
                       sweep=tuple(sorted(set(sweep))), quick=args.quick, seed=args.seed)
-    print()
-    print(markdown_table(report))
+    _say()
+    _say(markdown_table(report))
     return 0
 
 
@@ -401,6 +401,66 @@ def _add_review_parser(dsub) -> None:
     rv.set_defaults(func=cmd_datasite_review)
 
 
+# -- data owner: pinned peers -------------------------------------------------------
+
+
+def cmd_datasite_peers(args: argparse.Namespace) -> int:
+    from fedmtl.datasites import peers
+
+    if args.peers_action == "list":
+        own = peers.own_fingerprint(args.home)
+        pinned = peers.list_peers(args.home)
+        if args.json:
+            print(json.dumps({"self": {"name": own.name, "fingerprint": own.fingerprint},
+                              "peers": [p.to_dict() for p in pinned]}, indent=2))
+            return 0
+        print(f"this datasite: {own.name}  {own.fingerprint}")
+        if not pinned:
+            print("no peers pinned: every job naming another site is denied; pin them with "
+                  "`fedmtl datasite peers add --home HOME --name NAME --fingerprint HEX`")
+        for p in pinned:
+            print(f"peer: {p.name}  {p.fingerprint}")
+        return 0
+    who = args.who or _reviewer_default()
+    if not who:
+        raise FedMTLError("give your name with --who EMAIL; it goes to the ledger")
+    if args.peers_action == "add":
+        pinned = peers.add_peer(args.home, name=args.name, fingerprint=args.fingerprint, who=who).peer_by_name(args.name)
+        print(f"pinned peer {pinned.name} {pinned.fingerprint}; recorded in the ledger by {who}")
+    else:
+        peers.remove_peer(args.home, name=args.name, who=who)
+        print(f"removed peer {args.name}; jobs naming it are now denied; recorded in the ledger by {who}")
+    return 0
+
+
+def _add_peers_parser(dsub) -> None:
+    pe = dsub.add_parser(
+        "peers", help="pin the other datasites of the federation (name + identity fingerprint)",
+        description="A job's roster may only name this datasite and pinned peers. Exchange fingerprints "
+        "with the other owners out of band (`fedmtl datasite status` prints this site's own). Every "
+        "change is recorded in the ledger and applies to the next request, also on a running datasite.",
+    )
+    psub = pe.add_subparsers(dest="peers_action", required=True, metavar="{add,remove,list}",
+                             help="add or remove a pinned peer, or list them")
+    home_help = "the datasite's home folder"
+    who_help = "your name or email for the ledger (default: login@host)"
+    add = psub.add_parser("add", help="pin a peer datasite (replaces an earlier pin of the same name)")
+    add.add_argument("--home", required=True, type=Path, help=home_help)
+    add.add_argument("--name", required=True, help="the peer's datasite name, as its owner launched it")
+    add.add_argument("--fingerprint", required=True, metavar="HEX",
+                     help="the peer's identity fingerprint: 64 hex characters its owner gave you "
+                     "(from `fedmtl datasite status`)")
+    add.add_argument("--who", metavar="EMAIL", help=who_help)
+    rm = psub.add_parser("remove", help="unpin a peer: jobs naming it are denied from now on")
+    rm.add_argument("--home", required=True, type=Path, help=home_help)
+    rm.add_argument("--name", required=True, help="the pinned peer's datasite name")
+    rm.add_argument("--who", metavar="EMAIL", help=who_help)
+    ls = psub.add_parser("list", help="this datasite's own fingerprint and the pinned peers")
+    ls.add_argument("--home", required=True, type=Path, help=home_help)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    pe.set_defaults(func=cmd_datasite_peers)
+
+
 def _add_audit_parser(sub) -> None:
     au = sub.add_parser("audit", help="compliance: verify a datasite's privacy ledger and write a report")
     au.add_argument("--home", required=True, type=Path, help="the datasite's home folder")
@@ -445,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--password-stdin", action="store_true")
     ar.set_defaults(func=cmd_datasite_add_researcher)
     _add_review_parser(dsub)
+    _add_peers_parser(dsub)
 
     _add_audit_parser(sub)
 
@@ -488,14 +549,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmtl: error: {e}", file=_console(err=True))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=_console(err=True))
+        _restore_streams()  # a Ctrl-C inside a syft call may have left its output sink in
+        _say("interrupted", err=True)
         return 130
 
 
 def _console(err: bool = False):
+    """The user's terminal, never the sink that syft's quieting swaps in for sys.stdout."""
     from fedmtl.datasites.syftio import console
 
     return console(err)
+
+
+def _say(*values, err: bool = False) -> None:
+    """``print`` for messages to the user of commands that call syft (they may run while
+    another thread is inside a quiet syft call, or after a Ctrl-C cut one short)."""
+    print(*values, file=_console(err), flush=True)
+
+
+def _restore_streams() -> None:
+    from fedmtl.datasites.syftio import restore_streams
+
+    restore_streams()
 
 
 if __name__ == "__main__":

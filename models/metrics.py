@@ -24,6 +24,7 @@ Accuracy, Brier score, MAE and RMSE are exact (sums of per-sample terms).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -277,9 +278,27 @@ class BrierScore(Metric):
 
 
 class RegressionError(Metric):
-    """MAE and RMSE of a regression task: ``compute`` returns ``{"mae", "rmse"}``."""
+    """MAE and RMSE of a regression task: ``compute`` returns ``{"mae", "rmse"}``.
+
+    ``clip`` (optional, > 0): each sample's absolute error is capped at ``clip`` before it
+    is summed (``abs_err`` gains at most ``clip``, ``sq_err`` at most ``clip**2`` per
+    sample), and a non-finite prediction counts as the capped error ``clip``. This bounds
+    one sample's effect on the state, which a differentially private release of the
+    state needs (:mod:`fedmtl.privacy.eval_release`). ``None`` (default) sums the exact
+    errors.
+    """
 
     name = "regression"
+
+    def __init__(self, *, clip: float | None = None) -> None:
+        if clip is not None:
+            if isinstance(clip, bool) or not isinstance(clip, (int, float, np.floating)) or not (
+                math.isfinite(clip) and clip > 0
+            ):
+                raise ValueError(f"clip must be a finite number > 0 (or None), got {clip!r}")
+            clip = float(clip)
+        self.clip = clip
+        super().__init__()
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"abs_err": (), "sq_err": (), "total": ()}
@@ -287,8 +306,11 @@ class RegressionError(Metric):
     def update(self, scores, y, mask=None) -> "Metric":
         s, t = _select(scores, y, mask)
         d = s.reshape(-1) - t.astype(float).reshape(-1)
-        self._state["abs_err"] = self._state["abs_err"] + float(np.abs(d).sum())
-        self._state["sq_err"] = self._state["sq_err"] + float((d * d).sum())
+        a = np.abs(d)
+        if self.clip is not None:
+            a = np.where(np.isnan(a), self.clip, np.minimum(a, self.clip))
+        self._state["abs_err"] = self._state["abs_err"] + float(a.sum())
+        self._state["sq_err"] = self._state["sq_err"] + float((a * a).sum())
         self._state["total"] = self._state["total"] + float(d.size)
         return self
 
@@ -300,11 +322,14 @@ class RegressionError(Metric):
 
 
 # -- per-task collections ------------------------------------------------------
-def metrics_for_task(task: TaskSpec, *, n_bins: int = 1000) -> dict[str, Metric]:
+def metrics_for_task(task: TaskSpec, *, n_bins: int = 1000, clip: float | None = None) -> dict[str, Metric]:
     """The standard metrics of a task: binary/multiclass -> auroc, auprc, accuracy,
-    brier; regression -> regression (MAE and RMSE)."""
+    brier; regression -> regression (MAE and RMSE, per-sample error capped at ``clip``
+    when given; see :class:`RegressionError`)."""
     if task.kind == "regression":
-        return {"regression": RegressionError()}
+        return {"regression": RegressionError(clip=clip)}
+    if clip is not None:
+        raise ValueError(f"task {task.name!r}: clip only applies to regression tasks")
     c = 1 if task.kind == "binary" else task.out_dim
     return {
         "auroc": BinnedAUROC(n_classes=c, n_bins=n_bins),
@@ -319,11 +344,21 @@ class TaskMetrics:
 
     State keys are ``"<task>/<metric>/<key>"``. ``update`` takes the model's
     :meth:`~fedmtl.models.nets.MultiTaskNet.predict` output and ``(Y, mask)``.
+
+    ``clip`` (optional): ``{regression task name: max absolute error per sample}``, passed
+    to that task's :class:`RegressionError`; tasks not named keep exact errors.
     """
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, n_bins: int = 1000) -> None:
+    def __init__(
+        self, tasks: Sequence[TaskSpec], *, n_bins: int = 1000, clip: Mapping[str, float] | None = None
+    ) -> None:
         self.tasks = list(tasks)
-        self.metrics = {t.name: metrics_for_task(t, n_bins=n_bins) for t in self.tasks}
+        clip = dict(clip or {})
+        kinds = {t.name: t.kind for t in self.tasks}
+        bad = sorted(n for n in clip if kinds.get(n) != "regression")
+        if bad:
+            raise ValueError(f"clip names {bad}, which are not regression tasks among {sorted(kinds)}")
+        self.metrics = {t.name: metrics_for_task(t, n_bins=n_bins, clip=clip.get(t.name)) for t in self.tasks}
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {

@@ -387,7 +387,7 @@ class Job:
                 history.append(record)
                 for s in approved:
                     site_status[s] = "dropped: " + outcome.dropped[s] if s in outcome.dropped else "ok"
-                epsilon = self._epsilon(min(p, int(self.spec.rounds)))
+                epsilon = self._epsilon(p)
                 store.save(p, {
                     "spec_hash": self.state["spec_hash"], "global_vector": weights,
                     "strategy_state": strategy.state_dict(), "metrics": history,
@@ -400,12 +400,17 @@ class Job:
                 bar.close()
         return self.result()
 
-    def _epsilon(self, rounds_done: int) -> dict[str, float]:
+    def _epsilon(self, passes_done: int) -> dict[str, float]:
+        """Epsilon each site has charged for this job after ``passes_done`` passes
+        (training rounds and evaluation releases, as the site's ledger charges them)."""
+        from fedmtl.privacy.accounting import epsilon_of
+
         out = {}
         for s in self.sites:
             meta = self.session.sites[s].meta
             n_train = int(meta["split_sizes"].get("train", meta["n_records"]))
-            out[s] = float(self.spec.epsilon_for_site(n_train, rounds=rounds_done)) if rounds_done else 0.0
+            recs = [r for p in range(1, passes_done + 1) for r in self.spec.pass_records(n_train, p)]
+            out[s] = float(epsilon_of(recs, delta=self.spec.delta, accountant=self.spec.accountant)) if recs else 0.0
         return out
 
     def result(self):

@@ -380,7 +380,8 @@ class JobSpec:
     scaling: str = "range"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    eval_every: int = 1
+    eval_every: int = 0
+    eval_noise_multiplier: float = 5.0
     allow_partial: bool = False
     per_site_metrics: bool = False
     seed: int = 0
@@ -410,7 +411,7 @@ class JobSpec:
         for key in ("rounds", "local_steps", "eval_every", "seed"):
             s(self, key, _int(getattr(self, key), key, p))
         for key in ("local_epochs", "sample_rate", "lr", "momentum", "noise_multiplier",
-                    "target_epsilon", "delta", "max_grad_norm"):
+                    "target_epsilon", "delta", "max_grad_norm", "eval_noise_multiplier"):
             s(self, key, _float(getattr(self, key), key, p))
         for key in ("dp", "allow_partial", "per_site_metrics"):
             _bool(getattr(self, key), key, p)
@@ -449,7 +450,10 @@ class JobSpec:
                 p.append(f"{key} must be {need}, got {v}")
 
         check("rounds", _is_num(self.rounds) and self.rounds >= 1, ">= 1")
-        check("eval_every", _is_num(self.eval_every) and self.eval_every >= 1, ">= 1 (evaluate every N rounds)")
+        check("eval_every", _is_num(self.eval_every) and self.eval_every >= 0,
+              ">= 0 (0: evaluate the final model only; N: also every N rounds)")
+        check("eval_noise_multiplier", _is_num(self.eval_noise_multiplier) and self.eval_noise_multiplier > 0,
+              "> 0 (evaluation statistics are released with Gaussian noise of this multiplier)")
         check("sample_rate", _is_num(self.sample_rate) and 0 < self.sample_rate <= 1, "in (0, 1]")
         check("lr", _is_num(self.lr) and self.lr > 0, "> 0")
         check("momentum", _is_num(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
@@ -623,19 +627,21 @@ class JobSpec:
 
     def noise_for_site(self, n_train: int) -> float:
         """The noise multiplier a site with ``n_train`` records trains with: the fixed
-        ``noise_multiplier``, or the smallest one keeping all ``rounds`` rounds within
-        ``target_epsilon`` at ``delta``; 0.0 without DP."""
+        ``noise_multiplier``, or the smallest one keeping all ``rounds`` rounds, composed
+        with the job's evaluation releases, within ``target_epsilon`` at ``delta``; 0.0
+        without DP."""
         if not self.dp:
             return 0.0
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         return _calibrated(float(self.target_epsilon), float(self.delta),  # type: ignore[arg-type]
                            self.sample_rate_for_site(n_train),
-                           self.rounds * self.steps_per_round(n_train), self.accountant)
+                           self.rounds * self.steps_per_round(n_train), self.accountant,
+                           prior=tuple(self.eval_records()))
 
     def privacy_records(self, n_train: int, rounds: int | None = None) -> list[PrivacyRecord]:
-        """What one site's participation costs: one record per round (``rounds`` defaults
-        to the whole job)."""
+        """What one site's training costs: one record per round (``rounds`` defaults
+        to the whole job). Evaluation releases are :meth:`eval_records`."""
         r = self.rounds if rounds is None else rounds
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"rounds must be a whole number >= 0, got {r!r}")
@@ -644,9 +650,45 @@ class JobSpec:
                             steps=self.steps_per_round(n_train))
         return [rec] * r
 
+    # -- passes: R training rounds + 1 final evaluation ------------------------------------
+    def evaluates(self, pass_no: int) -> bool:
+        """Whether pass ``pass_no`` (1..rounds+1) releases evaluation statistics: the final
+        pass always; with ``eval_every = k >= 1`` also passes 1, 1 + k, 1 + 2k, ..."""
+        rounds = int(self.rounds)
+        every = int(self.eval_every)
+        return pass_no == rounds + 1 or (every >= 1 and (pass_no - 1) % every == 0)
+
+    def eval_passes(self) -> list[int]:
+        return [p for p in range(1, int(self.rounds) + 2) if self.evaluates(p)]
+
+    def eval_record(self) -> PrivacyRecord:
+        """One release of the evaluation statistics: the Gaussian mechanism at
+        ``eval_noise_multiplier`` times their sensitivity (sample rate 1, one step)."""
+        return PrivacyRecord(noise_multiplier=float(self.eval_noise_multiplier), sample_rate=1.0, steps=1)
+
+    def eval_records(self) -> list[PrivacyRecord]:
+        return [self.eval_record() for _ in self.eval_passes()]
+
+    def pass_records(self, n_train: int, pass_no: int) -> list[PrivacyRecord]:
+        """What pass ``pass_no`` costs a site, charged before it runs: its training round
+        (passes 1..rounds) and its evaluation release (if it evaluates)."""
+        out = self.privacy_records(n_train, rounds=1) if (self.dp and pass_no <= int(self.rounds)) else []
+        if self.evaluates(pass_no):
+            out.append(self.eval_record())
+        return out
+
+    def job_records(self, n_train: int) -> list[PrivacyRecord]:
+        """Everything the job costs a site, pass by pass, in charging order."""
+        return [r for p in range(1, int(self.rounds) + 2) for r in self.pass_records(n_train, p)]
+
     def epsilon_for_site(self, n_train: int, rounds: int | None = None) -> float:
-        """Epsilon at ``delta`` of :meth:`privacy_records` (``inf`` without DP)."""
-        return epsilon_of(self.privacy_records(n_train, rounds), delta=self.delta, accountant=self.accountant)
+        """Epsilon at ``delta`` of the whole job (training and evaluation) on a site with
+        ``n_train`` records; with ``rounds``, of that many training rounds alone
+        (``inf`` without DP)."""
+        if not self.dp:
+            return float("inf")
+        recs = self.job_records(n_train) if rounds is None else self.privacy_records(n_train, rounds)
+        return epsilon_of(recs, delta=self.delta, accountant=self.accountant)
 
     def client_config(self) -> dict[str, Any]:
         """What the datasite runtime passes to :func:`fedmtl.privacy.dp.train_local`
@@ -781,5 +823,7 @@ def _dedupe(problems: list[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=accountant)
+def _calibrated(target_epsilon: float, delta: float, q: float, steps: int, accountant: str,
+                prior: Sequence[PrivacyRecord] = ()) -> float:
+    return calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                           accountant=accountant, prior=list(prior))

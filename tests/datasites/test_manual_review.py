@@ -18,7 +18,9 @@ from fedmtl.cli import main as cli_main
 from fedmtl.datasites import admin, ledger_seam
 from fedmtl.datasites import home as home_mod
 from fedmtl.datasites.launch import DatasiteHandle, free_port
+from fedmtl.datasites.peers import pin_federation
 from fedmtl.datasites.schema import Schema
+from fedmtl.privacy.keys import SigningKey
 
 EMAIL = "ada@uni.example"
 PW = "researcher-password-1"
@@ -63,15 +65,51 @@ class _Status:
         self.name = name
 
 
-class _Const:
-    def __init__(self, val):
-        self.val = val
+class _Server:
+    server_id = "fake-server-uid"
+
+
+class _Asset:
+    action_id = "fake-asset-uid"
+
+
+class _Dataset:
+    name = "riverside-records"
+    assets = [_Asset()]
+
+
+class _Datasets:
+    def get_all(self):
+        return [_Dataset()]
+
+
+class UserCodeStatusChange:  # the reviewer checks the change's kind by its class name
+    pass
 
 
 class _Code:
+    """A syft UserCode as the server stores it: raw code, the name syft calls, the code
+    syft will exec (derived by syft's own parse_user_code) and the input policy rules."""
+
     def __init__(self, raw: str, name: str, spec: dict):
+        from syft.service.code.user_code import parse_user_code
+        from syft.service.policy.policy import Constant, Matches, MixedInputPolicy, OutputPolicyExecuteCount, UserOwned
+        from syft.types.uid import UID
+
         self.raw_code, self.service_func_name, self.nested_codes = raw, name, None
-        self.input_policy_init_kwargs = {"server": {"data": "asset", "spec": _Const(spec), "message": dict}}
+        self.unique_func_name = f"user_func_{name}_x"
+        self.input_kwargs = ["data", "spec", "message"]
+        self.parsed_code = parse_user_code(raw_code=raw, func_name=self.unique_func_name, original_func_name=name,
+                                           function_input_kwargs=self.input_kwargs)
+        self.uses_datasite = False
+        self.input_policy_type, self.output_policy_type = MixedInputPolicy, OutputPolicyExecuteCount
+        uid = UID()
+        _Asset.action_id = _Asset.action_id if isinstance(_Asset.action_id, UID) else uid
+        self.input_policy_init_kwargs = {_Server(): {
+            "data": Matches(kw="data", val=_Asset.action_id),
+            "spec": Constant(kw="spec", val=spec, klass=dict),
+            "message": UserOwned(kw="message", type=dict),
+        }}
 
 
 class FakeRequest:
@@ -79,6 +117,7 @@ class FakeRequest:
         self.id, self.requesting_user_email = uid, email
         self.code = _Code(raw.format(j=spec["job_id"].replace("-", "_")), f"fedmtl_round_{spec['job_id'].replace('-', '_')}", spec)
         self._status, self.deny_reason = "PENDING", ""
+        self.changes = [UserCodeStatusChange()]
 
     @property
     def status(self):
@@ -97,6 +136,9 @@ class FakeClient:
     def __init__(self, *requests: FakeRequest):
         self.all = list(requests)
         self.requests = self
+        self.datasets = _Datasets()
+        self.api = self
+        self.server_uid = _Server.server_id
 
     def get_all(self):
         return list(self.all)
@@ -115,18 +157,21 @@ def fake_home(tmp_path, demo_cohort, monkeypatch):
     home.mkdir()
     home_mod.write_config(home, {"name": "riverside", "admin_email": "admin@riverside.datasite",
                                  "dataset": "riverside-records"})
+    (home / "schema.toml").write_bytes(Path(sf.schema).read_bytes())  # the datasite's own schema
     own = identity.create(home, "riverside").public.verify_key.to_bytes().hex()
+    general = SigningKey.generate().verify_key  # the peer in the roster, pinned by the owner
     (home / "dataset_meta.json").write_text(json.dumps({"n_records": 1000, "split_sizes": {"train": 800}}))
     client = FakeClient()
     monkeypatch.setattr(admin, "admin_client", lambda h: client)
 
     def spec_for(job_id: str) -> dict:
         return {"job": _spec(job_id.split("-")[0]).to_dict(), "job_id": job_id, "site": "riverside",
-                "roster": {"riverside": own, "general": "ab" * 32}, "schema": schema.to_dict(),
+                "roster": {"riverside": own, "general": general.to_bytes().hex()}, "schema": schema.to_dict(),
                 "max_count": 1000, "template": "fedmtl_round"}
 
     def make(*, templates_only: bool):
-        policy = ledger_seam.default_policy(schema, approval="manual", min_sites=2, templates_only=templates_only)
+        policy = ledger_seam.default_policy(schema, approval="manual", min_sites=2, templates_only=templates_only,
+                                            peers={"general": general.fingerprint()})
         ledger_seam.install_policy(home, policy, who=OWNER)
         return home, client, spec_for
 
@@ -270,6 +315,7 @@ def two_sites(tmp_path_factory):
             handles.append(DatasiteHandle(name=name, home=homes / name, host=info.host, port=info.port,
                                           admin_email=cfg["admin_email"], dataset=cfg["dataset"]))
             admin.add_researcher(home=homes / name, email=EMAIL, password=PW)
+        pin_federation([h.home for h in handles])  # the owners pin each other
         yield {h.name: h for h in handles}
     finally:
         for proc in procs.values():

@@ -303,7 +303,9 @@ def test_target_epsilon_is_calibrated_over_all_rounds():
     assert len(records) == 5 and all(r == records[0] for r in records)
     assert records[0] == PrivacyRecord(noise_multiplier=sigma, sample_rate=0.02, steps=50)
     assert 2.0 - 0.05 < eps <= 2.0
-    assert eps == pytest.approx(epsilon_of(records, delta=1e-5))
+    # the target covers training AND the final evaluation release
+    assert spec.job_records(n) == [*records, spec.eval_record()]
+    assert eps == pytest.approx(epsilon_of([*records, spec.eval_record()], delta=1e-5))
     # one round alone costs less; more rounds at the same target need more noise
     assert spec.epsilon_for_site(n, rounds=1) < eps
     assert _spec(noise_multiplier=None, target_epsilon=2.0, rounds=10, sample_rate=0.02).noise_for_site(n) > sigma
@@ -312,7 +314,9 @@ def test_target_epsilon_is_calibrated_over_all_rounds():
 def test_fixed_noise_and_no_dp_epsilon():
     spec = _spec(noise_multiplier=1.0, rounds=2)
     assert spec.noise_for_site(500) == 1.0
-    assert spec.epsilon_for_site(500) == pytest.approx(epsilon_of(spec.privacy_records(500), delta=spec.delta))
+    assert spec.epsilon_for_site(500) == pytest.approx(epsilon_of(spec.job_records(500), delta=spec.delta))
+    assert spec.epsilon_for_site(500, rounds=2) == pytest.approx(
+        epsilon_of(spec.privacy_records(500), delta=spec.delta))
     assert spec.privacy_records(500, rounds=0) == []
     assert math.isinf(_spec(noise_multiplier=None, dp=False).epsilon_for_site(500))
     with pytest.raises(ValueError, match="rounds"):
@@ -336,3 +340,19 @@ def test_client_config_keys_are_train_local_parameters():
         assert set(cfg) <= set(params), set(cfg) - set(params)
     assert _spec(strategy={"name": "fedprox", "mu": 0.3}).client_config()["fedprox_mu"] == 0.3
     assert _spec(noise_multiplier=None, dp=False).client_config()["delta"] is None
+
+
+def test_passes_charge_training_then_evaluation_in_order():
+    # Prepare: 3 rounds, final evaluation only (the default) and every 2 rounds
+    final_only = _spec(noise_multiplier=1.0, rounds=3)
+    every2 = _spec(noise_multiplier=1.0, rounds=3, eval_every=2)
+    # Execute / Assert
+    assert final_only.eval_passes() == [4]
+    assert every2.eval_passes() == [1, 3, 4]
+    train = final_only.privacy_records(500, rounds=1)
+    assert final_only.pass_records(500, 1) == train
+    assert final_only.pass_records(500, 4) == [final_only.eval_record()]
+    assert every2.pass_records(500, 1) == [*train, every2.eval_record()]
+    assert final_only.eval_record() == PrivacyRecord(noise_multiplier=5.0, sample_rate=1.0, steps=1)
+    with pytest.raises(ConfigError, match="eval_noise_multiplier"):
+        _spec(noise_multiplier=1.0, eval_noise_multiplier=0.0)

@@ -1,0 +1,183 @@
+"""Differentially private release of evaluation statistics (the Gaussian mechanism).
+
+A datasite evaluates the global model on its test split and returns the metrics'
+sufficient statistics (:class:`fedmtl.models.metrics.TaskMetrics`, flattened in sorted
+state-key order). Those sums are a function of the site's records, so by the trust model
+they may leave the site only noised and charged. This module is the pure mechanism:
+
+1. build the statistics with :func:`eval_metrics` (regression errors clipped, so that one
+   record moves the state by a bounded amount; binary/multiclass need no clipping);
+2. :func:`noise_statistics` adds, per coordinate ``i``, Gaussian noise of standard
+   deviation ``noise_multiplier * sensitivity(tasks) * w[i]``
+   (``w = metric_scales(tasks, n_bins=...)``);
+3. charge :func:`privacy_record` (the Gaussian mechanism, one step at sample rate 1) to
+   the ledger *before* step 2 runs.
+
+Why this is (epsilon, delta)-DP: divide the state elementwise by ``w``. For any record
+added to or removed from the evaluated set, that scaled state moves by at most
+``sensitivity(tasks)`` in L2 (derivation in :func:`sensitivity`). Adding
+``N(0, (sigma * sensitivity)^2)`` per scaled coordinate is the Gaussian mechanism with
+noise multiplier ``sigma``: Renyi DP ``alpha / (2 sigma^2)`` at every order ``alpha``
+(Mironov 2017, Prop. 7), i.e. ``PrivacyRecord(sigma, sample_rate=1.0, steps=1)`` in
+:mod:`fedmtl.privacy.accounting`. Anything computed from the noisy vector afterwards
+(rounding, clipping counts at 0, summing under secure aggregation, the metric values) is
+post-processing and costs nothing more.
+
+The neighbouring relation is add/remove one record (the one DP-SGD's accounting uses).
+A record counts in every task it has a label for, so the bound sums over all tasks.
+
+Pure: imports numpy and ``fedmtl.models``/``fedmtl.privacy`` only (no syft, no torch).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fedmtl.models.metrics import TaskMetrics
+from fedmtl.models.tasks import TaskSpec, check_tasks
+from fedmtl.privacy.accounting import PrivacyRecord
+
+#: A regression task's per-record absolute error is capped at this many ``TaskSpec.scale``
+#: units. ``scale`` is half the declared label range (see ``tasks_from_schema``), so 2.0
+#: is the full range: a prediction inside the declared range is never clipped.
+REGRESSION_CLIP_SCALES = 2.0
+
+#: Squared per-record contribution, in ``w``-scaled units, of each kind of task.
+_BINARY_SQ = 6.0  # auroc pos|neg 1, auprc pos|neg 1, correct 1, acc total 1, brier 1, brier total 1
+_REGRESSION_SQ = 3.0  # abs_err 1, sq_err 1, total 1
+
+
+def regression_clips(tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """``{regression task: max |error| per record}`` = ``REGRESSION_CLIP_SCALES * scale``
+    (label units), the ``clip`` that :func:`eval_metrics` passes to ``TaskMetrics``."""
+    return {t.name: REGRESSION_CLIP_SCALES * t.scale for t in check_tasks(tasks) if t.kind == "regression"}
+
+
+def eval_metrics(tasks: Sequence[TaskSpec], *, n_bins: int) -> TaskMetrics:
+    """The :class:`TaskMetrics` whose statistics may be released with
+    :func:`noise_statistics`: regression errors clipped to :func:`regression_clips`.
+
+    Use this (not a plain ``TaskMetrics``) on the datasite: the sensitivity bound for a
+    regression task holds only for clipped errors."""
+    return TaskMetrics(check_tasks(tasks), n_bins=n_bins, clip=regression_clips(tasks))
+
+
+def _task_sq(task: TaskSpec) -> float:
+    if task.kind == "binary":
+        return _BINARY_SQ
+    if task.kind == "multiclass":
+        return 2.0 * task.out_dim + 4.0
+    return _REGRESSION_SQ
+
+
+def sensitivity(tasks: Sequence[TaskSpec]) -> float:
+    """L2 sensitivity of the ``w``-scaled statistics vector to adding or removing one
+    record: ``sqrt(sum over tasks of s_t^2)`` with (per-record changes, after dividing
+    by :func:`metric_scales`):
+
+    * binary: the record adds 1 to exactly one bin of ``auroc/pos`` or ``auroc/neg``, and
+      again of ``auprc/pos|neg`` (a separate copy of the same histograms); 0 or 1 to
+      ``accuracy/correct``; 1 to ``accuracy/total``; ``(p - y)^2 <= 1`` to
+      ``brier/sq_err``; 1 to ``brier/total``. All weights 1, so ``s^2 <= 6``.
+    * multiclass with C classes (one-vs-rest): per class, 1 to one bin of pos or neg, in
+      both the AUROC and the AUPRC histograms (2C coordinates of 1); 0/1 to correct; 1 to
+      each of the two totals; ``sum_k (p_k - [y=k])^2 <= C`` to ``brier/sq_err`` (each
+      ``p_k`` is in [0, 1] -- ``TaskMetrics`` refuses other scores; 2 if they sum to 1,
+      but C holds for anything accepted), weighted by C. So ``s^2 <= 2C + 4``.
+    * regression with clip ``c`` (:func:`regression_clips`): ``|err| <= c`` to
+      ``abs_err`` (weight c), ``err^2 <= c^2`` to ``sq_err`` (weight c^2), 1 to ``total``.
+      So ``s^2 <= 3``.
+
+    A record without a label for a task (mask False) changes nothing of that task; the
+    worst record is labelled for every task, hence the sum over tasks.
+    """
+    return float(math.sqrt(sum(_task_sq(t) for t in check_tasks(tasks))))
+
+
+def _coordinate_scale(task: TaskSpec, metric: str, key: str, clips: Mapping[str, float]) -> float:
+    if task.kind == "regression":
+        c = clips[task.name]
+        return {"abs_err": c, "sq_err": c * c, "total": 1.0}[key]
+    if metric == "brier" and key == "sq_err":
+        return float(task.out_dim) if task.kind == "multiclass" else 1.0
+    return 1.0  # histogram bins, correct, totals: counts that move by at most 1
+
+
+def metric_scales(tasks: Sequence[TaskSpec], *, n_bins: int) -> np.ndarray:
+    """Per-coordinate scale ``w`` of the flattened ``TaskMetrics(tasks, n_bins=n_bins)``
+    state (same length and order as ``flatten_state``): 1 for counts and binary Brier
+    sums, C for a C-class Brier sum, ``c`` / ``c**2`` for a regression task's clipped
+    ``abs_err`` / ``sq_err`` (``c`` from :func:`regression_clips`)."""
+    tasks = check_tasks(tasks)
+    by_name = {t.name: t for t in tasks}
+    clips = regression_clips(tasks)
+    shapes = TaskMetrics(tasks, n_bins=n_bins).state_shapes()
+    parts = []
+    for k in sorted(shapes):
+        task, metric, key = k.split("/")
+        n = int(np.prod(shapes[k]))
+        parts.append(np.full(n, _coordinate_scale(by_name[task], metric, key, clips)))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> float:
+    if (
+        isinstance(noise_multiplier, bool)
+        or not isinstance(noise_multiplier, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(noise_multiplier))
+        or float(noise_multiplier) <= 0
+    ):
+        raise ValueError(
+            f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
+            "releasing evaluation statistics without noise is not differentially private"
+        )
+    return float(noise_multiplier)
+
+
+def noise_statistics(
+    vec: np.ndarray,
+    tasks: Sequence[TaskSpec],
+    *,
+    n_bins: int,
+    noise_multiplier: float,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``vec + w * N(0, (noise_multiplier * sensitivity(tasks))^2)`` per coordinate.
+
+    ``vec`` is the flattened state of :func:`eval_metrics` (``tasks``, ``n_bins``).
+    ``rng`` defaults to a generator seeded with 128 bits from the OS CSPRNG; pass one
+    only in tests. Raises ``ValueError`` for a bad ``noise_multiplier`` or a ``vec`` of
+    the wrong shape or with non-finite entries (nothing is noised or returned then).
+    """
+    sigma = _check_noise_multiplier(noise_multiplier)
+    w = metric_scales(tasks, n_bins=n_bins)
+    x = np.asarray(vec, dtype=np.float64)
+    if x.shape != w.shape:
+        raise ValueError(f"vec has shape {x.shape}; the statistics of these tasks with n_bins={n_bins} need {w.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("vec contains NaN or inf; refusing to release it")
+    if rng is None:
+        rng = np.random.default_rng(secrets.randbits(128))
+    std = sigma * sensitivity(tasks)
+    return x + w * rng.normal(0.0, std, size=x.shape)
+
+
+def privacy_record(noise_multiplier: float) -> PrivacyRecord:
+    """What one :func:`noise_statistics` release costs: the Gaussian mechanism with
+    noise multiplier ``sigma``, i.e. one step at sample rate 1 (RDP ``alpha/(2 sigma^2)``)."""
+    return PrivacyRecord(noise_multiplier=_check_noise_multiplier(noise_multiplier), sample_rate=1.0, steps=1)
+
+
+__all__ = [
+    "REGRESSION_CLIP_SCALES",
+    "eval_metrics",
+    "metric_scales",
+    "noise_statistics",
+    "privacy_record",
+    "regression_clips",
+    "sensitivity",
+]
