@@ -8,7 +8,7 @@ interleaved so that the machine's load hits all three alike:
 
 * ``train``  -- DP-SGD alone, in this process, no syft, no secure aggregation: for every
   site, the same preprocessing and :func:`fedmtl.privacy.dp.train_local` call the datasite
-  runtime makes (same model from :func:`fedmtl.datasites.protocol.build_model`, same
+  runtime makes (same model from :func:`fedmtl.protocol.build_model`, same
   ``JobSpec.client_config()``, steps and noise), run one site after another in a worker
   thread (the runtime runs in threads on the other two paths too). ``train_sum``
   is the sum over sites (one process doing all the work), ``train_max`` the slowest site
@@ -70,7 +70,7 @@ def _log(msg: str) -> None:
 
 
 def make_spec(schema, *, rounds: int, seed: int):
-    from fedmtl.researcher.spec import JobSpec
+    from fedmtl.jobspec import JobSpec
 
     return JobSpec(
         name="bench-round",
@@ -103,7 +103,7 @@ class TrainOnly:
     """What the runtime's advertise stage spends on DP-SGD, per site, without anything else."""
 
     def __init__(self, site_specs: dict[str, dict], records: dict[str, Any]):
-        from fedmtl.datasites import protocol
+        from fedmtl import protocol
 
         self.sites = {}
         for s, spec in site_specs.items():
@@ -180,12 +180,12 @@ class Federation:
         self.submit_seconds = self.approve_seconds = 0.0
 
     def start(self) -> None:
-        from fedmtl.datasites import admin, ledger_seam
+        from fedmtl.datasites import admin, site_ledger
         from fedmtl.datasites.launch import free_port, launch
         from fedmtl.datasites.peers import pin_federation
         from fedmtl.researcher.session import Session
 
-        policy = ledger_seam.default_policy(self.schema, min_sites=2)
+        policy = site_ledger.default_policy(self.schema, min_sites=2)
         for f in self.files:  # one after another: the machine is shared
             t0 = time.perf_counter()
             h = launch(home=self.tmp / "homes" / f.name, name=f.name, records=f.records, schema=f.schema,
@@ -234,11 +234,11 @@ def timed_pass(transport, site_specs, sites, p, weights, model) -> dict[str, Any
 
 
 def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path) -> dict[str, Any]:
-    from fedmtl.datasites import protocol
+    from fedmtl import protocol
     from fedmtl.datasites.cohort import prepare
     from fedmtl.datasites.records import load_records
-    from fedmtl.datasites.schema import Schema
     from fedmtl.models import model_to_vector
+    from fedmtl.schema import Schema
 
     files = prepare(tmp / "cohort", sites=n, seed=seed)
     schema = Schema.load(files[0].schema)

@@ -46,8 +46,8 @@ def binding_problems(request, *, server_id, asset_id) -> list[str]:
     statement of ``raw_code`` and calls ``service_func_name(**input_kwargs)``, with the
     kwargs the input policy resolves and any nested codes as globals."""
     from syft.service.code.user_code import parse_user_code
-    from syft.service.request.request import UserCodeStatusChange
     from syft.service.policy.policy import Constant, Matches, MixedInputPolicy, OutputPolicyExecuteCount, UserOwned
+    from syft.service.request.request import UserCodeStatusChange
 
     from fedmtl.datasites.template import source_problems
 
@@ -126,9 +126,10 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
     Every check that does not need arithmetic on the researcher's numbers runs first;
     every number of the spec is bounded (:mod:`fedmtl.datasites.limits`) before any
     privacy or model computation uses it."""
-    from fedmtl.datasites import identity, limits, protocol
-    from fedmtl.datasites.ledger_seam import current_policy
+    from fedmtl import protocol
+    from fedmtl.datasites import identity, limits
     from fedmtl.datasites.review import RequestFacts
+    from fedmtl.datasites.site_ledger import current_policy
     from fedmtl.datasites.template import code_sha256, is_template
 
     cfg = home_mod.read_config(home)
@@ -208,7 +209,7 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
 
 
 def _home_schema(home: Path):
-    from fedmtl.datasites.schema import Schema
+    from fedmtl.schema import Schema
 
     return Schema.load(Path(home) / "schema.toml")
 
@@ -297,9 +298,9 @@ def binding_of(home: Path, client) -> tuple[Any, Any]:
 
 def review_one(home: Path, req, binding) -> str:
     """Decide one pending syft request through the ledger; returns the status."""
-    from fedmtl.datasites import ledger_seam, syftio
+    from fedmtl.datasites import site_ledger, syftio
 
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     server_id, asset_id = binding
     facts, problems, known = resolve_request(home, req, led, server_id=server_id, asset_id=asset_id)
     if known is None:

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from fedmtl.datasites.records import _read_csv, label_counts, validate_frame
-from fedmtl.datasites.schema import Column, Schema
 from fedmtl.errors import FedMTLError
+from fedmtl.schema import Column, Schema
 
 __all__ = [
     "CohortError",

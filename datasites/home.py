@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.errors import DatasiteError
+from fedmtl.fsutil import atomic_write_bytes
 
 CONFIG = "datasite.json"
 MARKER_KIND = "fedmtl-datasite"

@@ -16,9 +16,9 @@ from pathlib import Path
 from fedmtl.datasites.home import secrets_dir, write_json_atomic
 from fedmtl.privacy.keys import (
     AgreementKey,
+    AgreementPublicKey,
     SigningKey,
     VerifyKey,
-    AgreementPublicKey,
     load_private_key,
     save_private_key,
 )

@@ -37,8 +37,8 @@ from typing import Any
 
 from fedmtl.datasites import home as home_mod
 from fedmtl.datasites import identity, syftio
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import DatasiteError
+from fedmtl.schema import Schema
 
 ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"
 META_FENCE = "fedmtl-meta"
@@ -83,9 +83,9 @@ class DatasiteHandle:
             self._thread_server.should_exit = True
             if self._thread is not None:
                 self._thread.join(timeout)
-            from fedmtl.datasites import runtime_hooks
+            from fedmtl.datasites import reviewer_thread
 
-            runtime_hooks.stop_background()
+            reviewer_thread.stop_background()
             (self.home / "server.pid").unlink(missing_ok=True)
             self._thread_server = None
             return
@@ -247,13 +247,13 @@ def launch(
                 admin_password=admin_password or os.environ.get(ADMIN_PASSWORD_ENV),
             )
             created_home = True
-            from fedmtl.datasites import ledger_seam
+            from fedmtl.datasites import site_ledger
 
-            ledger_seam.install_policy(home, pol or ledger_seam.default_policy(sch), who="owner (first launch)")
+            site_ledger.install_policy(home, pol or site_ledger.default_policy(sch), who="owner (first launch)")
         elif pol is not None:
-            from fedmtl.datasites import ledger_seam
+            from fedmtl.datasites import site_ledger
 
-            ledger_seam.install_policy(home, pol, who="owner (relaunch)")
+            site_ledger.install_policy(home, pol, who="owner (relaunch)")
         cfg = home_mod.read_config(home)
         handle = DatasiteHandle(
             name=name,
@@ -365,7 +365,7 @@ def _start(handle: DatasiteHandle, *, in_process: bool, ready_timeout: float) ->
 def _start_in_process(handle: DatasiteHandle) -> None:
     import uvicorn
 
-    from fedmtl.datasites import runtime_hooks, server
+    from fedmtl.datasites import reviewer_thread, server
 
     with syftio.quiet():
         app, worker = server.build_app(handle.home)
@@ -374,7 +374,7 @@ def _start_in_process(handle: DatasiteHandle) -> None:
     handle._thread_server = srv
     handle._thread = threading.Thread(target=srv.run, name=f"datasite-{handle.name}", daemon=True)
     handle._thread.start()
-    runtime_hooks.start_background(handle.home, worker)
+    reviewer_thread.start_background(handle.home, worker)
     (handle.home / "server.pid").write_text(
         json.dumps({"pid": os.getpid(), "host": handle.host, "port": handle.port})
     )

@@ -47,296 +47,50 @@ This module imports neither syft nor torch (epsilon comes from
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from fedmtl.datasites.ledger_format import (  # noqa: F401 - re-exported
+    ENTRY_DOMAIN,
+    GENESIS_HASH,
+    HEAD_FILE,
+    KEY_FILE,
+    KINDS,
+    LEDGER_FILE,
+    LOCK_FILE,
+    PUBLIC_KEY_FILE,
+    TORN_SUFFIX,
+    LedgerCorruptError,
+    LedgerError,
+    RoundRefusedError,
+    _eps,
+    _fsync_dir,
+    _head_payload,
+    _now_iso,
+    _over,
+    _resolve,
+    _write_all,
+    entry_hash,
+    load_or_create_key,
+    read_public_key,
+    split_lines,
+)
+from fedmtl.datasites.ledger_state import RequestState, RoundCharge, _State  # noqa: F401
+from fedmtl.datasites.ledger_verify import VerifyReport, _check_entry, _read_head, read_entries, verify  # noqa: F401
 from fedmtl.datasites.policy import Policy, canonical_json
 from fedmtl.datasites.review import Decision, RequestFacts, SpendSummary, decide
-from fedmtl.errors import DatasiteError, PrivacyBudgetError
-from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
+from fedmtl.errors import PrivacyBudgetError
+from fedmtl.privacy.accounting import PrivacyRecord
 from fedmtl.privacy.keys import (
     SignatureError,
     SigningKey,
     VerifyKey,
-    load_private_key,
-    save_private_key,
 )
-
-LEDGER_FILE = "ledger.jsonl"
-HEAD_FILE = "ledger.head.json"
-LOCK_FILE = "ledger.lock"
-TORN_SUFFIX = ".torn"
-KEY_FILE = "ledger_ed25519"  # in HOME/secrets/, raw 32 bytes, mode 0600
-PUBLIC_KEY_FILE = "ledger_ed25519.pub"  # in HOME, hex; pin its fingerprint out of band
-GENESIS_HASH = "0" * 64
-ENTRY_DOMAIN = b"fedmtl-ledger-entry\n"
-HEAD_DOMAIN = b"fedmtl-ledger-head\n"
-KINDS: tuple[str, ...] = (
-    "ledger_created",
-    "policy_changed",
-    "request_received",
-    "decision",
-    "round_executed",
-    "job_finished",
-    "job_aborted",
-)
-#: relative slack when comparing a composed epsilon with a budget (float noise only)
-EPS_TOLERANCE = 1e-9
-
-
-class LedgerError(DatasiteError):
-    """The ledger cannot be used as asked."""
-
-
-class LedgerCorruptError(LedgerError):
-    """The ledger does not verify (edited, truncated, or signed by another key).
-    Do not append to it; run ``fedmtl audit`` and restore from a backup."""
-
-
-class RoundRefusedError(LedgerError):
-    """A round may not run: the request is not approved, the round is a replay, or it is
-    beyond the approved number of rounds."""
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _now_iso(t: float) -> str:
-    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def entry_hash(entry: Mapping[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of the entry's signed fields."""
-    core = {k: entry[k] for k in ("seq", "ts", "kind", "body", "prev_hash")}
-    return hashlib.sha256(canonical_json(core)).hexdigest()
-
-
-def _head_payload(seq: int, h: str, fingerprint: str) -> bytes:
-    return HEAD_DOMAIN + canonical_json({"seq": seq, "hash": h, "fingerprint": fingerprint})
-
-
-def _resolve(home_or_path: str | Path) -> Path:
-    p = Path(home_or_path)
-    return p / LEDGER_FILE if p.is_dir() or p.suffix != ".jsonl" else p
-
-
-def _eps(records: Sequence[PrivacyRecord], policy: Policy) -> float:
-    return epsilon_of(list(records), delta=policy.delta, accountant=policy.accountant)
-
-
-def _over(value: float, limit: float) -> bool:
-    return value > limit * (1 + EPS_TOLERANCE) + EPS_TOLERANCE
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write ``data`` fully (one ``write`` in the normal case). Tests patch this to
-    inject a crash mid-append."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def split_lines(raw: bytes) -> tuple[list[bytes], bytes]:
-    """Complete lines of a ledger file and its torn tail (bytes after the last newline,
-    or trailing NUL/blank garbage a crash can leave)."""
-    cut = raw.rfind(b"\n") + 1
-    body, tail = raw[:cut], raw[cut:]
-    lines = body.split(b"\n")[:-1] if body else []
-    # trailing lines that are only NULs/whitespace are crash garbage, not entries
-    while lines and not lines[-1].strip(b"\x00 \t\r"):
-        tail = lines.pop() + b"\n" + tail
-    return lines, tail
-
-
-def load_or_create_key(home: str | Path) -> SigningKey:
-    """The datasite's ledger signing key from ``HOME/secrets/ledger_ed25519`` (created,
-    mode 0600, on first use); also writes ``HOME/ledger_ed25519.pub`` (hex)."""
-    home = Path(home)
-    secrets = home / "secrets"
-    secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = secrets / KEY_FILE
-    if path.exists():
-        key = SigningKey.from_bytes(load_private_key(path))
-    else:
-        key = SigningKey.generate()
-        save_private_key(path, key.to_bytes())
-    pub = home / PUBLIC_KEY_FILE
-    hex_pub = key.verify_key.to_bytes().hex()
-    if not pub.exists() or pub.read_text().strip() != hex_pub:
-        pub.write_text(hex_pub + "\n")
-    return key
-
-
-def read_public_key(home: str | Path) -> VerifyKey:
-    """The verify key published in ``HOME/ledger_ed25519.pub``. An auditor should compare
-    its fingerprint with one obtained out of band (or pass their own pinned key)."""
-    return VerifyKey.from_bytes(bytes.fromhex((Path(home) / PUBLIC_KEY_FILE).read_text().strip()))
-
-
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class RoundCharge:
-    """What :meth:`Ledger.charge_round` charged (and acknowledged)."""
-
-    request_id: str
-    round: int
-    seq: int
-    epsilon_round: float
-    epsilon_job: float
-    epsilon_dataset: float
-    epsilon_researcher: float
-    budget_left: Mapping[str, float]
-
-
-@dataclass
-class RequestState:
-    """A request as the ledger knows it. ``status``: pending (no decision yet),
-    pending_manual, approved, denied, finished, aborted."""
-
-    request_id: str
-    facts: RequestFacts
-    received_seq: int
-    received_ts: str
-    status: str = "pending"
-    decision: Decision | None = None
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    rounds: list[int] = field(default_factory=list)
-    records: list[PrivacyRecord] = field(default_factory=list)
-    epsilon_charged: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "researcher": self.facts.researcher,
-            "dataset": self.facts.dataset,
-            "code_name": self.facts.code_name,
-            "code_hash": self.facts.code_hash,
-            "spec_hash": self.facts.spec_hash,
-            "received": self.received_ts,
-            "status": self.status,
-            "decision": self.decision.to_dict() if self.decision else None,
-            "decisions": list(self.decisions),
-            "rounds_approved": self.facts.rounds,
-            "rounds_executed": list(self.rounds),
-            "epsilon_charged": self.epsilon_charged,
-        }
-
-
-@dataclass
-class VerifyReport:
-    """Result of :func:`verify`. ``ok`` is True when ``problems`` is empty."""
-
-    path: str
-    entries: int
-    problems: list[str]
-    warnings: list[str]
-    head: dict[str, Any] | None
-    fingerprint: str
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "ok": self.ok,
-            "entries": self.entries,
-            "problems": list(self.problems),
-            "warnings": list(self.warnings),
-            "head": self.head,
-            "fingerprint": self.fingerprint,
-        }
-
-
-# ----------------------------------------------------------------------------- state
-
-
-class _State:
-    """What the entries say, folded in order (requests, spend, policy)."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-        self.requests: dict[str, RequestState] = {}
-        self.policy: Policy | None = None
-        self.policy_hash: str | None = None
-        self.round_records: list[tuple[str, str, list[PrivacyRecord]]] = []  # dataset, researcher, recs
-
-    def apply(self, e: dict[str, Any]) -> None:
-        self.entries.append(e)
-        kind, b = e["kind"], e["body"]
-        if kind == "policy_changed":
-            self.policy = Policy.from_dict(b["policy"])
-            self.policy_hash = b["new_hash"]
-        elif kind == "request_received":
-            facts = RequestFacts.from_dict(b["facts"])
-            self.requests[facts.request_id] = RequestState(
-                request_id=facts.request_id, facts=facts, received_seq=e["seq"], received_ts=e["ts"]
-            )
-        elif kind == "decision":
-            st = self.requests.get(b["request_id"])
-            if st is not None:
-                st.decision = Decision.from_dict(b["decision"])
-                st.decisions.append({"seq": e["seq"], "ts": e["ts"], **b["decision"]})
-                st.status = st.decision.status
-        elif kind == "round_executed":
-            st = self.requests.get(b["request_id"])
-            recs = [PrivacyRecord.from_dict(r) for r in b["records"]]
-            if st is not None:
-                st.rounds.append(int(b["round"]))
-                st.records.extend(recs)
-                st.epsilon_charged = float(b["epsilon_job"])
-            self.round_records.append((b["dataset"], b["researcher"], recs))
-        elif kind in ("job_finished", "job_aborted"):
-            st = self.requests.get(b["request_id"])
-            if st is not None:
-                st.status = "finished" if kind == "job_finished" else "aborted"
-
-    def spent(self, *, dataset: str | None = None, researcher: str | None = None) -> list[PrivacyRecord]:
-        out: list[PrivacyRecord] = []
-        for ds, rs, recs in self.round_records:
-            if (dataset is None or ds == dataset) and (researcher is None or rs == researcher):
-                out.extend(recs)
-        return out
-
-    def committed(self, *, dataset: str | None = None, researcher: str | None = None) -> list[PrivacyRecord]:
-        """Records approved jobs have not spent yet (their remaining planned rounds)."""
-        out: list[PrivacyRecord] = []
-        for st in self.requests.values():
-            if st.status != "approved":
-                continue
-            if dataset is not None and st.facts.dataset != dataset:
-                continue
-            if researcher is not None and st.facts.researcher != researcher:
-                continue
-            planned = st.facts.privacy_records()
-            out.extend(planned[len(st.records):])
-        return out
-
 
 # ----------------------------------------------------------------------------- ledger
 
@@ -833,155 +587,6 @@ class Ledger:
         with self._locked(exclusive=False):
             self._catch_up()
             return [dict(e) for e in self._state.entries]
-
-
-# ----------------------------------------------------------------------------- verify
-
-
-def _read_head(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LedgerCorruptError(f"{path} is not valid JSON ({e})") from None
-
-
-def _check_entry(e: Any, prev: Mapping[str, Any] | None, vk: VerifyKey) -> str | None:
-    """The first problem with entry ``e`` following ``prev``, or None."""
-    if not isinstance(e, dict) or not {"seq", "ts", "kind", "body", "prev_hash", "hash", "sig"} <= set(e):
-        return "an entry lacks the fields seq, ts, kind, body, prev_hash, hash, sig"
-    want_seq = prev["seq"] + 1 if prev else 0
-    if e["seq"] != want_seq:
-        return f"entry seq {e['seq']} found where seq {want_seq} was expected: an entry was deleted, inserted or reordered"
-    want_prev = prev["hash"] if prev else GENESIS_HASH
-    if e["prev_hash"] != want_prev:
-        return f"entry seq {e['seq']} does not chain to the previous entry: an entry was deleted, inserted or reordered"
-    if entry_hash(e) != e["hash"]:
-        return f"entry seq {e['seq']} ({e['kind']}) does not match its hash: it was edited"
-    try:
-        vk.verify(bytes.fromhex(e["sig"]), ENTRY_DOMAIN + e["hash"].encode())
-    except (SignatureError, ValueError, TypeError):
-        return f"entry seq {e['seq']} has no valid signature by key {vk.fingerprint()[:16]}...: re-signed with another key or forged"
-    return None
-
-
-def read_entries(home_or_path: str | Path) -> tuple[list[dict[str, Any]], bytes]:
-    """Parsed entries (unverified; unparsable lines as ``{"_raw": ...}``) and the torn tail."""
-    path = _resolve(home_or_path)
-    raw = path.read_bytes() if path.exists() else b""
-    lines, tail = split_lines(raw)
-    out: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        try:
-            e = json.loads(line)
-            out.append(e if isinstance(e, dict) else {"_raw": line.decode("utf-8", "replace"), "_line": i + 1})
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            out.append({"_raw": line.decode("utf-8", "replace"), "_line": i + 1})
-    return out, tail
-
-
-def verify(home_or_path: str | Path, verify_key: VerifyKey, *, expected_count: int | None = None) -> VerifyReport:
-    """Check a ledger against the datasite's pinned ``verify_key``. Read-only.
-
-    Reports (as problems) edited, deleted, inserted, reordered, unsigned or re-signed
-    entries, a ledger created for another key, a head that is missing, forged or ahead of
-    the ledger (truncation), and fewer entries than ``expected_count``. A torn last line
-    (crash mid-append, never acknowledged) is a warning.
-    """
-    if not isinstance(verify_key, VerifyKey):
-        raise TypeError(f"verify_key must be a fedmtl.privacy.keys.VerifyKey, got {type(verify_key).__name__}")
-    path = _resolve(home_or_path)
-    fp = verify_key.fingerprint()
-    problems: list[str] = []
-    warnings: list[str] = []
-    if not path.exists():
-        return VerifyReport(str(path), 0, [f"no ledger at {path}"], [], None, fp)
-    lock_fd = None
-    lock_path = path.with_name(LOCK_FILE)
-    if lock_path.exists():  # a consistent snapshot while a datasite appends
-        try:
-            lock_fd = os.open(lock_path, os.O_RDONLY)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        except OSError:
-            lock_fd = None
-    try:
-        entries, tail = read_entries(path)
-        head_path = path.with_name(HEAD_FILE)
-        head_error = False
-        try:
-            head = _read_head(head_path)
-        except LedgerCorruptError as e:
-            head, head_error = None, True
-            problems.append(str(e))
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
-    if tail:
-        warnings.append(
-            f"the last {len(tail)} byte(s) are a torn append (a crash mid-write, never acknowledged); "
-            "they are moved aside the next time the datasite opens the ledger"
-        )
-    bad_sigs = 0
-    prev: dict[str, Any] | None = None
-    for i, e in enumerate(entries):
-        if "_raw" in e:
-            problems.append(f"line {e['_line']} is not a JSON entry: it was edited")
-            prev = None
-            continue
-        if prev is None and i > 0:
-            # resynchronise after a broken line
-            prev = {"seq": e.get("seq", i) - 1, "hash": e.get("prev_hash")}
-        p = _check_entry(e, prev, verify_key)
-        if p:
-            if "signature" in p:
-                bad_sigs += 1
-            else:
-                problems.append(p)
-        if i == 0 and isinstance(e.get("body"), dict) and e.get("kind") == "ledger_created":
-            if e["body"].get("fingerprint") != fp:
-                problems.append(
-                    f"the ledger was created for key {str(e['body'].get('fingerprint'))[:16]}..., not the pinned key {fp[:16]}..."
-                )
-        elif i == 0:
-            problems.append("the first entry is not ledger_created: the start of the ledger was deleted")
-        prev = e if isinstance(e.get("seq"), int) else None
-    if bad_sigs:
-        if bad_sigs == len(entries):
-            problems.append(
-                f"none of the {bad_sigs} entries is signed by the pinned key {fp[:16]}...: the ledger was "
-                "re-signed with another key (or you pinned the wrong key)"
-            )
-        else:
-            problems.append(f"{bad_sigs} of {len(entries)} entries have no valid signature by the pinned key {fp[:16]}...")
-    last_seq = entries[-1].get("seq", -1) if entries and "_raw" not in entries[-1] else len(entries) - 1
-    if head is None:
-        if not head_error:
-            problems.append(f"{HEAD_FILE} is missing: the tail of the ledger cannot be checked for truncation")
-    else:
-        try:
-            verify_key.verify(bytes.fromhex(head["sig"]), _head_payload(head["seq"], head["hash"], fp))
-        except (SignatureError, ValueError, KeyError, TypeError):
-            problems.append(f"{HEAD_FILE} is not signed by the pinned key {fp[:16]}...")
-        else:
-            hs = head["seq"]
-            if hs > last_seq:
-                problems.append(
-                    f"the ledger was truncated: it ends at seq {last_seq} but the signed head says "
-                    f"seq {hs} ({hs - last_seq} acknowledged entr(y/ies) missing)"
-                )
-            elif hs >= 0 and (hs >= len(entries) or entries[hs].get("hash") != head["hash"]):
-                problems.append(f"entry seq {hs} does not match the signed head: the ledger was rewritten")
-            elif hs < last_seq:
-                warnings.append(
-                    f"{last_seq - hs} entr(y/ies) after the signed head (seq {hs}): a crash between an "
-                    "append and the head update; they verify and the head catches up on the next open"
-                )
-    if expected_count is not None and len(entries) < expected_count:
-        problems.append(
-            f"the ledger has {len(entries)} entries, fewer than the {expected_count} expected: it was truncated or rolled back"
-        )
-    return VerifyReport(str(path), len(entries), problems, warnings, head, fp)
 
 
 __all__ = [

@@ -26,7 +26,7 @@ import re
 from typing import Any, Mapping
 
 from fedmtl.datasites.policy import Policy
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 #: keys of the site spec the library sends (researcher.job.Job.create)
 SITE_SPEC_KEYS = ("job", "job_id", "site", "roster", "schema", "max_count", "template")
@@ -179,7 +179,7 @@ def job_problems(job: Mapping[str, Any], *, policy: Policy, schema: Schema, n_tr
 
 def eval_passes(rounds: int, eval_every: int) -> int:
     """How many of the ``rounds + 1`` passes release evaluation statistics
-    (:func:`fedmtl.datasites.protocol.evaluates`): the final pass always, and with
+    (:func:`fedmtl.protocol.evaluates`): the final pass always, and with
     ``eval_every = k >= 1`` also passes 1, 1 + k, 1 + 2k, ... before it."""
     if eval_every <= 0:
         return 1

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedmtl.datasites.autoreview import resolve_request
 from fedmtl.datasites import home as home_mod
+from fedmtl.datasites.autoreview import resolve_request
 from fedmtl.datasites.policy import ADVISORY_ID
 from fedmtl.datasites.review import Decision, ReviewError, code_diff, decide, manual_decision
 from fedmtl.errors import DatasiteError
@@ -226,12 +226,12 @@ def _summary(home: Path, req, led, client) -> RequestSummary:
 def list_requests(home: str | Path, *, client=None, include_decided: bool = False) -> list[RequestSummary]:
     """Requests waiting for a person: pending in syft, or ``pending``/``pending_manual``
     in the ledger (also when syft no longer holds them). ``include_decided`` lists all."""
-    from fedmtl.datasites import ledger_seam
+    from fedmtl.datasites import site_ledger
 
     home = Path(home)
     home_mod.read_config(home)
     client = _client(home, client)
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     out: list[RequestSummary] = []
     seen: set[str] = set()
     for req in _code_requests(client):
@@ -268,9 +268,9 @@ def find_request(home: str | Path, name: str, *, client=None):
         raise ManualReviewError(
             f"{name!r} names {len(exact)} requests ({ids}); give the full syft request id"
         )
-    from fedmtl.datasites import ledger_seam
+    from fedmtl.datasites import site_ledger
 
-    if ledger_seam.open_ledger(home).request(name) is not None:
+    if site_ledger.open_ledger(home).request(name) is not None:
         raise ManualReviewError(
             f"request {name!r} is in the ledger but this datasite's syft server no longer holds it; "
             "nothing can be approved (a denial needs no action)"
@@ -313,14 +313,14 @@ def show_request(
     home: str | Path, name: str, *, client=None, dry_run: bool = True
 ) -> RequestDetails:
     """The details of request ``name`` (see the module docstring)."""
-    from fedmtl.datasites import ledger_seam, syftio
+    from fedmtl.datasites import site_ledger, syftio
     from fedmtl.datasites.autoreview import spec_of
     from fedmtl.datasites.template import TEMPLATE_NAME, TEMPLATE_SOURCE, normalise
 
     home = Path(home)
     client = _client(home, client)
     req = find_request(home, name, client=client)
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     facts, problems, decision, known = _assess(home, req, led, client)
     with syftio.quiet():
         code = str(req.code.raw_code or "")
@@ -374,10 +374,13 @@ def dry_run_site(spec: Mapping[str, Any], mock, *, passes: int = 1) -> DryRunRes
 
     import pandas as pd
 
-    from fedmtl.datasites import identity, protocol
+    from fedmtl import protocol
+    from fedmtl.datasites import identity
     from fedmtl.datasites import runtime as rt
+    from fedmtl.datasites.runtime import LocalTransport
+    from fedmtl.errors import JobError
     from fedmtl.models import model_to_vector
-    from fedmtl.researcher.job import JobError, LocalTransport, run_pass
+    from fedmtl.passes import run_pass
 
     if not isinstance(mock, pd.DataFrame):
         return DryRunResult(ran=False, ok=False, message=f"the mock asset is a {type(mock).__name__}, not a table")
@@ -465,13 +468,13 @@ def decide_request(
     not an allowed template unless ``warnings_acknowledged`` (the caller showed the
     PYSEC-2026-546 warning; the ledger records ``warning_shown``).
     """
-    from fedmtl.datasites import ledger_seam
+    from fedmtl.datasites import site_ledger
     from fedmtl.datasites.ledger import LedgerError
 
     home = Path(home)
     client = _client(home, client)
     req = find_request(home, name, client=client)
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     for attempt in range(2):
         facts, problems, auto, known = _assess(home, req, led, client)
         if known is not None and known.status not in _OPEN:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.datasites.schema import Column, Schema
 from fedmtl.errors import FedMTLError
+from fedmtl.schema import Column, Schema
 
 __all__ = ["MockError", "make_mock", "real_row_overlap"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedmtl.datasites import home as home_mod
-from fedmtl.datasites import identity, ledger_seam
+from fedmtl.datasites import identity, site_ledger
 from fedmtl.datasites.policy import Peer, Policy
 from fedmtl.errors import DatasiteError
 
@@ -68,7 +68,7 @@ def _normalise(fingerprint: str) -> str:
 
 def _current(home: Path) -> Policy:
     try:
-        return ledger_seam.current_policy(home)
+        return site_ledger.current_policy(home)
     except RuntimeError as e:  # no policy recorded: the first launch did not finish
         raise DatasiteError(f"{e}; launch the datasite once (`fedmtl datasite launch --home {home}`)") from None
 
@@ -95,11 +95,11 @@ def add_peer(home: str | Path, *, name: str, fingerprint: str, who: str) -> Poli
             f"{fingerprint[:16]}... is this datasite's own fingerprint ({own.name!r}); "
             f"ask the owner of {name!r} for theirs (`fedmtl datasite status` prints it)"
         )
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     # read-modify-write under the ledger's lock, so concurrent changes are not lost
     with led._locked():
         new = _current(home).with_peer(name, fingerprint)  # validates
-        ledger_seam.install_policy(home, new, who=who)
+        site_ledger.install_policy(home, new, who=who)
     return new
 
 
@@ -109,7 +109,7 @@ def remove_peer(home: str | Path, *, name: str, who: str) -> Policy:
     home = Path(home)
     who = _check_who(who)
     home_mod.read_config(home)
-    led = ledger_seam.open_ledger(home)
+    led = site_ledger.open_ledger(home)
     with led._locked():
         current = _current(home)
         if current.peer_by_name(name) is None:
@@ -119,7 +119,7 @@ def remove_peer(home: str | Path, *, name: str, who: str) -> Policy:
                 f"`fedmtl datasite peers list --home {home}` shows the pinned peers"
             )
         new = current.without_peer(name)
-        ledger_seam.install_policy(home, new, who=who)
+        site_ledger.install_policy(home, new, who=who)
     return new
 
 
@@ -143,12 +143,12 @@ def pin_federation(homes: Sequence[str | Path], who: str = "owner") -> dict[str,
         raise PeerError(f"two homes hold a datasite of the same name {dups}; a federation needs distinct sites")
     out: dict[str, Policy] = {}
     for path, me in zip(paths, sites):
-        led = ledger_seam.open_ledger(path)
+        led = site_ledger.open_ledger(path)
         with led._locked():
             new = _current(path)
             for other in sites:
                 if other.name != me.name:
                     new = new.with_peer(other.name, other.fingerprint)
-            ledger_seam.install_policy(path, new, who=who)
+            site_ledger.install_policy(path, new, who=who)
         out[me.name] = new
     return out

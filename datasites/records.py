@@ -1,7 +1,7 @@
 """Records: load a hospital's CSV or Parquet export and check it against its schema.
 
 ``load_records(path, schema)`` reads the file, checks every row and column against the
-:class:`~fedmtl.datasites.schema.Schema` and returns a typed ``pandas.DataFrame``. It
+:class:`~fedmtl.schema.Schema` and returns a typed ``pandas.DataFrame``. It
 writes nothing. If anything is wrong it raises one
 :class:`~fedmtl.errors.RecordsValidationError` whose ``problems`` list *every* problem
 found: missing, extra or repeated columns, non-numeric values in numeric columns,
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.datasites.schema import Column, Schema
 from fedmtl.errors import RecordsValidationError
+from fedmtl.schema import Column, Schema
 
 __all__ = [
     "SUFFIXES",

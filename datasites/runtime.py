@@ -2,7 +2,7 @@
 template executes. It is the only code that touches the private records.
 
 Each call handles one secure-aggregation stage of one pass (see
-:mod:`fedmtl.datasites.protocol`)::
+:mod:`fedmtl.protocol`)::
 
     advertise    check the pass number and the weights, charge the privacy ledger,
                  train with DP-SGD (and/or evaluate), clip + weight the update,
@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedmtl.datasites import protocol
+from fedmtl import protocol
 from fedmtl.datasites.home import write_json_atomic
 from fedmtl.errors import ConfigError, FedMTLError
 
@@ -101,7 +101,7 @@ class JobRuntime:
         own_schema = self.home / "schema.toml"
         if own_schema.is_file():
             # the datasite's own schema is authoritative, never the researcher's copy
-            from fedmtl.datasites.schema import Schema
+            from fedmtl.schema import Schema
 
             self.spec["schema"] = Schema.load(own_schema).to_dict()
         self.job = protocol.job_of(self.spec)
@@ -136,9 +136,9 @@ class JobRuntime:
     def dispatch(self, data: Any, msg: dict[str, Any]) -> dict[str, Any]:
         stage = msg.get("stage")
         if stage == "spend":
-            from fedmtl.datasites import ledger_seam
+            from fedmtl.datasites import site_ledger
 
-            return {"view": ledger_seam.researcher_view_of_job(self.home, self.job_id)}
+            return {"view": site_ledger.researcher_view_of_job(self.home, self.job_id)}
         if stage not in self.STAGES:
             raise RoundError(f"unknown stage {stage!r}; expected one of {list(self.STAGES + self.QUERIES)}")
         p = msg.get("pass")
@@ -196,9 +196,9 @@ class JobRuntime:
         for name in ("payload.npz",):
             self._secret_path(name).unlink(missing_ok=True)
         if p == int(self.job.rounds) + 1:
-            from fedmtl.datasites import ledger_seam
+            from fedmtl.datasites import site_ledger
 
-            ledger_seam.finish_job(self.home, self.spec)
+            site_ledger.finish_job(self.home, self.spec)
 
     # -- stage 1: train / evaluate ---------------------------------------------
     def _advertise(self, data: Any, p: int, msg: Mapping[str, Any]) -> dict[str, Any]:
@@ -340,14 +340,14 @@ class JobRuntime:
     def _charge(self, p: int, n_train: int, plan: protocol.PassPlan) -> None:
         """Charge the pass's privacy records to the ledger before it runs (raises, and
         nothing is computed, when the ledger refuses)."""
-        from fedmtl.datasites import ledger_seam
+        from fedmtl.datasites import site_ledger
 
         if not (plan.train or plan.evaluate):
             return
         records = self.job.pass_records(n_train, p)
         if plan.train and not self.job.dp:
             records = []  # the ledger refuses non-private training on a datasite
-        ledger_seam.charge_round(self.home, self.spec, p, records)
+        site_ledger.charge_round(self.home, self.spec, p, records)
         self.state["charged"].append(p)
         self._save()
 
@@ -368,6 +368,17 @@ class JobRuntime:
         return slice_mask(model, ["trunk"])
 
     def _policy_allows_site_metrics(self) -> bool:
-        from fedmtl.datasites import ledger_seam
+        from fedmtl.datasites import site_ledger
 
-        return ledger_seam.site_metrics_allowed(self.home)
+        return site_ledger.site_metrics_allowed(self.home)
+
+
+class LocalTransport:
+    """Runs the round runtime in this process on mock data (the dry run)."""
+
+    def __init__(self, data: Mapping[str, Any], site_specs: Mapping[str, dict]):
+        self.data = dict(data)
+        self.site_specs = dict(site_specs)
+
+    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+        return handle(data=self.data[site], spec=self.site_specs[site], message=message)

@@ -30,9 +30,9 @@ from fedmtl.datasites import home as home_mod
 def build_app(home: Path):
     """Build the FastAPI app of the datasite whose home is ``home``."""
     from fastapi import APIRouter, FastAPI
+    from syft.server.credentials import SyftSigningKey
     from syft.server.datasite import Datasite
     from syft.server.routes import make_routes
-    from syft.server.credentials import SyftSigningKey
     from syft.store.blob_storage.on_disk import (
         OnDiskBlobStorageClientConfig,
         OnDiskBlobStorageConfig,
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app, worker = build_app(home)
-    from fedmtl.datasites import runtime_hooks
+    from fedmtl.datasites import reviewer_thread
 
-    runtime_hooks.start_background(home, worker)
+    reviewer_thread.start_background(home, worker)
     pidfile = home / "server.pid"
     pidfile.write_text(json.dumps({"pid": os.getpid(), "host": args.host, "port": args.port}))
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        runtime_hooks.stop_background()
+        reviewer_thread.stop_background()
         try:
             worker.stop()
         except Exception:  # noqa: BLE001 - best effort on shutdown

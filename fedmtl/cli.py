@@ -115,9 +115,9 @@ def cmd_demo_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fedmtl.jobspec import JobSpec
     from fedmtl.researcher.job import Job
     from fedmtl.researcher.session import Session
-    from fedmtl.researcher.spec import JobSpec
 
     session = Session.connect(args.sites)
     _say(f"connected to {', '.join(sorted(session.sites))}")

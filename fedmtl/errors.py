@@ -39,3 +39,7 @@ class PrivacyBudgetError(FedMTLError):
 
 class SecAggError(FedMTLError):
     """Base class of secure-aggregation protocol errors."""
+
+
+class JobError(FedMTLError):
+    """A job cannot be submitted, run or resumed; the message says which site and why."""

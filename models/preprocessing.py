@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmtl.datasites.schema import Column, Schema
 from fedmtl.models.tasks import TaskSpec
+from fedmtl.schema import Column, Schema
 
 SCALINGS = ("range", "standard")
 STAT_KEYS = ("count", "sum", "sumsq")

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 TaskKind = Literal["binary", "multiclass", "regression"]
 TASK_KINDS: tuple[str, ...] = ("binary", "multiclass", "regression")

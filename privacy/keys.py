@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.errors import SecAggError
+from fedmtl.fsutil import atomic_write_bytes
 
 __all__ = [
     "KeyFormatError",

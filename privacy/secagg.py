@@ -66,7 +66,7 @@ from fedmtl.privacy.keys import (
     keystream,
 )
 from fedmtl.privacy.quantization import QuantizationConfig, dequantize_sum, quantize
-from fedmtl.privacy.shamir import Share, ShamirError, combine_shares, split_secret
+from fedmtl.privacy.shamir import ShamirError, Share, combine_shares, split_secret
 
 __all__ = [
     "PROTOCOL",

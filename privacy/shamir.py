@@ -156,7 +156,7 @@ def combine_shares(shares: Sequence[Share]) -> bytes:
     out = bytearray()
     n_chunks = len(first.ys)
     for k in range(n_chunks):
-        value = sum(l * s.ys[k] for l, s in zip(lagrange, used)) % PRIME
+        value = sum(coef * s.ys[k] for coef, s in zip(lagrange, used)) % PRIME
         width = min(CHUNK_BYTES, first.secret_len - k * CHUNK_BYTES)
         if width <= 0:  # the single chunk of an empty secret
             continue

@@ -6,7 +6,7 @@
 3. A researcher connects, dry-runs and submits a multi-task job over all cohort tasks
    (DP on, secure aggregation on); the sites approve it automatically; it runs to the end.
 4. Comparisons on the same cohort: centralised pooled training (non-private and DP) and
-   local-only training (:mod:`fedmtl.models.baselines`), and, simulated in process with
+   local-only training (:mod:`fedmtl.researcher.baselines`), and, simulated in process with
    the same round code (:mod:`fedmtl.researcher.simulate`): the multi-task job without DP,
    at several epsilons, and single-task federated jobs.
 5. Writes ``OUT/report/``: ``report.html`` (tables, learning curves, AUROC against
@@ -49,12 +49,13 @@ def run_demo(
     log: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
     """Run the demo; returns the report dict (also written to ``OUT/report``)."""
-    from fedmtl.datasites import admin, ledger_seam
+    from fedmtl.datasites import admin, site_ledger
     from fedmtl.datasites.cohort import prepare
     from fedmtl.datasites.launch import free_port, launch
+    from fedmtl.datasites.peers import pin_federation
     from fedmtl.datasites.records import load_records
-    from fedmtl.datasites.schema import Schema
     from fedmtl.researcher.session import Session
+    from fedmtl.schema import Schema
 
     t_start = time.perf_counter()
     out = Path(out).resolve()
@@ -71,7 +72,7 @@ def run_demo(
     tasks = [c.name for c in schema.labels]
     data = {f.name: load_records(f.records, schema) for f in files}
 
-    policy = ledger_seam.default_policy(
+    policy = site_ledger.default_policy(
         schema,
         min_sites=min(3, sites),
         max_epsilon_per_job=max(10.0, epsilon),
@@ -92,6 +93,9 @@ def run_demo(
             log(f"      {f.name}: {h.url}  ({f.n_patients} patients)")
             report["sites"][f.name] = {"url": h.url, "patients": f.n_patients,
                                        "missing_tasks": list(f.missing_tasks)}
+        # the owners pin each other (name + identity fingerprint): a job's roster may
+        # only name pinned datasites
+        pin_federation([h.home for h in handles], who="owner (demo)")
 
         log("[3/5] researcher: connect, dry-run, submit, run the multi-task DP job ...")
         session = Session.connect([{"url": h.url, "email": RESEARCHER, "password": password} for h in handles])
@@ -110,9 +114,18 @@ def run_demo(
                                              sweep=sweep, seed=seed, quick=quick, n_sites=sites,
                                              main=report["federated"], out=out, log=log)
     finally:
+        # also on Ctrl-C: stop every site (one failing to stop does not keep the others
+        # running), then say so on the user's terminal (``log`` writes to syftio.console(),
+        # never to the sink of a syft call that the interrupt cut short)
+        failed = []
         for h in handles:
-            h.stop()
-        if handles:
+            try:
+                h.stop()
+            except Exception as e:  # noqa: BLE001 - keep stopping the others
+                failed.append(f"{h.name} ({type(e).__name__}: {e}; `fedmtl datasite stop --home {h.home}`)")
+        if failed:
+            log("      could not stop: " + "; ".join(failed))
+        elif handles:
             log("      datasites stopped")
 
     log("[5/5] writing the report and each site's compliance audit ...")
@@ -136,7 +149,7 @@ def _fresh_out(out: Path) -> None:
 
 
 def _spec(name: str, tasks: list[str], *, rounds: int, epsilon: float | None, seed: int, n_sites: int):
-    from fedmtl.researcher.spec import JobSpec
+    from fedmtl.jobspec import JobSpec
 
     privacy = {"target_epsilon": float(epsilon)} if epsilon else {"dp": False}
     return JobSpec(
@@ -165,7 +178,7 @@ def _summary(result) -> dict[str, Any]:
 
 
 def _comparisons(schema, data, tasks, *, rounds, epsilon, sweep, seed, quick, n_sites, main, out, log):
-    from fedmtl.models.baselines import BaselineConfig, SiteData, run_baselines
+    from fedmtl.researcher.baselines import BaselineConfig, SiteData, run_baselines
     from fedmtl.researcher.simulate import simulate
 
     split = schema.split_column

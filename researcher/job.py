@@ -1,7 +1,7 @@
 """A federated multi-task DP job: submit, follow, run, resume.
 
 The researcher acts as the secure-aggregation server: each pass (see
-:mod:`fedmtl.datasites.protocol`) it relays the four stages between the sites, sums the
+:mod:`fedmtl.protocol`) it relays the four stages between the sites, sums the
 masked vectors (masks cancel), recovers dropped sites' masks from the survivors' shares,
 de-quantises, and applies the strategy. It never sees one site's update.
 
@@ -17,24 +17,18 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from fedmtl.datasites import protocol, syftio
+from fedmtl import protocol
+from fedmtl.datasites import syftio
 from fedmtl.datasites.home import write_json_atomic
+from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
-from fedmtl.errors import FedMTLError
-
-CALLS_PER_PASS = 4
-
-
-class JobError(FedMTLError):
-    """A job cannot be submitted, run or resumed; the message says which site and why."""
-
+from fedmtl.errors import JobError
+from fedmtl.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------------------- transports
 
@@ -62,91 +56,9 @@ class SyftTransport:
         return out
 
 
-class LocalTransport:
-    """Runs the round runtime in this process on mock data (the dry run)."""
-
-    def __init__(self, data: Mapping[str, Any], site_specs: Mapping[str, dict]):
-        self.data = dict(data)
-        self.site_specs = dict(site_specs)
-
-    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
-        from fedmtl.datasites.runtime import handle
-
-        return handle(data=self.data[site], spec=self.site_specs[site], message=message)
-
-
 # ---------------------------------------------------------------------------- the pass
 
 
-@dataclass
-class PassOutcome:
-    pass_no: int
-    arrays: dict[str, np.ndarray]
-    survivors: list[str]
-    dropped: dict[str, str]
-    reports: dict[str, dict[str, Any]]
-    seconds: dict[str, float]
-
-
-def run_pass(
-    *,
-    transport,
-    site_specs: Mapping[str, dict],
-    sites: list[str],
-    pass_no: int,
-    attempt: int,
-    weights: np.ndarray,
-    model,
-    on_stage: Callable[[str], None] | None = None,
-) -> PassOutcome:
-    """One pass through the four secure-aggregation stages over ``sites``."""
-    from fedmtl.privacy.secagg import ServerSession, TooFewSitesError
-
-    any_spec = next(iter(site_specs.values()))
-    plan = protocol.plan(any_spec, pass_no, model=model)
-    params = protocol.secagg_params(any_spec, pass_no, attempt, plan)
-    server = ServerSession(params)
-    dropped: dict[str, str] = {}
-    reports: dict[str, dict[str, Any]] = {}
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, active: list[str], make_msg: Callable[[str], dict]) -> dict[str, Any]:
-        if on_stage:
-            on_stage(name)
-        t0 = time.perf_counter()
-        base = {"stage": name, "pass": pass_no, "attempt": attempt}
-        with ThreadPoolExecutor(max_workers=max(1, len(active))) as ex:
-            futs = {s: ex.submit(transport.call, s, {**base, **make_msg(s)}) for s in active}
-            results = {s: f.result() for s, f in futs.items()}
-        seconds[name] = time.perf_counter() - t0
-        out = {}
-        for s, r in results.items():
-            if r.get("ok"):
-                out[s] = r
-            else:
-                dropped[s] = f"{name}: {r.get('error')}"
-        return out
-
-    try:
-        adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32)})
-        for s, r in adv.items():
-            reports[s] = r.get("report", {})
-        keys = server.collect_advertisements([r["message"] for r in adv.values()])
-        shares = stage("share_keys", list(adv), lambda s: {"keys": keys})
-        deliveries = server.collect_shares([r["message"] for r in shares.values()])
-        masked = stage("masked_input", list(deliveries), lambda s: {"delivery": deliveries[s]})
-        request = server.collect_masked_inputs([r["message"] for r in masked.values()])
-        reveals = stage("unmask", list(masked), lambda s: {"request": request})
-        t1 = time.perf_counter()
-        result = server.unmask([r["message"] for r in reveals.values()])
-        seconds["unmask_server"] = time.perf_counter() - t1
-    except TooFewSitesError as e:
-        detail = "; ".join(f"{s}: {why}" for s, why in sorted(dropped.items())) or "none"
-        raise JobError(
-            f"pass {pass_no} aborted: {e}. Nothing was revealed. Sites that failed: {detail}"
-        ) from None
-    arrays = dict(zip(plan.names, result.arrays))
-    return PassOutcome(pass_no, arrays, list(result.survivors), dropped, reports, seconds)
 
 
 # ---------------------------------------------------------------------------- the job
@@ -156,7 +68,7 @@ class Job:
     """A job over a :class:`~fedmtl.researcher.session.Session`'s sites."""
 
     def __init__(self, session, out: Path, state: dict[str, Any]):
-        from fedmtl.researcher.spec import JobSpec
+        from fedmtl.jobspec import JobSpec
 
         self.session = session
         self.out = Path(out)

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from fedmtl.errors import ConfigError
+from fedmtl.jobspec import JobSpec
 from fedmtl.researcher.checkpoint import atomic_write_bytes
-from fedmtl.researcher.spec import JobSpec
 
 __all__ = ["JobResult", "head_mask"]
 

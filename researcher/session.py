@@ -24,8 +24,8 @@ from typing import Any, Mapping, Sequence
 from fedmtl.datasites import syftio
 from fedmtl.datasites.identity import PublicIdentity
 from fedmtl.datasites.launch import parse_meta
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import ConfigError, DatasiteError
+from fedmtl.schema import Schema
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Federated training simulated in one process, with the real round code.
 
-:func:`simulate` runs a :class:`~fedmtl.researcher.spec.JobSpec` over in-memory site
+:func:`simulate` runs a :class:`~fedmtl.jobspec.JobSpec` over in-memory site
 tables through exactly the code a datasite runs (:mod:`fedmtl.datasites.runtime`) and
 exactly the researcher's pass loop and secure aggregation (:mod:`fedmtl.researcher.job`),
 but without syft servers: each site gets a throw-away home with fresh identity keys and no
@@ -19,7 +19,7 @@ import pandas as pd
 
 from fedmtl.datasites import identity
 from fedmtl.datasites import runtime as rt
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 
 @dataclass
@@ -91,9 +91,9 @@ def run_local_passes(job, data: Mapping[str, Any], *, passes: int) -> dict[str, 
 
     import numpy as np
 
-    from fedmtl.datasites import protocol
-    from fedmtl.researcher.job import JobError, LocalTransport, run_pass
+    from fedmtl import protocol
     from fedmtl.models import model_to_vector
+    from fedmtl.researcher.job import JobError, LocalTransport, run_pass
 
     with tempfile.TemporaryDirectory(prefix="fedmtl-dryrun-") as tmp:
         schema = protocol.schema_of(next(iter(job.site_specs.values())))

@@ -37,6 +37,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fedmtl.jobconfig import STRATEGY_NAMES
+
 __all__ = [
     "STRATEGY_NAMES",
     "FedAdam",
@@ -324,11 +326,12 @@ class FedAdam(Strategy):
 
 
 _REGISTRY: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedper": FedPer}
-STRATEGY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+if set(_REGISTRY) != set(STRATEGY_NAMES):  # the job spec's contract names every strategy here
+    raise ImportError(f"strategies {sorted(_REGISTRY)} differ from the job spec's {sorted(STRATEGY_NAMES)}")
 
 
 def make_strategy(config: Any) -> Strategy:
-    """A strategy from a name, a mapping or a :class:`~fedmtl.researcher.spec.StrategyConfig`
+    """A strategy from a name, a mapping or a :class:`~fedmtl.jobspec.StrategyConfig`
     (``name`` plus ``mu``, ``server_lr``, ``beta1``, ``beta2``, ``tau``; unset options take
     the strategy's defaults). ``ValueError`` naming the options for an unknown name."""
     if isinstance(config, str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 SMALL_SCHEMA = {
     "dataset": {"name": "tiny", "description": "a small test hospital"},

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 import numpy as np
 import pytest
 
@@ -18,9 +19,6 @@ from fedmtl.datasites.audit import PALETTE, audit, researcher_view
 from fedmtl.datasites.ledger import Ledger
 from fedmtl.privacy.accounting import epsilon_of
 from fedmtl.privacy.keys import SigningKey
-
-import compliance_helpers as H  # registered by tests/datasites/conftest.py
-
 
 R = H.ROUND
 

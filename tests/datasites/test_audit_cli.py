@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedmtl.cli import main as cli_main
-from fedmtl.datasites import identity, ledger_seam
+from fedmtl.datasites import identity, site_ledger
 from fedmtl.datasites.ledger import LEDGER_FILE
 from fedmtl.datasites.policy import Policy
 from fedmtl.datasites.review import RequestFacts
@@ -41,12 +41,12 @@ def sealed_home(tmp_path_factory) -> Path:
     home.mkdir()
     identity.create(home, "riverside")
     policy = Policy.default(allowed_tasks=["diabetes_5y"], templates={TEMPLATE_NAME: TEMPLATE_SHA256})
-    ledger_seam.install_policy(home, policy, who="owner@riverside.example")
-    led = ledger_seam.open_ledger(home)
+    site_ledger.install_policy(home, policy, who="owner@riverside.example")
+    led = site_ledger.open_ledger(home)
     assert led.review_and_record(_facts("mtl-aaaa0001", ALICE)).status == "approved"
     assert led.review_and_record(_facts("mtl-bbbb0002", BOB, noise_multiplier=0.1)).status == "denied"
     spec = {"job_id": "mtl-aaaa0001", "roster": {"riverside": "00", "general": "11", "st-mary": "22"}}
-    ledger_seam.charge_round(home, spec, 1, [ROUND])
+    site_ledger.charge_round(home, spec, 1, [ROUND])
     return home
 
 

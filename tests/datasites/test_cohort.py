@@ -10,7 +10,7 @@ import pytest
 
 from fedmtl.datasites import cohort
 from fedmtl.datasites.cohort import CohortError, SiteFiles, prepare
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 TASKS = ["diabetes_5y", "htn_5y", "dyslipidemia_5y", "cvd_5y", "death_5y"]
 

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from fedmtl.cli import main as cli_main
-from fedmtl.datasites import admin, home as home_mod, identity, syftio
+from fedmtl.datasites import admin, identity, syftio
+from fedmtl.datasites import home as home_mod
 from fedmtl.datasites.launch import free_port, launch, parse_meta
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import CredentialsError, DatasiteError, RecordsValidationError, SchemaError
+from fedmtl.schema import Schema
 
 RESEARCHER = "ada@uni.example"
 RESEARCHER_PW = "correct-horse-battery"

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 import pytest
 
 from fedmtl.datasites import ledger as L
@@ -28,9 +29,6 @@ from fedmtl.datasites.review import SpendSummary, decide
 from fedmtl.errors import PrivacyBudgetError
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import SigningKey
-
-import compliance_helpers as H  # registered by tests/datasites/conftest.py
-
 
 R = H.ROUND
 PARTS = ["st-mary", "general", "riverside"]

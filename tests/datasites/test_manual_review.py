@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from fedmtl.cli import main as cli_main
-from fedmtl.datasites import admin, ledger_seam
+from fedmtl.datasites import admin, site_ledger
 from fedmtl.datasites import home as home_mod
 from fedmtl.datasites.launch import DatasiteHandle, free_port
 from fedmtl.datasites.peers import pin_federation
-from fedmtl.datasites.schema import Schema
 from fedmtl.privacy.keys import SigningKey
+from fedmtl.schema import Schema
 
 EMAIL = "ada@uni.example"
 PW = "researcher-password-1"
@@ -170,9 +170,9 @@ def fake_home(tmp_path, demo_cohort, monkeypatch):
                 "max_count": 1000, "template": "fedmtl_round"}
 
     def make(*, templates_only: bool):
-        policy = ledger_seam.default_policy(schema, approval="manual", min_sites=2, templates_only=templates_only,
+        policy = site_ledger.default_policy(schema, approval="manual", min_sites=2, templates_only=templates_only,
                                             peers={"general": general.fingerprint()})
-        ledger_seam.install_policy(home, policy, who=OWNER)
+        site_ledger.install_policy(home, policy, who=OWNER)
         return home, client, spec_for
 
     return make
@@ -183,7 +183,7 @@ def _wait_pending_manual(home, client, request_id):
     from fedmtl.datasites.autoreview import review_pending
 
     review_pending(home, client)
-    return ledger_seam.open_ledger(home).request(request_id)
+    return site_ledger.open_ledger(home).request(request_id)
 
 
 def test_non_template_code_needs_the_advisory_acknowledged_and_the_ledger_records_it(fake_home, capsys):
@@ -207,7 +207,7 @@ def test_non_template_code_needs_the_advisory_acknowledged_and_the_ledger_record
                            "--reviewer", OWNER)
     assert rc == 2 and "needs --acknowledge PYSEC-2026-546" in err
     assert "WARNING (PYSEC-2026-546)" in err  # shown before the refusal
-    assert req.status.name == "PENDING" and ledger_seam.open_ledger(home).request_status("custom-00000001") == "pending_manual"
+    assert req.status.name == "PENDING" and site_ledger.open_ledger(home).request_status("custom-00000001") == "pending_manual"
     # without --yes the reviewer must confirm at a terminal
     rc, out, err = _review(capsys, home, "--approve", "custom-00000001", "--reason", "read it", "--reviewer", OWNER)
     assert rc == 2 and "stdin is not a terminal" in err
@@ -216,7 +216,7 @@ def test_non_template_code_needs_the_advisory_acknowledged_and_the_ledger_record
                            "--yes", "--acknowledge", "PYSEC-2026-546", "--reviewer", OWNER)
     assert rc == 0, err
     assert "advisory warning shown" in out
-    rec = ledger_seam.open_ledger(home).request("custom-00000001")
+    rec = site_ledger.open_ledger(home).request("custom-00000001")
     assert rec.status == "approved" and rec.decision.warning_shown and rec.decision.reviewer == OWNER
     assert req.status.name == "APPROVED"
 
@@ -233,7 +233,7 @@ def test_templates_only_policy_refuses_a_manual_approval_of_other_code(fake_home
         mr.decide_request(home, "custom-00000002", approve=True, reviewer=OWNER, reason="looks fine",
                           warnings_acknowledged=True, client=client)
     assert "PYSEC-2026-546" in str(e.value) and "Change the policy" in str(e.value)
-    assert req.status.name == "PENDING" and ledger_seam.open_ledger(home).request("custom-00000002") is None
+    assert req.status.name == "PENDING" and site_ledger.open_ledger(home).request("custom-00000002") is None
     # a denial is recorded (request + decision in one append) and applied
     out = mr.decide_request(home, "custom-00000002", approve=False, reviewer=OWNER, reason="not our code",
                             client=client)
@@ -265,7 +265,7 @@ def test_a_reused_job_id_never_inherits_an_approval(fake_home, capsys):
     rec = _wait_pending_manual(home, client, f"syft-{'d' * 32}")
     assert rec.status == "denied" and evil.status.name == "REJECTED"
     assert "already used in the ledger by another request" in evil.deny_reason
-    assert ledger_seam.open_ledger(home).request("main-00000003").status == "approved"
+    assert site_ledger.open_ledger(home).request("main-00000003").status == "approved"
 
 
 def test_unknown_and_ambiguous_request_names(fake_home, capsys):
@@ -304,7 +304,7 @@ def two_sites(tmp_path_factory):
     try:
         for name, approval in (("riverside", "manual"), ("general", "auto")):
             schema = Schema.load(files[name].schema)
-            policy = ledger_seam.default_policy(schema, approval=approval, min_sites=2)
+            policy = site_ledger.default_policy(schema, approval=approval, min_sites=2)
             policy.save(homes / f"{name}-policy.toml")
             procs[name] = _launch_detached(files[name], homes / name, homes / f"{name}-policy.toml")
         for name, proc in procs.items():
@@ -326,7 +326,7 @@ def two_sites(tmp_path_factory):
 
 
 def _spec(name: str):
-    from fedmtl.researcher.spec import JobSpec
+    from fedmtl.jobspec import JobSpec
 
     return JobSpec(
         name=name, tasks=[{"label": "diabetes_5y"}], rounds=1, local_steps=3, sample_rate=0.02, lr=0.5,
@@ -358,7 +358,7 @@ def test_person_lists_shows_denies_and_approves(two_sites, tmp_path, capsys):
 
     river = two_sites["riverside"]
     session = Session.connect([{"url": h.url, "email": EMAIL, "password": PW} for h in two_sites.values()])
-    led = ledger_seam.open_ledger(river.home)
+    led = site_ledger.open_ledger(river.home)
 
     # -- a first job: listed, shown, denied with a reason the researcher reads
     job = session.job(_spec("pilot"), out=tmp_path / "job1")

@@ -8,7 +8,7 @@ import pytest
 
 from fedmtl.datasites.mock import MockError, make_mock, real_row_overlap
 from fedmtl.datasites.records import load_records
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 
 @pytest.fixture(scope="module")

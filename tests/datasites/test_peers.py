@@ -10,16 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 import pytest
 
 from fedmtl.cli import main as cli_main
-from fedmtl.datasites import admin, identity, ledger_seam, peers
+from fedmtl.datasites import admin, identity, peers, site_ledger
 from fedmtl.datasites import home as home_mod
 from fedmtl.datasites.policy import Peer, Policy, PolicyError
 from fedmtl.errors import DatasiteError
 from fedmtl.privacy.keys import SigningKey
-
-import compliance_helpers as H  # registered by tests/datasites/conftest.py
 
 OWNER = H.OWNER
 
@@ -35,12 +34,12 @@ def make_home(root: Path, name: str) -> Path:
     home.mkdir(parents=True)
     home_mod.write_config(home, {"name": name, "admin_email": f"admin@{name}.datasite", "dataset": f"{name}-records"})
     identity.create(home, name)
-    ledger_seam.install_policy(home, H.make_policy(), who="owner (first launch)")
+    site_ledger.install_policy(home, H.make_policy(), who="owner (first launch)")
     return home
 
 
 def _policy_entries(home: Path) -> list[dict]:
-    return [e for e in ledger_seam.open_ledger(home).entries() if e["kind"] == "policy_changed"]
+    return [e for e in site_ledger.open_ledger(home).entries() if e["kind"] == "policy_changed"]
 
 
 @pytest.fixture
@@ -64,7 +63,7 @@ def test_add_list_remove_each_recorded_in_the_ledger(home):
     assert entries[-1]["body"]["policy"]["peers"] == [{"name": "general", "fingerprint": general}]
     assert entries[-1]["body"]["old_hash"] == entries[-2]["body"]["new_hash"]
     # the file on disk is the recorded policy
-    assert Policy.load(home / ledger_seam.POLICY_FILE) == ledger_seam.current_policy(home) == after_remove
+    assert Policy.load(home / site_ledger.POLICY_FILE) == site_ledger.current_policy(home) == after_remove
 
 
 def test_re_pinning_replaces_and_an_identical_pin_records_nothing(home):
@@ -80,13 +79,13 @@ def test_re_pinning_replaces_and_an_identical_pin_records_nothing(home):
 
 def test_removing_an_unknown_peer_says_so_and_changes_nothing(home):
     peers.add_peer(home, name="general", fingerprint=_fp(), who=OWNER)
-    n = len(ledger_seam.open_ledger(home).entries())
+    n = len(site_ledger.open_ledger(home).entries())
     with pytest.raises(peers.PeerError) as info:
         peers.remove_peer(home, name="mercy", who=OWNER)
     msg = str(info.value)
     assert "no peer named 'mercy' is pinned" in msg and "pinned: general" in msg and "peers list" in msg
     assert isinstance(info.value, DatasiteError)
-    assert len(ledger_seam.open_ledger(home).entries()) == n
+    assert len(site_ledger.open_ledger(home).entries()) == n
 
 
 @pytest.mark.parametrize(
@@ -98,13 +97,13 @@ def test_removing_an_unknown_peer_says_so_and_changes_nothing(home):
     ],
 )
 def test_invalid_pins_are_refused_before_anything_is_written(home, name, fingerprint, expected):
-    n = len(ledger_seam.open_ledger(home).entries())
-    text = (home / ledger_seam.POLICY_FILE).read_text()
+    n = len(site_ledger.open_ledger(home).entries())
+    text = (home / site_ledger.POLICY_FILE).read_text()
     with pytest.raises(PolicyError) as info:
         peers.add_peer(home, name=name, fingerprint=fingerprint, who=OWNER)
     assert expected in str(info.value), str(info.value)
-    assert len(ledger_seam.open_ledger(home).entries()) == n
-    assert (home / ledger_seam.POLICY_FILE).read_text() == text
+    assert len(site_ledger.open_ledger(home).entries()) == n
+    assert (home / site_ledger.POLICY_FILE).read_text() == text
 
 
 def test_one_key_is_one_site_and_a_site_does_not_pin_itself(home):
@@ -145,8 +144,8 @@ def test_cli_in_another_process_reaches_a_datasite_with_its_ledger_open(home, ca
     """The server keeps its ledger open (cached per home); `fedmtl datasite peers add` runs
     in another process; the server's next read of the policy sees the new pin."""
     # Prepare: this process stands in for the running datasite
-    served = ledger_seam.open_ledger(home)
-    assert ledger_seam.current_policy(home).peers == ()
+    served = site_ledger.open_ledger(home)
+    assert site_ledger.current_policy(home).peers == ()
     fp = _fp()
     # Execute
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -158,8 +157,8 @@ def test_cli_in_another_process_reaches_a_datasite_with_its_ledger_open(home, ca
     # Assert
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"pinned peer general {fp}" in proc.stdout
-    assert ledger_seam.open_ledger(home) is served
-    assert ledger_seam.current_policy(home).peer_by_fingerprint(fp) == Peer("general", fp)
+    assert site_ledger.open_ledger(home) is served
+    assert site_ledger.current_policy(home).peer_by_fingerprint(fp) == Peer("general", fp)
     assert served.entries()[-1]["body"]["who"] == OWNER
 
     # list and remove through the CLI (in process)
@@ -171,7 +170,7 @@ def test_cli_in_another_process_reaches_a_datasite_with_its_ledger_open(home, ca
     assert "no peer named 'mercy' is pinned" in capsys.readouterr().err
     assert cli_main(["datasite", "peers", "remove", "--home", str(home), "--name", "general", "--who", OWNER]) == 0
     assert "removed peer general" in capsys.readouterr().out
-    assert ledger_seam.current_policy(home).peers == ()
+    assert site_ledger.current_policy(home).peers == ()
     assert cli_main(["datasite", "peers", "list", "--home", str(home)]) == 0
     assert "no peers pinned" in capsys.readouterr().out
 

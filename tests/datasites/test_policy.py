@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 import pytest
 import yaml
 
 from fedmtl.datasites.policy import ADVISORY_ID, Peer, Policy, PolicyError, Template, code_hash
 from fedmtl.errors import ConfigError
-
-import compliance_helpers as H  # registered by tests/datasites/conftest.py
-
 
 TOML = f"""
 [review]

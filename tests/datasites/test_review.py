@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import compliance_helpers as H  # registered by tests/datasites/conftest.py
 import pytest
 
 from fedmtl.datasites.policy import code_hash
@@ -17,9 +18,6 @@ from fedmtl.datasites.review import (
     manual_decision,
 )
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
-
-import compliance_helpers as H  # registered by tests/datasites/conftest.py
-
 
 NONE = SpendSummary()
 R = H.ROUND

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmtl.datasites.schema import Schema
+from fedmtl.schema import Schema
 
 SCHEMA_DICT = {
     "dataset": {"name": "toy"},

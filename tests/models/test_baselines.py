@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedmtl.models.baselines import METHODS, BaselineConfig, SiteData, format_table, main, run_baselines
+from fedmtl.researcher.baselines import METHODS, BaselineConfig, SiteData, format_table, main, run_baselines
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_cli_on_the_demo_cohort_writes_json_with_seed_and_command(tmp_path):
     # Assert
     rep = json.loads((tmp_path / "baselines.json").read_text())
     assert rc == 0 and rep["seed"] == 0
-    assert rep["command"].startswith("python -m fedmtl.models.baselines --out")
+    assert rep["command"].startswith("python -m fedmtl.researcher.baselines --out")
     assert rep["results"]["pooled_mtl"]["pooled"]["death_5y"]["auroc"] > 0.7
     # the hospital that does not record dyslipidemia has no metric for it
     last = list(rep["sites"])[-1]

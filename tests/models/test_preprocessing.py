@@ -79,7 +79,7 @@ def test_preprocessor_needs_range_or_stats(schema):
         if c["name"] == "age":
             c.pop("min")
             c.pop("max")
-    from fedmtl.datasites.schema import Schema
+    from fedmtl.schema import Schema
 
     no_range = Schema.from_dict(d)
     # Execute / Assert
@@ -126,8 +126,8 @@ def test_labels_reject_unknown_class_and_non_binary(schema, records):
 
 def test_stats_need_no_declared_ranges(schema, records):
     # Prepare: a schema whose numeric features declare no min/max
-    from fedmtl.datasites.schema import Schema
     from fedmtl.models import local_stats
+    from fedmtl.schema import Schema
 
     d = schema.to_dict()
     for c in d["columns"]:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fedmtl.privacy.shamir import Share, ShamirError, combine_shares, split_secret
+from fedmtl.privacy.shamir import ShamirError, Share, combine_shares, split_secret
 
 
 @pytest.mark.parametrize("secret_len", [0, 1, 15, 16, 32, 100])

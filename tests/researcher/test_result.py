@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import ConfigError
+from fedmtl.jobspec import JobSpec
 from fedmtl.models import Preprocessor, model_to_vector
 from fedmtl.researcher.result import JobResult, head_mask
-from fedmtl.researcher.spec import JobSpec
+from fedmtl.schema import Schema
 
 SCHEMA = Schema.from_dict(
     {

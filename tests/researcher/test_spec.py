@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import ConfigError
+from fedmtl.jobspec import JobSpec, JobSpecError, StrategyConfig, TaskConfig
 from fedmtl.models import model_to_vector
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.dp import effective_sample_rate, train_local
-from fedmtl.researcher.spec import JobSpec, JobSpecError, StrategyConfig, TaskConfig
+from fedmtl.schema import Schema
 
 SCHEMA = {
     "dataset": {"name": "toy"},

@@ -250,7 +250,7 @@ def test_make_strategy_registry():
 
 
 def test_make_strategy_from_spec_config():
-    from fedmtl.researcher.spec import StrategyConfig
+    from fedmtl.jobspec import StrategyConfig
 
     s = make_strategy(StrategyConfig(name="fedadam"))
     assert isinstance(s, FedAdam) and s.server_lr == 0.1 and s.tau == 1e-3

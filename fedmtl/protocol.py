@@ -25,8 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedmtl.datasites.schema import Schema
 from fedmtl.errors import ConfigError
+from fedmtl.schema import Schema
 
 #: score-histogram bins of the released evaluation statistics: few, because each bin
 #: carries Gaussian noise (see fedmtl.privacy.eval_release and docs/compliance.md)
@@ -43,7 +43,7 @@ class PassPlan:
 
 
 def job_of(site_spec: Mapping[str, Any]):
-    from fedmtl.researcher.spec import JobSpec
+    from fedmtl.jobspec import JobSpec
 
     return JobSpec.from_dict(site_spec["job"])
 

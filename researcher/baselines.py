@@ -21,7 +21,7 @@ Per task, metrics (AUROC, AUPRC, n) are reported on each hospital's test split a
 all test splits together ("pooled": the sum of the sites' metric states). The JSON
 records the seed, the command and the configuration.
 
-Run: ``python -m fedmtl.models.baselines --out DIR [--sites 3] [--seed 0] [--quick]``.
+Run: ``python -m fedmtl.researcher.baselines --out DIR [--sites 3] [--seed 0] [--quick]``.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmtl.datasites.schema import Schema
 from fedmtl.models.metrics import TaskMetrics, sum_states
 from fedmtl.models.nets import MultiTaskNet, build_model
 from fedmtl.models.preprocessing import Preprocessor, labels_of, local_stats, sum_stats
 from fedmtl.models.tasks import TaskSpec, tasks_from_schema
+from fedmtl.schema import Schema
 
 METHODS = ("pooled_mtl", "pooled_mtl_dp", "pooled_single", "local_mtl", "pooled_logreg")
 
@@ -324,7 +324,7 @@ def format_table(report: dict[str, Any], metric: str = "auroc") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m fedmtl.models.baselines", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fedmtl.researcher.baselines", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for baselines.json (and the cohort, unless --data)")
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             schema, sites = prepare_demo(Path(tmp), sites=args.sites, seed=args.seed)
     report = run_baselines(schema, sites, cfg=cfg, seed=args.seed, log=lambda s: print(s, file=sys.stderr))
-    report["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "fedmtl.models.baselines", *argv])
+    report["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "fedmtl.researcher.baselines", *argv])
     report["data"] = str(args.data) if args.data else f"fedmtl.datasites.cohort.prepare(sites={args.sites}, seed={args.seed})"
     path = args.out / "baselines.json"
     tmp_path = path.with_suffix(".json.tmp")

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fedmtl.datasites.policy import Policy
-from fedmtl.datasites.schema import Schema
 from fedmtl.privacy.accounting import PrivacyRecord
+from fedmtl.schema import Schema
 
 POLICY_FILE = "policy.toml"
 DRY_RUN_MARKER = "DRY_RUN_HOME"  # fedmtl.datasites.runtime.DRY_RUN_MARKER
