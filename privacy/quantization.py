@@ -4,6 +4,16 @@ per-head weighting that turns a secure sum into a weighted average.
 Encoding (one site):  clip each value to [-bound, bound], multiply by ``2^frac_bits``,
 round stochastically (unbiased: E[q] = x * 2^frac_bits), store two's complement mod 2^k.
 
+Rounding randomness: by default it comes from the AES-256-CTR keystream
+(:func:`fedmtl.privacy.keys.keystream`) under fresh 32-byte keys from the OS CSPRNG, one
+key per block of values, never from numpy's generator. Each value gets 32 keystream bits
+``r``; with ``f = scaled - floor(scaled)`` (exact in float64) it rounds up iff
+``r * 2^-32 < f`` (exact compare), i.e. with probability ``ceil(f * 2^32) / 2^32``: the
+rounding bias is below ``2^-32`` of a quantum (``2^-(32 + frac_bits)`` in value units).
+Passing ``rng`` (a numpy Generator) uses ``rng.random()`` (53-bit uniforms) instead, for
+reproducible tests. The work is done in fixed-size chunks in preallocated buffers (no
+full-length temporaries besides the output).
+
 Headroom bound (why the sum decodes exactly): each encoded value satisfies
 ``|q| <= bound * 2^frac_bits + 1``, so the true integer sum over ``n`` sites satisfies
 ``|sum| <= n * (bound * 2^frac_bits + 1)``. Decoding reads the sum mod 2^k as a signed
@@ -30,6 +40,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from fedmtl.privacy.keys import KEYSTREAM_SEED_BYTES, keystream
 
 __all__ = [
     "QuantizationConfig",
@@ -98,23 +110,78 @@ class QuantizationConfig:
 
 
 def cs_rng() -> np.random.Generator:
-    """A numpy Generator seeded with 128 bits from the OS CSPRNG (for rounding noise only;
-    masks never come from numpy)."""
+    """A numpy Generator seeded with 128 bits from the OS CSPRNG. :func:`quantize` no longer
+    needs it (its default randomness is the AES-CTR keystream); kept for callers that want
+    a Generator to pass as ``rng``. Masks never come from numpy."""
     return np.random.default_rng(secrets.randbits(128))
+
+
+# Values per chunk: the chunk's float64 scratch buffers (3 x 512 KiB) stay in L2/L3 cache,
+# and each keystream call (4 bytes per value, 256 KiB) is small enough to be served from
+# the heap rather than fresh mmapped pages.
+_CHUNK = 65536
+_U32_TO_UNIT = 2.0**-32  # r * 2^-32 is exact in float64 for any uint32 r
+
+
+def _uniform_source(rng: np.random.Generator | None):
+    """``fill(u)``: write uniforms in [0, 1) into the float64 buffer ``u``."""
+    if rng is None:
+
+        def fill(u: np.ndarray) -> None:
+            bits = np.frombuffer(keystream(secrets.token_bytes(KEYSTREAM_SEED_BYTES), 4 * u.size), np.uint32)
+            np.multiply(bits, _U32_TO_UNIT, out=u)
+
+    elif isinstance(rng, np.random.Generator):
+
+        def fill(u: np.ndarray) -> None:
+            rng.random(out=u)
+
+    else:  # anything with .random(size) (e.g. a legacy RandomState)
+
+        def fill(u: np.ndarray) -> None:
+            u[...] = rng.random(u.size)
+
+    return fill
 
 
 def quantize(
     values: np.ndarray, config: QuantizationConfig, *, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """Clip, scale, stochastically round; return a ``config.dtype`` array (mod 2^k)."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        raise ValueError("values contain NaN or inf; refusing to quantise them")
-    rng = cs_rng() if rng is None else rng
-    scaled = np.clip(x, -config.bound, config.bound) * config.scale
-    low = np.floor(scaled)
-    q = low + (rng.random(scaled.shape) < (scaled - low))
-    return q.astype(np.int64).astype(config.dtype)  # two's complement wrap mod 2^k
+    """Clip, scale, stochastically round; return a ``config.dtype`` array (mod 2^k).
+
+    ``values`` is not modified. Without ``rng`` the rounding randomness is AES-CTR
+    keystream under fresh random keys (see the module docstring).
+    """
+    x = np.asarray(values)
+    if x.dtype != np.float64 and x.dtype != np.float32:
+        x = np.asarray(values, dtype=np.float64)
+    x = x.reshape(-1)
+    n = x.size
+    out = np.empty(n, dtype=config.dtype)
+    q = out.view(np.int32 if config.bits == 32 else np.int64)  # two's complement view
+    scale = float(config.scale)
+    top = float(config.bound) * scale  # exact: scale is a power of two; clip(x)*s == clip(x*s)
+    fill = _uniform_source(rng)
+    c = max(1, min(_CHUNK, n))
+    scaled, low, u = np.empty(c), np.empty(c), np.empty(c)
+    hit = np.empty(c, dtype=bool)
+    for start in range(0, n, c):
+        stop = min(start + c, n)
+        m = stop - start
+        xs, s, lo, uu, h, qq = x[start:stop], scaled[:m], low[:m], u[:m], hit[:m], q[start:stop]
+        np.multiply(xs, scale, out=s, dtype=np.float64)
+        # NaN propagates through both reductions, so a clean chunk is finite and in bounds
+        if not (np.minimum.reduce(s) >= -top and np.maximum.reduce(s) <= top):
+            if not np.isfinite(xs).all():
+                raise ValueError("values contain NaN or inf; refusing to quantise them")
+            np.clip(s, -top, top, out=s)
+        np.floor(s, out=lo)
+        np.subtract(s, lo, out=s)  # fractional part, exact, in [0, 1)
+        fill(uu)
+        np.less(uu, s, out=h)  # round up with probability ~ frac: E[q] = scaled
+        np.copyto(qq, lo, casting="unsafe")  # |lo| <= bound * scale fits the signed view
+        np.add(qq, h, out=qq)
+    return out
 
 
 def dequantize_sum(total: np.ndarray, config: QuantizationConfig) -> np.ndarray:
@@ -123,7 +190,8 @@ def dequantize_sum(total: np.ndarray, config: QuantizationConfig) -> np.ndarray:
     if total.dtype != config.dtype:
         raise TypeError(f"expected a {config.dtype} array, got {total.dtype}")
     signed = total.view(np.int32 if config.bits == 32 else np.int64)
-    return signed.astype(np.float64) / config.scale
+    # one pass; multiplying by 2^-frac_bits is exactly the division by the scale
+    return np.multiply(signed, 1.0 / config.scale, dtype=np.float64)
 
 
 def weighted_bound(*, clip: float, max_count: int) -> float:
