@@ -248,6 +248,20 @@ class Reviewer:
         self.seen: set[str] = set()
         self._server_id = None
         self._asset_id = None
+        self._db_stamp: tuple | None = None
+
+    def _db_changed(self) -> bool:
+        """Whether syft's SQLite database (HOME/db) changed since the last poll: a stat of
+        its files, so an idle datasite costs no request reads at all. Unknown (another
+        database) counts as changed."""
+        db = self.home / "db"
+        files = sorted(db.glob("datasite.sqlite*")) if db.is_dir() else []
+        if not files:
+            return True
+        stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        changed = stamp != self._db_stamp
+        self._db_stamp = stamp
+        return changed
 
     def _binding(self):
         if self._asset_id is None:
@@ -260,6 +274,8 @@ class Reviewer:
 
         if not (self.home / "dataset_meta.json").exists():
             return 0  # first launch still uploading
+        if not self._db_changed():
+            return 0  # nothing was written since the last look: no request can be new
         with syftio.quiet():
             reqs = self.client.requests.get_all()
         n = 0
@@ -278,7 +294,7 @@ class Reviewer:
                 _deny(req, f"the datasite could not review this request ({type(e).__name__}: "
                            f"{str(e)[:200]}); it is denied")
             if status != "pending_manual":
-                self.seen.add(key)
+                self.seen.add(key)  # a person's later decision writes the database again
             n += 1
         return n
 

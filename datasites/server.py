@@ -62,6 +62,7 @@ def build_app(home: Path):
         enable_warnings=False,
         log_level=logging.WARNING,
     )
+    refuse_guests(worker)
     from fedmtl.datasites import runtime
 
     runtime.register_home(cfg["name"], home)
@@ -70,6 +71,70 @@ def build_app(home: Path):
     api.include_router(make_routes(worker=worker))
     app.include_router(api, prefix="/api/v2")
     return app, worker
+
+
+#: API paths a client without an account (syft's GUEST role) may still call: the public
+#: server metadata (the same as ``GET /api/v2/metadata``), nothing that reads data
+GUEST_PATHS = frozenset({"metadata"})
+
+GUEST_REFUSED = (
+    "this datasite serves registered researchers only: log in with the account its owner "
+    "made for you (`sy.login(url=..., port=..., email=..., password=...)`)"
+)
+
+
+def refuse_guests(worker) -> None:
+    """Guests see nothing: a client that holds no account on this datasite (syft's GUEST
+    role: ``sy.login_as_guest``, or any key it does not know) gets an error for every API
+    call, so it cannot list datasets, read a description (schema, label counts, split
+    sizes, public keys), an asset, its mock, a blob or an action object.
+
+    syft 0.9.5 lets guests list datasets (``dataset.get_all``/``search`` are GUEST-level)
+    and runs non-blocking calls from the queue without checking roles at all, so three
+    locks, each enough against the routes it covers:
+
+    1. every API call is checked at its entry, before syft dispatches, queues or forwards
+       it: a signed call whose key maps to the GUEST (or no) role is answered with an
+       error, whatever its path and its ``blocking`` flag;
+    2. no service method lists the GUEST role any more (the API a guest downloads is
+       empty, and syft's own role check refuses them too);
+    3. syft's own switch ``allow_guest_sessions`` is off (persisted in the settings, set
+       at every start so homes made before this rule get it).
+
+    Registered researchers (DATA_SCIENTIST) and the owner keep every right they had.
+    """
+    from syft.service.context import AuthedServiceContext
+    from syft.service.response import SyftError
+    from syft.service.service import ServiceConfigRegistry
+    from syft.service.settings.settings import ServerSettingsUpdate
+    from syft.service.user.user_roles import ServiceRole
+
+    # 3. syft's switch (its check runs only for blocking calls, hence 1.)
+    admin = AuthedServiceContext(server=worker, credentials=worker.verify_key, role=ServiceRole.ADMIN)
+    worker.services.settings._update(admin, ServerSettingsUpdate(allow_guest_sessions=False)).unwrap()
+    if hasattr(worker, "_settings"):
+        worker._settings = None  # syft caches the settings it read before the update
+
+    # 2. role levels (the registry is per process; this process runs one datasite)
+    for config in ServiceConfigRegistry.get_registered_configs().values():
+        if ServiceRole.GUEST in config.roles:
+            config.roles = [r for r in config.roles if r not in (ServiceRole.GUEST, ServiceRole.NONE)]
+
+    # 1. the gate at the entry of every API call
+    original = worker.handle_api_call_with_unsigned_result
+
+    def gated(api_call, *args, **kwargs):
+        try:
+            credentials = api_call.credentials
+            path = api_call.message.path
+            role = worker.get_role_for_credentials(credentials=credentials)
+        except Exception:  # noqa: BLE001 - unsigned, malformed or unknown: refused
+            return SyftError(message=GUEST_REFUSED)
+        if role.value < ServiceRole.DATA_SCIENTIST.value and path not in GUEST_PATHS:
+            return SyftError(message=GUEST_REFUSED)
+        return original(api_call, *args, **kwargs)
+
+    worker.handle_api_call_with_unsigned_result = gated
 
 
 def main(argv: list[str] | None = None) -> int:

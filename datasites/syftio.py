@@ -103,9 +103,19 @@ def quiet() -> Iterator[None]:
         yield
     finally:
         with _quiet_lock:
-            _open_blocks.discard(token)
-            if not _open_blocks:
-                _remove_sink()
+            try:
+                _open_blocks.discard(token)
+            finally:
+                if not _open_blocks:
+                    _remove_sink_surely()
+
+
+def _remove_sink_surely() -> None:
+    try:
+        _remove_sink()
+    except BaseException:
+        _remove_sink()  # a Ctrl-C cut the first try short: finish the job, then let it through
+        raise
 
 
 def restore_streams() -> None:

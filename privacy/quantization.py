@@ -47,6 +47,7 @@ __all__ = [
     "QuantizationConfig",
     "cs_rng",
     "quantize",
+    "quantize_into",
     "dequantize_sum",
     "weighted_bound",
     "weight_by_group",
@@ -116,9 +117,9 @@ def cs_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
-# Values per chunk: the chunk's float64 scratch buffers (3 x 512 KiB) stay in L2/L3 cache,
-# and each keystream call (4 bytes per value, 256 KiB) is small enough to be served from
-# the heap rather than fresh mmapped pages.
+# Values per chunk: the float64 scratch buffers (3 x 512 KiB) stay in cache, and each
+# keystream call (4 bytes per value, 256 KiB) stays small: multi-MiB one-shot calls were
+# measured several times slower per byte here (fresh pages for their input and output).
 _CHUNK = 65536
 _U32_TO_UNIT = 2.0**-32  # r * 2^-32 is exact in float64 for any uint32 r
 
@@ -152,12 +153,38 @@ def quantize(
     ``values`` is not modified. Without ``rng`` the rounding randomness is AES-CTR
     keystream under fresh random keys (see the module docstring).
     """
-    x = np.asarray(values)
-    if x.dtype != np.float64 and x.dtype != np.float32:
-        x = np.asarray(values, dtype=np.float64)
-    x = x.reshape(-1)
+    x = _as_float_vector(values)
+    return quantize_into(x, config, np.empty(x.size, dtype=config.dtype), rng=rng)
+
+
+def quantize_into(
+    values: np.ndarray,
+    config: QuantizationConfig,
+    out: np.ndarray,
+    *,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """:func:`quantize` into the preallocated ``out`` (``config.dtype``, one element per
+    value, contiguous); returns ``out``.
+
+    ``out`` may reuse the memory of ``values`` when it starts at the same address and its
+    items are no wider (e.g. ``vec.view(config.dtype)[:vec.size]`` for a float64 ``vec``
+    the caller owns): each chunk of values is read before its encodings are written, and
+    those land on bytes already read. ``values`` is then overwritten. Any other overlap is
+    refused.
+    """
+    x = _as_float_vector(values)
     n = x.size
-    out = np.empty(n, dtype=config.dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != config.dtype or out.shape != (n,):
+        raise ValueError(f"out must be a {config.dtype} array of shape ({n},)")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be contiguous and writeable")
+    if n and np.shares_memory(out, x) and not (
+        x.flags.c_contiguous
+        and x.ctypes.data == out.ctypes.data
+        and x.dtype.itemsize >= out.dtype.itemsize
+    ):
+        raise ValueError("out overlaps values other than as a same-start prefix of no wider items")
     q = out.view(np.int32 if config.bits == 32 else np.int64)  # two's complement view
     scale = float(config.scale)
     top = float(config.bound) * scale  # exact: scale is a power of two; clip(x)*s == clip(x*s)
@@ -169,7 +196,8 @@ def quantize(
         stop = min(start + c, n)
         m = stop - start
         xs, s, lo, uu, h, qq = x[start:stop], scaled[:m], low[:m], u[:m], hit[:m], q[start:stop]
-        np.multiply(xs, scale, out=s, dtype=np.float64)
+        with np.errstate(over="ignore"):  # a huge finite value may scale to inf: clipped below
+            np.multiply(xs, scale, out=s, dtype=np.float64)
         # NaN propagates through both reductions, so a clean chunk is finite and in bounds
         if not (np.minimum.reduce(s) >= -top and np.maximum.reduce(s) <= top):
             if not np.isfinite(xs).all():
@@ -182,6 +210,13 @@ def quantize(
         np.copyto(qq, lo, casting="unsafe")  # |lo| <= bound * scale fits the signed view
         np.add(qq, h, out=qq)
     return out
+
+
+def _as_float_vector(values: np.ndarray) -> np.ndarray:
+    x = np.asarray(values)
+    if x.dtype != np.float64 and x.dtype != np.float32:
+        x = np.asarray(values, dtype=np.float64)
+    return x.reshape(-1)
 
 
 def dequantize_sum(total: np.ndarray, config: QuantizationConfig) -> np.ndarray:

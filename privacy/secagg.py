@@ -65,7 +65,7 @@ from fedmtl.privacy.keys import (
     hkdf_sha256,
     keystream,
 )
-from fedmtl.privacy.quantization import QuantizationConfig, dequantize_sum, quantize
+from fedmtl.privacy.quantization import QuantizationConfig, dequantize_sum, quantize_into
 from fedmtl.privacy.shamir import ShamirError, Share, combine_shares, split_secret
 
 __all__ = [
@@ -496,7 +496,8 @@ class SiteSession:
                     raise MessageError(f"share from {sender!r} is not for this site's point/threshold")
             received[sender] = (b_share, s_share)
 
-        y = quantize(vector, p.quantization, rng=rng)
+        # vector is this call's own float64 copy: encode into its buffer (no new array)
+        y = quantize_into(vector, p.quantization, vector.view(p.quantization.dtype)[: vector.size], rng=rng)
         y += p.mask(st.b_seed)
         s_sk = AgreementKey.from_bytes(st.s_sk)
         for peer in u2:
