@@ -32,8 +32,16 @@ all of them alike:
 
 Each worker also reports whether it could read the canary (the env-only scrubbing of
 ``fresh`` and ``persistent`` does *not* hide files; only ``sandboxed`` does). The first
-in-process and persistent calls are warm-ups (reported as ``cold``); every fresh call is
-cold by construction.
+``--warmup`` in-process and persistent calls are untimed warm-ups (their times are kept);
+every fresh call is cold by construction. Every way runs the stage in a worker thread, as
+the runtime does; ``inproc_main_thread`` shows what the main thread would cost instead.
+The fresh ways run fewer calls (``--fresh-calls``): each is a whole interpreter start.
+
+Every process runs torch with ``--torch-threads`` intra-op threads (default 1). With
+torch's default (one per core) this small model's DP-SGD steps swing by 10x and more on a
+loaded 2-core machine depending on which thread first ran torch (the OpenMP team contends
+with the machine's other load): that would swamp the process cost being measured, and is a
+finding of its own (``--torch-threads 0`` shows it).
 
 Writes benchmarks/results/isolation.json.
 """
@@ -67,7 +75,7 @@ FRESH_CODE = (
     "import sys, importlib.util\n"
     "s = importlib.util.spec_from_file_location('fedmtl_isolation_worker', sys.argv[1])\n"
     "m = importlib.util.module_from_spec(s); s.loader.exec_module(m)\n"
-    "m.fresh_main(t0, sys.argv[2])\n"
+    "m.fresh_main(t0, sys.argv[2], int(sys.argv[3]))\n"
 )
 
 
@@ -143,8 +151,12 @@ def _probe(canary: str) -> dict[str, Any]:
 
 def _import_heavy() -> float:
     t0 = time.perf_counter()
+    # what train_local imports lazily on its first call: Opacus, and torch._dynamo (which
+    # torch.optim.SGD's constructor pulls in), about 4 s of the first call otherwise
+    import opacus  # noqa: F401
     import pandas  # noqa: F401
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     import fedmtl.models  # noqa: F401
     import fedmtl.privacy.dp  # noqa: F401
@@ -154,12 +166,34 @@ def _import_heavy() -> float:
     return time.perf_counter() - t0
 
 
-def fresh_main(t_start: float, canary: str) -> None:
-    """Body of the fresh worker (``python -I -c FRESH_CODE THIS canary``)."""
+def run_stage(state: dict[str, Any], weights: np.ndarray, message: dict[str, Any], *,
+              main_thread: bool = False) -> dict[str, Any]:
+    """The stage in a worker thread, as the runtime runs it in a syft request thread (every
+    way runs it so; ``main_thread`` only for the in-process comparison row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if main_thread:
+        return train_stage(state, weights, message)
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        return ex.submit(train_stage, state, weights, message).result()
+
+
+def set_threads(n: int) -> None:
+    """torch intra-op threads (0: torch's default, one per core)."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def fresh_main(t_start: float, canary: str, threads: int) -> None:
+    """Body of the fresh worker (``python -I -c FRESH_CODE THIS canary threads``)."""
     out = os.fdopen(os.dup(1), "wb")  # the protocol channel; stray prints go to stderr
     os.dup2(2, 1)
     import_s = _import_heavy()
     import torch
+
+    set_threads(threads)
 
     out.write(b"R\n")
     out.flush()
@@ -168,17 +202,21 @@ def fresh_main(t_start: float, canary: str) -> None:
     t1 = time.perf_counter()
     state = setup_state(site_spec, df)
     t2 = time.perf_counter()
-    res = train_stage(state, weights, message)
+    res = run_stage(state, weights, message)
     res.update(import_s=import_s, python_start_to_ready_s=t0 - t_start, unpickle_s=t1 - t0,
                setup_s=t2 - t1, torch_threads=torch.get_num_threads(), probe=_probe(canary))
     pickle.dump(res, out, protocol=pickle.HIGHEST_PROTOCOL)
     out.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: with torch loaded it takes seconds (3-5 s seen under load)
 
 
-def persistent_main(conn, site_spec: dict[str, Any], df, canary: str) -> None:
+def persistent_main(conn, site_spec: dict[str, Any], df, canary: str, threads: int) -> None:
     """Body of the persistent worker: set up once, then one stage per message."""
     import_s = _import_heavy()
     import torch
+
+    set_threads(threads)
 
     t0 = time.perf_counter()
     state = setup_state(site_spec, df)
@@ -189,7 +227,7 @@ def persistent_main(conn, site_spec: dict[str, Any], df, canary: str) -> None:
         if msg is None:
             break
         weights, message = msg
-        conn.send(train_stage(state, weights, message))
+        conn.send(run_stage(state, weights, message))
     conn.close()
 
 
@@ -225,10 +263,10 @@ def sandbox_script(hide: list[str], stash: Path | None) -> str:
 class Fresh:
     """A fresh worker process per call, optionally in a user+mount+net namespace."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, canary: Path, *, hide: list[str] | None = None,
-                 stash: Path | None = None):
+    def __init__(self, env: dict[str, str], cwd: Path, canary: Path, threads: int, *,
+                 hide: list[str] | None = None, stash: Path | None = None):
         self.env, self.cwd, self.canary, self.hide = env, cwd, canary, hide
-        cmd = [sys.executable, "-I", "-c", FRESH_CODE, str(THIS), str(canary)]
+        cmd = [sys.executable, "-I", "-c", FRESH_CODE, str(THIS), str(canary), str(threads)]
         if hide is not None:
             cmd = ["unshare", "--user", "--map-root-user", "--mount", "--net", "--",
                    "sh", "-c", f'{sandbox_script(hide, stash)} && exec "$@"', "sh", *cmd]
@@ -270,7 +308,7 @@ class Fresh:
 
 
 class Persistent:
-    def __init__(self, context: str, env: dict[str, str], site_spec, df, canary: Path):
+    def __init__(self, context: str, env: dict[str, str], site_spec, df, canary: Path, threads: int):
         import multiprocessing as mp
 
         ctx = mp.get_context(context)
@@ -280,7 +318,7 @@ class Persistent:
         try:  # the child inherits the environment at start: the scrubbed one
             os.environ.clear()
             os.environ.update(env)
-            self.proc = ctx.Process(target=persistent_main, args=(child, site_spec, df, str(canary)),
+            self.proc = ctx.Process(target=persistent_main, args=(child, site_spec, df, str(canary), threads),
                                     daemon=True)
             self.proc.start()
         finally:
@@ -304,13 +342,9 @@ class Persistent:
             self.proc.kill()
 
 
-def inproc_call(state, weights, message) -> dict[str, Any]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    # in a worker thread, as the runtime runs in a syft request thread
+def inproc_call(state, weights, message, *, main_thread: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as ex:
-        res = ex.submit(train_stage, state, weights, message).result()
+    res = run_stage(state, weights, message, main_thread=main_thread)
     res["wall_s"] = time.perf_counter() - t0
     return res
 
@@ -356,6 +390,19 @@ def stats(xs: list[float]) -> dict[str, float]:
     return {"median": float(np.median(xs)), "min": float(np.min(xs)), "max": float(np.max(xs)), "n": len(xs)}
 
 
+def start_floor(fresh: dict[str, "Fresh"], reps: int) -> dict[str, dict[str, float]]:
+    """Start + exit of the bare interpreter (``python -I -c pass``), plain and sandboxed:
+    what the namespace and the mounts cost, without the imports' noise."""
+    times: dict[str, list[float]] = {k: [] for k in fresh}
+    for _ in range(reps):
+        for k, w in fresh.items():
+            cmd = w.cmd[: w.cmd.index(sys.executable) + 1] + ["-I", "-c", "pass"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=w.env, cwd=w.cwd, check=True)
+            times[k].append(time.perf_counter() - t0)
+    return {k: stats(v) for k, v in times.items()}
+
+
 def sandbox_works(tmp: Path) -> str | None:
     """None when unshare can mount a tmpfs in a user namespace here, else why not."""
     if shutil.which("unshare") is None:
@@ -369,12 +416,20 @@ def sandbox_works(tmp: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 timed calls per way")
-    ap.add_argument("--calls", type=int, default=None, help="timed calls per way (default 5)")
+    ap.add_argument("--quick", action="store_true", help="3 timed calls per way, 2 of the fresh ones")
+    ap.add_argument("--calls", type=int, default=None, help="timed calls in process / persistent (default 5)")
+    ap.add_argument("--fresh-calls", type=int, default=None,
+                    help="timed calls of each fresh-worker way (default 3; each costs a whole start)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed first calls in process / persistent")
     ap.add_argument("--context", choices=("spawn", "forkserver"), default="spawn")
     ap.add_argument("--no-sandbox", action="store_true", help="skip the unshare variant")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads in every process (default 1; 0 = torch's default, one "
+                    "per core, whose timings swing by 10x on a loaded 2-core machine)")
     args = ap.parse_args(argv)
     calls = args.calls or (3 if args.quick else 5)
+    fresh_calls = min(calls, args.fresh_calls or (2 if args.quick else 3))
+    set_threads(args.torch_threads)  # before any torch work in this process
     info = machine()
     t_all = time.perf_counter()
 
@@ -399,24 +454,30 @@ def main(argv: list[str] | None = None) -> int:
         payload = (site_spec, df, weights, MESSAGE)
         payload_bytes = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
         print(f"site {big.name}: {len(df)} records ({n_train} train), {weights.size} parameters, "
-              f"20 DP-SGD steps at q=0.02; pickle to a fresh worker {payload_bytes / 1e6:.2f} MB", flush=True)
+              f"20 DP-SGD steps at q=0.02; pickle to a fresh worker {payload_bytes / 1e6:.2f} MB; "
+              f"torch threads {args.torch_threads or 'default'}", flush=True)
 
-        ways: dict[str, Fresh] = {"fresh": Fresh(env, cwd, canary)}
+        ways: dict[str, Fresh] = {"fresh": Fresh(env, cwd, canary, args.torch_threads)}
         why_no_sandbox = "--no-sandbox" if args.no_sandbox else sandbox_works(tmp)
         if why_no_sandbox is None:
-            ways["sandboxed"] = Fresh(env, cwd, canary, hide=[real_home, str(site_home)], stash=tmp / "stash")
+            ways["sandboxed"] = Fresh(env, cwd, canary, args.torch_threads, hide=[real_home, str(site_home)],
+                                    stash=tmp / "stash")
         else:
             print(f"(sandboxed variant skipped: {why_no_sandbox})")
 
-        cold_inproc = inproc_call(state, weights, MESSAGE)
-        pers = Persistent(args.context, env, site_spec, df, canary)
-        cold_pers = pers.call(weights, MESSAGE)
-        runs: dict[str, list[dict[str, Any]]] = {"inproc": [], **{k: [] for k in ways}, "persistent": []}
+        floor = start_floor(ways, 7)
+        warm_inproc = [inproc_call(state, weights, MESSAGE)["wall_s"] for _ in range(max(1, args.warmup))]
+        pers = Persistent(args.context, env, site_spec, df, canary, args.torch_threads)
+        warm_pers = [pers.call(weights, MESSAGE)["wall_s"] for _ in range(max(1, args.warmup))]
+        runs: dict[str, list[dict[str, Any]]] = {"inproc": [], "inproc_main_thread": [],
+                                                 **{k: [] for k in ways}, "persistent": []}
         try:
             for i in range(calls):
                 runs["inproc"].append(inproc_call(state, weights, MESSAGE))
+                runs["inproc_main_thread"].append(inproc_call(state, weights, MESSAGE, main_thread=True))
                 for k, w in ways.items():
-                    runs[k].append(w.call(payload))
+                    if i < fresh_calls:
+                        runs[k].append(w.call(payload))
                 runs["persistent"].append(pers.call(weights, MESSAGE))
                 print(f"  call {i + 1}/{calls}: " + ", ".join(
                     f"{k} {v[-1]['wall_s']:.2f}s" for k, v in runs.items()), flush=True)
@@ -429,11 +490,17 @@ def main(argv: list[str] | None = None) -> int:
             assert r["update"].shape == weights.shape and np.all(np.isfinite(r["update"])), k
             assert r["report"]["steps"] == 20, (k, r["report"])
 
-    a = stats([r["wall_s"] for r in runs["inproc"]])
-    a_med = a["median"]
-    out: dict[str, Any] = {"inproc": {"wall_s": a, "train_s": stats([r["train_s"] for r in runs["inproc"]]),
-                                      "dp_steps_s": stats([r["dp_steps_s"] for r in runs["inproc"]]),
-                                      "cold_first_call_s": cold_inproc["wall_s"]}}
+    def med(rs, key):
+        return float(np.median([key(r) if callable(key) else r[key] for r in rs]))
+
+    a_med = med(runs["inproc"], "wall_s")
+    out: dict[str, Any] = {}
+    for k in ("inproc", "inproc_main_thread"):
+        rs = runs[k]
+        out[k] = {"wall_s": stats([r["wall_s"] for r in rs]), "train_s": stats([r["train_s"] for r in rs]),
+                  "dp_steps_s": stats([r["dp_steps_s"] for r in rs]),
+                  "overhead_s": med(rs, "wall_s") - a_med, "ratio": med(rs, "wall_s") / a_med}
+    out["inproc"]["warmup_calls_s"] = warm_inproc
     for k in ways:
         rs = runs[k]
         out[k] = {
@@ -441,15 +508,15 @@ def main(argv: list[str] | None = None) -> int:
             "startup_s": stats([r["startup_s"] for r in rs]),
             "import_s": stats([r["import_s"] for r in rs]),
             "interpreter_s": stats([r["startup_s"] - r["import_s"] for r in rs]),
-            "send_s": stats([r["send_s"] for r in rs]),
-            "unpickle_s": stats([r["unpickle_s"] for r in rs]),
+            "send_unpickle_s": stats([r["send_s"] + r["unpickle_s"] for r in rs]),
             "setup_s": stats([r["setup_s"] for r in rs]),
             "train_s": stats([r["train_s"] for r in rs]),
             "dp_steps_s": stats([r["dp_steps_s"] for r in rs]),
-            "return_and_exit_s": stats([r["call_s"] - r["unpickle_s"] - r["setup_s"] - r["train_s"]
-                                        - r["send_s"] + r["exit_s"] for r in rs]),
-            "overhead_s": float(np.median([r["wall_s"] for r in rs])) - a_med,
-            "ratio": float(np.median([r["wall_s"] for r in rs])) / a_med,
+            "return_exit_s": stats([r["wall_s"] - r["startup_s"] - r["send_s"] - r["unpickle_s"]
+                                    - r["setup_s"] - r["train_s"] for r in rs]),
+            "exit_s": stats([r["exit_s"] for r in rs]),
+            "overhead_s": med(rs, "wall_s") - a_med,
+            "ratio": med(rs, "wall_s") / a_med,
             "probe": rs[-1]["probe"],
             "torch_threads": rs[-1]["torch_threads"],
         }
@@ -459,41 +526,54 @@ def main(argv: list[str] | None = None) -> int:
         "start_to_ready_s": pers.ready["start_to_ready_s"],
         "import_s": pers.ready["import_s"],
         "setup_s": pers.ready["setup_s"],
-        "cold_first_call_s": cold_pers["wall_s"],
+        "warmup_calls_s": warm_pers,
         "wall_s": stats([r["wall_s"] for r in pr]),
         "train_s": stats([r["train_s"] for r in pr]),
         "dp_steps_s": stats([r["dp_steps_s"] for r in pr]),
         "ipc_s": stats([r["wall_s"] - r["train_s"] for r in pr]),
-        "overhead_s": float(np.median([r["wall_s"] for r in pr])) - a_med,
-        "ratio": float(np.median([r["wall_s"] for r in pr])) / a_med,
+        "overhead_s": med(pr, "wall_s") - a_med,
+        "ratio": med(pr, "wall_s") / a_med,
         "probe": pers.ready["probe"],
         "torch_threads": pers.ready["torch_threads"],
     }
 
-    print(f"\none training stage per round, median of {calls} calls (s; first in-process / persistent "
-          "call untimed as warm-up):")
-    print(f"{'way':<12} {'wall':>7} {'startup':>8} {'(import)':>8} {'setup':>7} {'train':>7} "
-          f"{'other':>7} {'overhead':>9} {'ratio':>6}  canary")
-    print(f"{'inproc':<12} {a_med:>7.3f} {'-':>8} {'-':>8} {'-':>7} {out['inproc']['train_s']['median']:>7.3f} "
-          f"{a_med - out['inproc']['train_s']['median']:>7.3f} {0.0:>9.3f} {1.0:>6.2f}  "
-          "readable (same process)")
+    def canary(o):
+        return "READABLE" if o["probe"]["canary_readable"] else "hidden"
+
+    def f(x):
+        return f"{x:>8.3f}" if isinstance(x, float) else f"{x:>8}"
+
+    print(f"\none training stage per round (s), median of {calls} interleaved calls ({fresh_calls} for the "
+          f"fresh workers); the first {max(1, args.warmup)} in-process / persistent calls untimed (warm-up):")
+    cols = ("wall", "startup", "(import)", "send", "setup", "train", "ret+exit", "ipc", "overhead", "ratio")
+    print(f"{'way':<19}" + "".join(f"{c:>9}" for c in cols) + "  secrets")
+    rows = []
+    for k in ("inproc", "inproc_main_thread"):
+        o = out[k]
+        rows.append((k, o["wall_s"]["median"], "-", "-", "-", "-", o["train_s"]["median"], "-", "-",
+                     o["overhead_s"], o["ratio"], "readable (same process)"))
     for k in ways:
         o = out[k]
-        other = o["wall_s"]["median"] - o["startup_s"]["median"] - o["setup_s"]["median"] - o["train_s"]["median"]
-        print(f"{k:<12} {o['wall_s']['median']:>7.3f} {o['startup_s']['median']:>8.3f} "
-              f"{o['import_s']['median']:>8.3f} {o['setup_s']['median']:>7.3f} {o['train_s']['median']:>7.3f} "
-              f"{other:>7.3f} {o['overhead_s']:>9.3f} {o['ratio']:>6.2f}  "
-              f"{'READABLE' if o['probe']['canary_readable'] else 'hidden'}")
+        rows.append((k, o["wall_s"]["median"], o["startup_s"]["median"], o["import_s"]["median"],
+                     o["send_unpickle_s"]["median"], o["setup_s"]["median"], o["train_s"]["median"],
+                     o["return_exit_s"]["median"], "-", o["overhead_s"], o["ratio"], canary(o)))
     o = out["persistent"]
-    print(f"{'persistent':<12} {o['wall_s']['median']:>7.3f} {'-':>8} {'-':>8} {'-':>7} "
-          f"{o['train_s']['median']:>7.3f} {o['ipc_s']['median']:>7.3f} {o['overhead_s']:>9.3f} "
-          f"{o['ratio']:>6.2f}  {'READABLE' if o['probe']['canary_readable'] else 'hidden'}")
+    rows.append(("persistent", o["wall_s"]["median"], "-", "-", "-", "-", o["train_s"]["median"], "-",
+                 o["ipc_s"]["median"], o["overhead_s"], o["ratio"], canary(o)))
+    for r in rows:
+        print(f"{r[0]:<19}" + "".join(" " + f(x) for x in r[1:-1]) + f"  {r[-1]}")
+    print("  (train = the stage as the worker times it; a fresh worker's is a first call in its process)")
     print(f"persistent worker ({args.context}): started once in {o['start_to_ready_s']:.2f} s "
-          f"(imports {o['import_s']:.2f} s, setup {o['setup_s']:.3f} s); first call {o['cold_first_call_s']:.3f} s; "
-          f"IPC per call {1e3 * o['ipc_s']['median']:.1f} ms")
-    print(f"in-process first (cold) call {out['inproc']['cold_first_call_s']:.3f} s")
-    print("overhead per round (s): " + ", ".join(
-        f"{k} {out[k]['overhead_s']:+.3f} ({out[k]['ratio']:.2f}x)" for k in (*ways, "persistent")))
+          f"(imports {o['import_s']:.2f} s, setup {o['setup_s']:.3f} s); warm-up calls "
+          f"{', '.join(f'{x:.2f}' for x in o['warmup_calls_s'])} s; IPC per call {1e3 * o['ipc_s']['median']:.1f} ms")
+    print(f"in-process warm-up calls {', '.join(f'{x:.2f}' for x in out['inproc']['warmup_calls_s'])} s; "
+          + "; ".join(f"{k}: process exit {out[k]['exit_s']['median']:.2f} s" for k in ways))
+    print("overhead per round vs inproc (s): " + ", ".join(
+        f"{k} {out[k]['overhead_s']:+.3f} ({out[k]['ratio']:.2f}x)" for k in (*ways, "persistent"))
+        + f"; persistent IPC alone {out['persistent']['ipc_s']['median']:+.3f} "
+        f"({1 + out['persistent']['ipc_s']['median'] / a_med:.3f}x)")
+    print("bare interpreter start + exit (python -I -c pass), median of 7: " + ", ".join(
+        f"{k} {1e3 * v['median']:.0f} ms" for k, v in floor.items()))
     print(f"total {total_s:.1f} s")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -504,24 +584,36 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**info, "loadavg_after": list(os.getloadavg())},
         "total_seconds": total_s,
         "calls": calls,
+        "torch_threads": args.torch_threads,
+        "fresh_calls": fresh_calls,
         "site": {"name": big.name, "n_records": len(df), "n_train": n_train, "parameters": int(weights.size),
                  "job": site_spec["job"], "fresh_payload_bytes": payload_bytes},
         "sandbox": {"used": "sandboxed" in ways, "why_not": why_no_sandbox,
-                    "command": ways["sandboxed"].cmd[:12] if "sandboxed" in ways else None},
+                    "script": ways["sandboxed"].cmd[8] if "sandboxed" in ways else None},
         "results": out,
+        "bare_interpreter_start_s": floor,
         "notes": [
             "stage = the training half of JobRuntime._compute_payload: split, Preprocessor.transform/labels, "
-            "train_local with _train_kwargs (20 DP-SGD steps), delta, counts, weight_by_group",
-            "inproc: model and preprocessor built once, stage run in a worker thread, first call untimed",
+            "train_local with _train_kwargs (20 DP-SGD steps), delta, counts, weight_by_group; every way "
+            "runs it in a worker thread (as the runtime does in a syft request thread)",
+            "inproc: model and preprocessor built once, first --warmup calls untimed; inproc_main_thread: "
+            "the same in the main thread",
+            "torch_threads: intra-op threads set in every process before any torch work (0 = torch default)",
             "fresh: python -I -c per call, scrubbed env (HOME empty, FEDMTL_/SYFT_/PYTHON* dropped); "
-            "startup_s = Popen to 'ready' (interpreter + imports, import_s measured in the worker); "
-            "setup_s = build model + preprocessor from the spec; records pickled to it per call",
+            "startup_s = Popen to 'ready' (interpreter + imports incl. opacus and torch._dynamo, import_s "
+            "measured in the worker); send = pickle of records + spec + weights to the worker and its "
+            "unpickling; setup_s = build model + preprocessor from the spec; ret+exit = the update back "
+            "and the process exit",
             "sandboxed: the fresh worker under unshare --user --map-root-user --mount --net with tmpfs "
-            "over HOME and a stand-in datasite home; probe.canary_readable says if it could read the secret",
-            "persistent: multiprocessing worker started once with the records; per call weights + "
-            "message in, update out; ipc_s = wall - train_s measured in the worker",
+            "over the user's HOME and a stand-in datasite HOME (the interpreter's prefix re-bound read-only); "
+            "probe.canary_readable says whether the worker could read the stand-in secret",
+            "persistent: multiprocessing worker started once with the records and spec; per call weights + "
+            "message in, update out; ipc_s = wall - train_s as measured in the worker",
             "overhead_s = median wall of the way - median wall of inproc; ratio = the same as a quotient",
-            "env scrubbing alone does not hide files: fresh/persistent can still read the canary",
+            "env scrubbing alone hides no file: fresh and persistent can still read the canary",
+            "the fresh worker ends with os._exit after sending the update (interpreter teardown with torch "
+            "loaded took 3-5 s under load in a first run); ret+exit = result back + exit",
+            "bare_interpreter_start_s: python -I -c pass, plain and under the sandbox (namespace + mounts)",
         ],
     }, indent=2, default=str))
     print(f"wrote {RESULTS}")
