@@ -5,7 +5,9 @@
 writes nothing. If anything is wrong it raises one
 :class:`~fedmtl.errors.RecordsValidationError` whose ``problems`` list *every* problem
 found: missing, extra or repeated columns, non-numeric values in numeric columns,
-binary values other than 0/1, categories the schema does not list, values outside the
+binary values other than 0/1, categories the schema does not list (compared as text,
+whole numbers as integers: a cell ``2.0`` is the category ``"2"``, see
+:func:`fedmtl.schema.category_key`), values outside the
 schema's range, missing values where the schema does not allow them, duplicate patient
 ids, an empty file, a file that is not UTF-8 and a malformed CSV (ragged rows, an
 unterminated quote).
@@ -21,6 +23,11 @@ the schema's, the id column is ``int64`` when every id is a whole number (else
 
 ``label_counts(df, schema)`` and ``describe_dataset(schema, df)`` summarise the records
 for a dataset description without showing any record value.
+
+``add_test_split(df, schema, test_fraction, seed)`` adds a seeded train/test column
+(stratified by the first label) to records whose export has none;
+``range_warnings(df, schema)`` names the numeric features whose declared range is far
+wider than the data.
 
 This module imports neither syft nor torch.
 """
@@ -38,16 +45,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.errors import RecordsValidationError
-from fedmtl.schema import Column, Schema
+from fedmtl.errors import DatasiteError, RecordsValidationError, SchemaError
+from fedmtl.schema import Column, Schema, category_key
 
 __all__ = [
     "SUFFIXES",
     "NA_TOKENS",
     "load_records",
+    "read_export",
     "validate_frame",
     "label_counts",
     "describe_dataset",
+    "add_test_split",
+    "range_warnings",
     "task_kind",
 ]
 
@@ -68,7 +78,26 @@ def load_records(path: str | Path, schema: Schema) -> pd.DataFrame:
 
     Raises :class:`RecordsValidationError` listing every problem found; writes nothing.
     """
-    path = Path(path)
+    raw, rownums, problems, source = _read_export(Path(path))
+    if raw is None:  # unreadable: nothing further can be checked
+        raise RecordsValidationError(problems, source)
+    return validate_frame(raw, schema, rownums=rownums, source=source, prior_problems=problems)
+
+
+def read_export(path: str | Path) -> tuple[pd.DataFrame, list[int]]:
+    """Read a CSV or Parquet export without a schema: ``(frame, row numbers)``.
+
+    CSV cells stay text (missing cells are NA tokens, see :data:`NA_TOKENS`); Parquet
+    columns keep their types. Raises :class:`RecordsValidationError` if the file cannot
+    be read or is malformed (the same checks as :func:`load_records`).
+    """
+    raw, rownums, problems, source = _read_export(Path(path))
+    if raw is None or problems:
+        raise RecordsValidationError(problems, source)
+    return raw, rownums
+
+
+def _read_export(path: Path) -> tuple[pd.DataFrame | None, list[int], list[str], str]:
     source = f"records file {path}"
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
@@ -92,9 +121,7 @@ def load_records(path: str | Path, schema: Schema) -> pd.DataFrame:
         raw, rownums, problems = _read_csv(path.read_bytes())
     else:
         raw, rownums, problems = _read_parquet(path)
-    if raw is None:  # unreadable: nothing further can be checked
-        raise RecordsValidationError(problems, source)
-    return validate_frame(raw, schema, rownums=rownums, source=source, prior_problems=problems)
+    return raw, rownums, problems, source
 
 
 def validate_frame(
@@ -257,6 +284,138 @@ def describe_dataset(schema: Schema, df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A declared range wider than this many times the observed span draws a warning ...
+RANGE_SPAN_FACTOR = 20.0  # observed span < 5% of the declared span
+#: ... and so does a declared max above this many times the observed max.
+RANGE_MAX_FACTOR = 10.0
+#: The column :func:`add_test_split` adds (``fedmtl_split`` if the export uses the name).
+SPLIT_COLUMN = "split"
+
+
+def add_test_split(
+    df: pd.DataFrame, schema: Schema, test_fraction: float, seed: int = 0
+) -> tuple[pd.DataFrame, Schema, dict[str, Any]]:
+    """Add a train/test column to typed records whose schema declares none.
+
+    About ``test_fraction`` of the patients go to ``test``: ``round(n * test_fraction)``
+    in all, shared out over the strata of the first label column in proportion to their
+    sizes (largest remainders), drawn at random within each stratum with
+    ``numpy.random.default_rng(seed)``. The strata of a binary or categorical label are its
+    values, of a numeric label its quartiles; unlabelled patients are one more stratum.
+    Without a label column the draw is not stratified. Deterministic given the arguments.
+
+    Returns the new records and schema (the split column last, its description saying how
+    it was made) and the split's metadata ``{"column", "source": "launch",
+    "test_fraction", "seed", "stratified_by"}``. Writes nothing.
+    """
+    if schema.split_column is not None:
+        raise DatasiteError(
+            f"the schema already declares the split column {schema.split_column!r}; a test "
+            "fraction applies only to records without one: drop --test-fraction, or remove "
+            "the split column from the export and the schema"
+        )
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not (
+        0.0 < float(test_fraction) < 1.0
+    ):
+        raise DatasiteError(f"the test fraction must be a number between 0 and 1 (e.g. 0.2), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DatasiteError(f"the split seed must be a whole number >= 0, got {seed!r}")
+    f, n = float(test_fraction), len(df)
+    n_test = int(round(n * f))
+    if n_test < 1 or n_test > n - 1:
+        raise DatasiteError(
+            f"a test fraction of {f:g} of {n} patients leaves "
+            + ("no test patient" if n_test < 1 else "no training patient")
+            + "; choose another --test-fraction"
+        )
+    column = SPLIT_COLUMN if SPLIT_COLUMN not in schema.names else "fedmtl_split"
+    if column in schema.names:
+        raise DatasiteError(
+            f"the schema has columns named {SPLIT_COLUMN!r} and 'fedmtl_split' that are not a "
+            "split column; rename one so that launch can add the train/test column"
+        )
+    label = schema.labels[0] if schema.labels else None
+    strata = _strata(df[label.name], label) if label is not None else np.zeros(n, dtype=object)
+    keys = sorted(set(strata.tolist()), key=str)
+    sizes = np.array([int((strata == k).sum()) for k in keys])
+    quota = sizes * n_test / n
+    take = np.floor(quota).astype(int)
+    order = sorted(range(len(keys)), key=lambda i: (-(quota[i] - take[i]), i))
+    for i in order[: n_test - int(take.sum())]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(n, dtype=bool)
+    for k, t in zip(keys, take):
+        members = np.flatnonzero(strata == k)
+        is_test[rng.permutation(members)[:t]] = True
+    how = f"stratified by {label.name!r}" if label is not None else "not stratified (no label column)"
+    col = Column(
+        column, "split", "categorical", categories=("train", "test"),
+        description=f"train/test split made at launch: test fraction {f:g}, seed {seed}, {how}",
+    )
+    out = df.copy()
+    out[column] = pd.Categorical(np.where(is_test, "test", "train"), categories=["train", "test"])
+    new_schema = Schema(columns=(*schema.columns, col), name=schema.name,
+                        description=schema.description, extra=dict(schema.extra))
+    info = {
+        "column": column,
+        "source": "launch",
+        "test_fraction": f,
+        "seed": int(seed),
+        "stratified_by": label.name if label is not None else None,
+    }
+    return out[new_schema.names], new_schema, info
+
+
+def _strata(s: pd.Series, col: Column) -> np.ndarray:
+    """One stratum key per patient: the label value (numeric: its quartile), or "missing"."""
+    out = np.full(len(s), "missing", dtype=object)
+    present = s.notna().to_numpy()
+    if col.type == "numeric":
+        v = pd.to_numeric(s, errors="coerce")
+        if present.sum() >= 4:
+            bins = pd.qcut(v[present], 4, labels=False, duplicates="drop")
+            out[present] = [f"q{int(b)}" for b in bins]
+        else:
+            out[present] = "value"
+    else:
+        out[present] = [str(x) for x in s[present].astype(object)]
+    return out
+
+
+def range_warnings(df: pd.DataFrame, schema: Schema) -> list[str]:
+    """One message per numeric feature whose declared range is far wider than its values:
+    the observed span covers under 5% of the declared span, or the declared max is over
+    10 times the observed max. Features are scaled by the declared range (``scaling =
+    "range"``), so such a feature is squeezed into a sliver of [0, 1]."""
+    out: list[str] = []
+    for c in schema.features:
+        if c.type != "numeric" or c.name not in df or (c.min is None and c.max is None):
+            continue
+        x = pd.to_numeric(df[c.name], errors="coerce").dropna()
+        x = x[np.isfinite(x)]
+        if x.empty:
+            continue
+        lo, hi = float(x.min()), float(x.max())
+        why = ""
+        if c.min is not None and c.max is not None and c.max > c.min:
+            share = (hi - lo) / (c.max - c.min)
+            if share * RANGE_SPAN_FACTOR < 1.0:
+                why = f"the values cover {share:.1%} of the declared span"
+        if not why and c.max is not None and hi > 0 and c.max > RANGE_MAX_FACTOR * hi:
+            why = f"the declared max is {c.max / hi:.0f} times the largest value"
+        if why:
+            declared = f"[{'' if c.min is None else _fmt(c.min)}, {'' if c.max is None else _fmt(c.max)}]"
+            out.append(
+                f"column {c.name!r}: declared range {declared} is far wider than the data "
+                f"(observed {lo:.4g} .. {hi:.4g}; {why}). Features are scaled by the declared range, "
+                f"so this one varies only within a sliver of [0, 1]: poorly conditioned training "
+                f"(the model barely sees it). Declare the plausible range in the schema; see "
+                f"docs/schema.md (Ranges)"
+            )
+    return out
+
+
 # -- reading --------------------------------------------------------------------------
 
 
@@ -376,12 +535,16 @@ def _check_column(raw: pd.Series, col: Column, rows: np.ndarray) -> tuple[pd.Ser
             if np.all(np.mod(values, 1) == 0) and np.all(np.abs(values) < 2**53):
                 series = series.astype("int64")
     else:
-        if _all_text(raw):
-            text = raw.str.strip().astype(object).rename(col.name).reset_index(drop=True)
-        else:
-            text = pd.Series([_as_text(v) for v in raw], dtype=object, name=col.name)
+        # one comparison rule (fedmtl.schema.category_key): text, whole numbers as
+        # integers, so a code exported as 2 or 2.0 is the category "2"
+        text = pd.Series(
+            [None if m else _category_text(v) for v, m in zip(raw, is_na)], dtype=object, name=col.name
+        )
         cats = set(col.categories or ())
-        unknown = ~is_na & ~text.isin(cats).to_numpy()
+        if col.role == "id" and col.categories is None:
+            unknown = np.zeros(len(text), dtype=bool)  # text ids: any text
+        else:
+            unknown = ~is_na & ~text.isin(cats).to_numpy()
         if unknown.any():
             problems.append(
                 f"{where} (categorical): {int(unknown.sum())} value(s) not in categories "
@@ -464,12 +627,13 @@ def _to_float(raw: pd.Series, is_na: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return values, bad
 
 
-def _as_text(v: Any) -> Any:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return str(int(v))
-    return str(v).strip()
+def _category_text(v: Any) -> str:
+    """A cell as its category text (:func:`fedmtl.schema.category_key`); a boolean cell
+    stays ``"True"``/``"False"`` and so is reported as not in the categories."""
+    try:
+        return category_key(v)
+    except SchemaError:
+        return str(v)
 
 
 def _examples(rows: np.ndarray, raw: pd.Series, mask: np.ndarray, quote: bool = True) -> str:

@@ -35,6 +35,15 @@ A schema is a TOML file::
 An optional ``split`` column (categorical, categories ``["train", "test"]``) assigns
 each patient to the site's own train or test split.
 
+Categories are compared as text after one normalisation (:func:`category_key`): a value
+that is a whole number, written as ``1``, ``1.0``, ``"1"`` or ``"1.0"`` in the schema or
+in the records, is the category ``"1"``; any other value is its text with surrounding
+spaces removed (so ``"01"`` and ``"1"`` differ, and ``"1.5"`` stays ``"1.5"``). Integer
+codes (tumour size 1, 2, 3) may therefore be written as TOML integers and match the
+records whether the export wrote ``2`` or ``2.0``. Booleans are not categories: use
+``type = "binary"`` for a 0/1 column. An ``id`` column of type ``categorical`` (text ids)
+needs no ``categories``: any text is allowed.
+
 ``binary`` columns hold 0/1. A ``label`` column of type ``categorical`` is a
 multiclass task, of type ``numeric`` a regression task. Exactly one ``id`` column.
 
@@ -43,6 +52,9 @@ This module imports neither syft nor torch.
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +67,35 @@ ColType = Literal["numeric", "categorical", "binary"]
 ROLES: tuple[str, ...] = ("id", "feature", "label", "split")
 TYPES: tuple[str, ...] = ("numeric", "categorical", "binary")
 
+_WHOLE_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0+)?")
+
+
+def category_key(value: Any) -> str:
+    """The text a category value is compared as, in the schema and in the records.
+
+    Whole numbers become their integer text, however written: ``1``, ``1.0``, ``"1"``,
+    ``" 1.0 "``, ``"+1"`` are all ``"1"`` (the form a spreadsheet or pandas may export an
+    integer code in). Any other value is ``str(value)`` with surrounding spaces stripped:
+    ``"01"`` stays ``"01"`` (a leading zero is part of a code), ``1.5`` is ``"1.5"``.
+    Raises :class:`~fedmtl.errors.SchemaError` for a boolean (use a binary column).
+    """
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        raise SchemaError(
+            f"{value!r} is a boolean, not a category: declare the column as type 'binary' "
+            "(values 0/1), or write the categories as text"
+        )
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isfinite(v) and v.is_integer():
+            return str(int(v))
+        return str(v)
+    text = str(value).strip()
+    if _WHOLE_NUMBER.fullmatch(text):
+        return str(int(float(text)))
+    return text
+
 
 @dataclass(frozen=True)
 class Column:
@@ -66,6 +107,10 @@ class Column:
     categories: tuple[str, ...] | None = None
     missing: bool = False
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.categories is not None:  # the one comparison rule, also for code-built columns
+            object.__setattr__(self, "categories", tuple(category_key(c) for c in self.categories))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -166,12 +211,16 @@ class Schema:
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
                 problems.append(f"{where}: min {lo} is greater than max {hi}")
             cats = rc.get("categories")
-            if ctype == "categorical":
+            if ctype == "categorical" and role == "id" and cats is None:
+                pass  # text ids: any text, no list (it would publish every id)
+            elif ctype == "categorical":
                 if not isinstance(cats, list) or not cats:
                     problems.append(f"{where}: a categorical column needs a non-empty 'categories' list")
                     cats = None
-                elif len(set(map(str, cats))) != len(cats):
-                    problems.append(f"{where}: 'categories' has duplicates")
+                else:
+                    cats, cat_problem = _category_list(cats)
+                    if cat_problem:
+                        problems.append(f"{where}: {cat_problem}")
             elif cats is not None:
                 problems.append(f"{where}: 'categories' only applies to categorical columns")
                 cats = None
@@ -192,7 +241,7 @@ class Schema:
                     type=ctype,
                     min=float(lo) if lo is not None else None,
                     max=float(hi) if hi is not None else None,
-                    categories=tuple(str(c) for c in cats) if cats else None,
+                    categories=tuple(cats) if cats else None,
                     missing=missing,
                     description=str(rc.get("description", "")),
                 )
@@ -244,6 +293,27 @@ class Schema:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.dumps(), encoding="utf-8")
+
+
+def _category_list(cats: list[Any]) -> tuple[list[str] | None, str]:
+    """The normalised categories (see :func:`category_key`) or a problem."""
+    keys: list[str] = []
+    for c in cats:
+        if isinstance(c, (list, dict)):
+            return None, f"'categories' must list strings or numbers, got {c!r}"
+        try:
+            keys.append(category_key(c))
+        except SchemaError as e:
+            return None, f"'categories': {e}"
+    if any(k == "" for k in keys):
+        return None, "'categories' has an empty category; an empty cell means a missing value"
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        return None, (
+            f"'categories' has duplicates {dupes} (compared as text, whole numbers as "
+            "integers: 1, 1.0 and \"1\" are the same category)"
+        )
+    return keys, ""
 
 
 def _drop_none(obj: Any) -> Any:
