@@ -230,7 +230,8 @@ def _model_problems(job: Mapping[str, Any], *, policy: Policy, schema: Schema, b
             f"{policy.max_model_params:,}; use narrower or fewer layers"
         )
     if batch is not None:
-        mb = estimate_memory_mb(params, widths, batch)
+        mode = job.get("grad_sample_mode") or ("ghost" if job.get("clipping", "flat") == "flat" else "hooks")
+        mb = estimate_memory_mb(params, widths, batch, per_sample_grads=mode != "ghost")
         if mb > policy.max_memory_mb:
             p.append(
                 f"one round needs about {mb:,.0f} MB (model {params:,} parameters, per-sample gradients "
@@ -260,12 +261,12 @@ def estimate_params(schema: Schema, widths: list[int], *, n_tasks_outputs: int) 
     return int(trunk + sizes[-1] * n_tasks_outputs + n_tasks_outputs)
 
 
-def estimate_memory_mb(params: int, widths: list[int], batch: float) -> float:
-    """Peak bytes of one DP-SGD step, generously: weights, gradient, optimiser state and
-    one per-sample gradient per record of a large Poisson batch (Opacus' hooks mode),
-    plus activations."""
+def estimate_memory_mb(params: int, widths: list[int], batch: float, *, per_sample_grads: bool = True) -> float:
+    """Peak bytes of one DP-SGD step, generously: weights, gradient, optimiser state,
+    activations, and (Opacus' hooks and functorch modes, not ghost clipping) one
+    per-sample gradient per record of a large Poisson batch."""
     b = batch + 6 * math.sqrt(batch) + 16
-    floats = 4 * params + b * params + 4 * b * sum(widths)
+    floats = 4 * params + (b * params if per_sample_grads else 0) + 4 * b * sum(widths)
     return floats * 4 / 2**20
 
 

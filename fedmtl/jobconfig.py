@@ -14,6 +14,9 @@ from fedmtl.models.tasks import TASK_KINDS
 from fedmtl.schema import Column
 
 CLIPPINGS: tuple[str, ...] = ("flat", "per_layer")
+#: how Opacus computes per-sample gradient norms (fedmtl.privacy.dp.GRAD_SAMPLE_MODES); the
+#: accountant is the same for all of them. Ghost clipping needs flat clipping.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ghost")
 OPTIMIZERS: tuple[str, ...] = ("sgd",)
 SCALINGS: tuple[str, ...] = ("range", "standard")
 _SUFFIXES = (".toml", ".yaml", ".yml", ".json")

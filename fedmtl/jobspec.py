@@ -68,6 +68,7 @@ from fedmtl.errors import ConfigError
 from fedmtl.jobconfig import (  # noqa: F401 - re-exported: the spec's public parts
     _SUFFIXES,
     CLIPPINGS,
+    GRAD_SAMPLE_MODES,
     OPTIMIZERS,
     SCALINGS,
     JobSpecError,
@@ -131,6 +132,8 @@ class JobSpec:
     accountant: str = "rdp"
     max_grad_norm: float = 1.0
     clipping: str = "flat"
+    #: None: the fastest correct mode for the clipping (ghost for flat, hooks for per_layer)
+    grad_sample_mode: str | None = None
     scaling: str = "range"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -221,6 +224,11 @@ class JobSpec:
             p.append(f"optimizer {self.optimizer!r} is not supported; choose one of {list(OPTIMIZERS)}")
         if self.clipping not in CLIPPINGS:
             p.append(f"clipping {self.clipping!r} is not one of {list(CLIPPINGS)}")
+        if self.grad_sample_mode is not None:
+            if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+                p.append(f"grad_sample_mode {self.grad_sample_mode!r} is not one of {list(GRAD_SAMPLE_MODES)}")
+            elif self.grad_sample_mode == "ghost" and self.clipping != "flat":
+                p.append("grad_sample_mode 'ghost' needs clipping = 'flat'; use 'hooks' for per_layer clipping")
         if self.scaling not in SCALINGS:
             p.append(f"scaling {self.scaling!r} is not one of {list(SCALINGS)}")
         if self.accountant not in ACCOUNTANTS:
@@ -404,6 +412,13 @@ class JobSpec:
                             steps=self.steps_per_round(n_train))
         return [rec] * r
 
+    def effective_grad_sample_mode(self) -> str:
+        """``grad_sample_mode``, or the fastest correct one for the clipping mode: ghost
+        clipping for flat clipping (no per-sample gradients stored), hooks otherwise."""
+        if self.grad_sample_mode is not None:
+            return self.grad_sample_mode
+        return "ghost" if self.clipping == "flat" else "hooks"
+
     # -- passes: R training rounds + 1 final evaluation ------------------------------------
     def evaluates(self, pass_no: int) -> bool:
         """Whether pass ``pass_no`` (1..rounds+1) releases evaluation statistics: the final
@@ -456,6 +471,7 @@ class JobSpec:
             "accountant": self.accountant,
             "max_grad_norm": self.max_grad_norm,
             "clipping": self.clipping,
+            "grad_sample_mode": self.effective_grad_sample_mode(),
             "fedprox_mu": self.strategy.mu if self.strategy.name == "fedprox" else 0.0,
         }
 

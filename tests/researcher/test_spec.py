@@ -356,3 +356,14 @@ def test_passes_charge_training_then_evaluation_in_order():
     assert final_only.eval_record() == PrivacyRecord(noise_multiplier=5.0, sample_rate=1.0, steps=1)
     with pytest.raises(ConfigError, match="eval_noise_multiplier"):
         _spec(noise_multiplier=1.0, eval_noise_multiplier=0.0)
+
+
+def test_grad_sample_mode_defaults_to_the_fastest_correct_one():
+    # flat clipping: ghost clipping (no per-sample gradients); per-layer: hooks
+    assert _spec(noise_multiplier=1.0).client_config()["grad_sample_mode"] == "ghost"
+    assert _spec(noise_multiplier=1.0, clipping="per_layer").client_config()["grad_sample_mode"] == "hooks"
+    assert _spec(noise_multiplier=1.0, grad_sample_mode="functorch").effective_grad_sample_mode() == "functorch"
+    with pytest.raises(ConfigError, match="ghost' needs clipping = 'flat'"):
+        _spec(noise_multiplier=1.0, clipping="per_layer", grad_sample_mode="ghost")
+    with pytest.raises(ConfigError, match="grad_sample_mode 'fast'"):
+        _spec(noise_multiplier=1.0, grad_sample_mode="fast")
