@@ -33,6 +33,9 @@ def spec_of(request) -> dict[str, Any] | None:
     return None
 
 
+#: the syft tag on a request left for a person, so the researcher's status() can say so
+MANUAL_REVIEW_TAG = "fedmtl:pending_manual"
+
 #: the keyword arguments the round template takes, in its order
 TEMPLATE_KWARGS = ("data", "spec", "message")
 
@@ -268,6 +271,18 @@ class Reviewer:
             self._server_id, self._asset_id = binding_of(self.home, self.client)
         return self._server_id, self._asset_id
 
+    def _tag_manual(self, req) -> None:
+        """Tag a request that waits for a person (researchers see the tag in status())."""
+        from fedmtl.datasites import syftio
+
+        if MANUAL_REVIEW_TAG in (getattr(req, "tags", None) or []):
+            return
+        try:
+            with syftio.quiet():
+                self.client.api.services.request.set_tags(req, [*(req.tags or []), MANUAL_REVIEW_TAG])
+        except Exception:  # noqa: BLE001 - a missing tag only makes status() less precise
+            log.warning("could not tag request %s as waiting for a person", req.id)
+
     def poll(self) -> int:
         """Review every new pending request; returns how many were decided."""
         from fedmtl.datasites import syftio
@@ -295,6 +310,8 @@ class Reviewer:
                            f"{str(e)[:200]}); it is denied")
             if status != "pending_manual":
                 self.seen.add(key)  # a person's later decision writes the database again
+            else:
+                self._tag_manual(req)
             n += 1
         return n
 

@@ -235,6 +235,93 @@ def roster_pins(policy: Policy, roster, *, own_site: str) -> tuple[list[str], li
     return ok, denials
 
 
+def _job_shape(r: RequestFacts) -> tuple[PrivacyRecord, list[PrivacyRecord]] | None:
+    """(the record of one training round, the job's other records) when the job is
+    ``rounds`` equal training rounds plus its evaluation releases; ``None`` otherwise."""
+    recs = r.privacy_records()
+    if not r.records:
+        return (recs[0], []) if recs else None
+    rest = list(recs)
+    others: list[PrivacyRecord] = []
+    if r.eval_passes:
+        release = PrivacyRecord(noise_multiplier=r.eval_noise_multiplier, sample_rate=1.0, steps=1)
+        for _ in range(r.eval_passes):
+            if release in rest:
+                rest.remove(release)
+                others.append(release)
+    if r.rounds < 1 or len(rest) != r.rounds or len(set(rest)) != 1:
+        return None
+    return rest[0], others
+
+
+def _most_rounds(r: RequestFacts, p: Policy, fits) -> tuple[int, float, float] | None:
+    """(the most training rounds, at the job's own noise multiplier, that ``fits``
+    accepts, the epsilon of that job alone, its noise multiplier), or ``None`` when the
+    job's records are not equal rounds.
+
+    A binary search over 0..min(max_rounds, rounds - 1) rounds (the job's own ``rounds``
+    does not fit: that is why it is denied); each step composes with the policy's
+    accountant. The job's evaluation releases stay in every candidate (fewer rounds
+    never release more often), so the count is on the safe side."""
+    shape = _job_shape(r)
+    if shape is None:
+        return None
+    rec, others = shape
+
+    def job(k: int) -> list[PrivacyRecord]:
+        return [rec] * k + others
+
+    lo, hi = 0, max(0, min(int(p.max_rounds), int(r.rounds) - 1))
+    while lo < hi:  # invariant: lo rounds are reported (0 = none fits), hi is the upper end
+        mid = (lo + hi + 1) // 2
+        if fits(job(mid)):
+            lo = mid
+        else:
+            hi = mid - 1
+    eps_k = epsilon_of(job(lo), delta=p.delta, accountant=p.accountant) if lo else 0.0
+    return lo, float(eps_k), float(rec.noise_multiplier)
+
+
+def _rounds_hint(r: RequestFacts, p: Policy, fits) -> str:
+    """``", and at noise_multiplier s at most k round(s) fit (epsilon e alone)"``, or ``""``
+    (no semicolon: syft joins a denial's reasons with ``"; "``)."""
+    found = _most_rounds(r, p, fits)
+    if found is None:
+        return ""
+    k, eps_k, sigma = found
+    if k == 0:
+        return f", and at noise_multiplier {sigma:g} not even 1 round fits (raise noise_multiplier)"
+    return f", and at noise_multiplier {sigma:g} at most {k} round(s) fit (epsilon {_floor4(eps_k)} alone)"
+
+
+def _fit_hint(r: RequestFacts, p: Policy, fits) -> str:
+    """What still fits a budget: the largest epsilon (of the most rounds of this job at
+    its noise multiplier that fit) and those rounds; or that nothing fits any more."""
+    found = _most_rounds(r, p, fits)
+    if found is None:
+        return ""
+    k, eps_k, sigma = found
+    if k == 0:
+        rec, others = _job_shape(r)  # type: ignore[misc] - found implies a shape
+        if not fits(others):
+            return (". Nothing fits here any more: what was spent"
+                    + (", with the job's evaluation releases alone," if others else "")
+                    + " already exceeds the budget")
+        one = epsilon_of([rec, *others], delta=p.delta, accountant=p.accountant)
+        return (f". Not even 1 round at noise_multiplier {sigma:g} fits (it costs epsilon {one:.4g} alone): "
+                "raise noise_multiplier, or lower sample_rate or steps per round")
+    return (f". At noise_multiplier {sigma:g} at most {k} round(s) fit: the largest epsilon that "
+            f"still fits at that noise is {_floor4(eps_k)} (the job alone)")
+
+
+def _floor4(x: float) -> str:
+    """``x`` to 4 significant digits, rounded down (a suggested epsilon never overshoots)."""
+    if not math.isfinite(x) or x <= 0:
+        return f"{x:g}"
+    scale = 10 ** (3 - math.floor(math.log10(x)))
+    return f"{math.floor(x * scale) / scale:g}"
+
+
 def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Decision:
     """Review ``request`` against ``policy`` given what was already ``spent``."""
     r, p = request, policy
@@ -346,13 +433,16 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
         denials.append(
             f"privacy.max_epsilon_per_job: the job costs epsilon {eps_job:.4g} {at}, above the "
             f"per-job maximum {p.max_epsilon_per_job:g}; raise noise_multiplier, or lower rounds, "
-            "sample_rate or steps per round"
+            "sample_rate or steps per round. The largest epsilon that fits is the maximum "
+            f"{p.max_epsilon_per_job:g} (e.g. target_epsilon <= {p.max_epsilon_per_job:g})"
+            + _rounds_hint(r, p, lambda recs: eps(recs) <= p.max_epsilon_per_job)
         )
     if eps_ds > p.dataset_epsilon_budget:
         denials.append(
             f"privacy.dataset_epsilon_budget: dataset {r.dataset!r} has spent epsilon "
             f"{eps_ds_before:.4g}; with this job it would reach {eps_ds:.4g} {at}, above its budget "
             f"{p.dataset_epsilon_budget:g}; make the job cheaper (it costs {eps_job:.4g} alone)"
+            + _fit_hint(r, p, lambda recs: eps([*spent.dataset_records, *recs]) <= p.dataset_epsilon_budget)
         )
     if eps_rs > p.researcher_epsilon_budget:
         denials.append(
@@ -360,6 +450,7 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
             f"{eps_rs_before:.4g} on this dataset; with this job it would reach {eps_rs:.4g} {at}, "
             f"above the per-researcher budget {p.researcher_epsilon_budget:g}; make the job cheaper "
             f"(it costs {eps_job:.4g} alone)"
+            + _fit_hint(r, p, lambda recs: eps([*spent.researcher_records, *recs]) <= p.researcher_epsilon_budget)
         )
 
     if denials:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedmtl import protocol
 from fedmtl.datasites import syftio
+from fedmtl.datasites.autoreview import MANUAL_REVIEW_TAG  # set by the datasite's reviewer
 from fedmtl.datasites.home import write_json_atomic
 from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
@@ -165,32 +166,79 @@ class Job:
 
         return run_local_passes(self, {s: self.session.sites[s].mock() for s in self.sites}, passes=passes)
 
+    # -- planning --------------------------------------------------------------------
+    def cost(self, *, budget: bool = True) -> dict[str, dict[str, Any]]:
+        """What this job will cost each site, before (or after) submitting it.
+
+        Per site (see :func:`price`): ``epsilon`` of the whole job at the site's delta
+        (training rounds and evaluation releases, on the site's published training-split
+        size), the ``noise_multiplier`` it trains with, and, with ``budget``, your
+        ``budget_left`` there and whether the job ``fits``. A datasite publishes no
+        budgets: your budget left is read through an approved job of yours at that site
+        (this one once approved, else your newest approved one); before your first
+        approved job there it is ``None`` and ``budget_from`` says why."""
+        return price(self.session, self.spec, sites=self.sites, budget=budget,
+                     prefer=self.state["func_name"])
+
     # -- submission ------------------------------------------------------------------
-    def submit(self) -> None:
+    def submit(self) -> dict[str, dict[str, Any]]:
         """Send one code request per site: the round template with this site's spec as
-        a syft ``Constant``."""
+        a syft ``Constant``.
+
+        Returns per site ``{"status", "request", "job_id", "epsilon"}``: the request's
+        status right after submission (``pending`` until the site reviews it; see
+        :meth:`status`), syft's request id (what the data owner's ``fedmtl datasite
+        review`` lists next to the job id), this job's id and the epsilon the job will
+        cost there. A submission cut short (a site unreachable) can be retried: sites
+        already sent a request are not sent another."""
         if self.state["submitted"]:
             raise JobError(f"job {self.job_id} was already submitted")
         sy = syftio.import_syft()
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
         limit = CALLS_PER_PASS * (int(self.spec.rounds) + 1) * 4
+        sent: dict[str, str] = self.state.setdefault("requests", {})
+        self.state.setdefault("submitted_at", time.time())
+        summary: dict[str, dict[str, Any]] = {}
         for s in self.sites:
-            conn = self.session.sites[s]
-            fn = make_round_function(self.state["func_name"])
-            with syftio.quiet():
-                policy = sy.MixedInputPolicy(
-                    data=conn.asset, spec=sy.Constant(val=self.site_specs[s]), message=dict, client=conn.client
-                )
-                code = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=limit))(fn)
-                req = conn.client.code.request_code_execution(code)
-            syftio.check(req, f"submitting job {self.job_id} to {s}")
+            status = "pending"
+            if s not in sent:
+                conn = self.session.sites[s]
+                fn = make_round_function(self.state["func_name"])
+                with syftio.quiet():
+                    policy = sy.MixedInputPolicy(
+                        data=conn.asset, spec=sy.Constant(val=self.site_specs[s]), message=dict, client=conn.client
+                    )
+                    code = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=limit))(fn)
+                    req = conn.client.code.request_code_execution(code)
+                syftio.check(req, f"submitting job {self.job_id} to {s}")
+                sent[s] = str(getattr(req, "id", "") or self.job_id)
+                self._save()
+                status = _request_status(req) or status
+            summary[s] = {"status": status, "request": sent[s], "job_id": self.job_id,
+                          "epsilon": self._job_epsilon(s)}
         self.state["submitted"] = True
         self._save()
+        return summary
 
-    def status(self) -> dict[str, dict[str, str]]:
-        """Per site: ``pending``, ``approved`` or ``denied``, with the reason."""
-        out = {}
+    def _job_epsilon(self, site: str) -> float:
+        return float(self.spec.epsilon_for_site(_n_train(self.session.sites[site].meta)))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per site: ``{"status", "reason"}``, status one of ``not submitted``,
+        ``pending``, ``approved`` or ``denied``.
+
+        A denial's reason is the site's (each rule's reason starts with its policy key and
+        says what to change). A pending request's reason is ``"queued for the automatic
+        reviewer"`` while it is fresh, or ``"waiting for a person (this datasite approves
+        by hand)"``: syft shows a researcher no more than ``pending`` for both, and a
+        datasite's automatic reviewer decides a request within seconds of its arrival, so
+        a request still pending after :data:`AUTO_REVIEW_SECONDS` (counted from
+        :meth:`submit`) waits for the data owner (the site approves by hand, or the
+        request carried a warning); at once if the datasite tags the syft request
+        :data:`MANUAL_REVIEW_TAG`. A pending entry also has ``waiting_s``, the seconds
+        since submission."""
+        out: dict[str, dict[str, Any]] = {}
         for s in self.sites:
             conn = self.session.sites[s]
             with syftio.quiet():
@@ -202,14 +250,28 @@ class Job:
                 out[s] = {"status": "not submitted", "reason": ""}
                 continue
             r = reqs[-1]
-            st = r.status.name.lower()
+            st = _request_status(r) or "pending"
             reason = ""
-            if st in ("rejected", "denied"):
-                st = "denied"
+            if st == "denied":
                 with syftio.quiet():
                     reason = str(r.deny_reason or "")
-            out[s] = {"status": st, "reason": reason}
+                out[s] = {"status": st, "reason": reason}
+            elif st == "pending":
+                waited = self._waiting_seconds(r)
+                manual = MANUAL_REVIEW_TAG in (getattr(r, "tags", None) or []) or waited > AUTO_REVIEW_SECONDS
+                out[s] = {"status": st, "reason": PENDING_MANUAL if manual else PENDING_AUTO,
+                          "waiting_s": round(waited, 1)}
+            else:
+                out[s] = {"status": st, "reason": reason}
         return out
+
+    def _waiting_seconds(self, request) -> float:
+        """Seconds since this job was submitted (the researcher's own clock), or since
+        syft's request time when the job predates the record."""
+        start = self.state.get("submitted_at")
+        if start is None:
+            start = getattr(getattr(request, "request_time", None), "utc_timestamp", None)
+        return max(0.0, time.time() - float(start)) if start is not None else 0.0
 
     def spend(self) -> dict[str, dict[str, Any]]:
         """Per site: your own requests, epsilon spent and budget left there (read from the
@@ -221,7 +283,14 @@ class Job:
             out[s] = r.get("view", {}) if r.get("ok") else {"error": r.get("error")}
         return out
 
-    def wait_for_review(self, timeout: float = 120.0, poll: float = 1.0) -> dict[str, dict[str, str]]:
+    def wait_for_review(self, timeout: float = 120.0, poll: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Wait until no site's request is ``pending`` any more, or ``timeout`` seconds
+        have passed; returns :meth:`status` (per site ``status`` and ``reason``).
+
+        Checks every ``poll`` seconds. It does not raise: on timeout the sites still
+        deciding are ``pending``, with the reason (queued for the automatic reviewer,
+        or waiting for a person). A site that approves by hand may take hours; call it
+        again later (or :meth:`run`, which waits the same way before the first pass)."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
@@ -319,8 +388,7 @@ class Job:
 
         out = {}
         for s in self.sites:
-            meta = self.session.sites[s].meta
-            n_train = int(meta["split_sizes"].get("train", meta["n_records"]))
+            n_train = _n_train(self.session.sites[s].meta)
             recs = [r for p in range(1, passes_done + 1) for r in self.spec.pass_records(n_train, p)]
             out[s] = float(epsilon_of(recs, delta=self.spec.delta, accountant=self.spec.accountant)) if recs else 0.0
         return out
@@ -345,6 +413,140 @@ class Job:
             rounds_done=min(int(ckpt.round), int(self.spec.rounds)),
             site_status=dict(ckpt.site_status),
         )
+
+
+# ---------------------------------------------------------------------------- planning
+
+#: a datasite's automatic reviewer answers within seconds (it polls every 1-3 s)
+AUTO_REVIEW_SECONDS = 30.0
+PENDING_AUTO = "queued for the automatic reviewer"
+PENDING_MANUAL = "waiting for a person (this datasite approves by hand)"
+
+
+def price(session, spec, *, sites=None, budget: bool = True, prefer: str | None = None) -> dict[str, dict[str, Any]]:
+    """What ``spec`` costs each of ``session``'s sites that it runs on, without submitting.
+
+    Per site::
+
+        n_train            training records (the site's published split size)
+        rounds             training rounds
+        noise_multiplier   the one the site trains with (fixed, or calibrated to
+                           target_epsilon on that site's n_train)
+        epsilon            the whole job at delta: rounds and evaluation releases, as
+                           the site's ledger will charge them (fedmtl.jobspec.JobSpec.epsilon_for_site)
+        budget_left        your researcher budget left there, or None if unknown
+        fits               epsilon <= budget_left, or None if unknown
+        budget_from        where budget_left came from, or why it is unknown
+
+    A datasite publishes its schema and counts, not its policy or anyone's spend: your
+    budget left is your own spend view, read through an approved job of yours at that
+    site (``prefer``, the name of this job's round function, first; otherwise your newest
+    approved job there; the call runs no round and charges nothing). Before your first
+    approved job at a site it is unknown. It is your budget minus what your rounds there
+    have spent so far (approved jobs not yet run are not subtracted; the reviewer counts
+    them). ``fits`` is a planning figure: the site composes the job's records with what
+    you spent (usually cheaper than adding epsilons) and also checks its per-job maximum
+    and the dataset's budget; its reviewer decides.
+    ``budget=False`` skips the lookups (no syft calls)."""
+    if sites is None:
+        schemas = session.schemas
+        spec.validate(schemas)
+        sites = spec.participating(sorted(schemas))
+    out: dict[str, dict[str, Any]] = {}
+    for s in sites:
+        n_train = _n_train(session.sites[s].meta)
+        row: dict[str, Any] = {
+            "n_train": n_train,
+            "rounds": int(spec.rounds),
+            "noise_multiplier": float(spec.noise_for_site(n_train)),
+            "epsilon": float(spec.epsilon_for_site(n_train)),
+            "budget_left": None,
+            "fits": None,
+            "budget_from": "not asked (budget=False)",
+        }
+        if budget:
+            left, source = _budget_left(session, s, prefer=prefer)
+            row["budget_left"], row["budget_from"] = left, source
+            if left is not None:
+                row["fits"] = bool(row["epsilon"] <= left)
+        out[s] = row
+    return out
+
+
+def price_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """:func:`price`'s answer as a text table, with a line per site whose budget is unknown."""
+    head = ("site", "n_train", "rounds", "noise", "epsilon", "budget left", "fits")
+
+    def num(x: Any) -> str:
+        return "-" if x is None else f"{float(x):.4g}"
+
+    body = [
+        (s, str(r["n_train"]), str(r["rounds"]), num(r["noise_multiplier"]), num(r["epsilon"]),
+         num(r["budget_left"]), "-" if r["fits"] is None else ("yes" if r["fits"] else "no"))
+        for s, r in sorted(rows.items())
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head).rstrip()] + [fmt.format(*b).rstrip() for b in body]
+    for s, r in sorted(rows.items()):
+        if r["budget_left"] is None:
+            lines.append(f"{s}: budget left unknown: {r['budget_from']}")
+    return "\n".join(lines)
+
+
+def _n_train(meta: Mapping[str, Any]) -> int:
+    """The training records a site charges against: its published train split size, or
+    all its records when it has no split column."""
+    return int((meta.get("split_sizes") or {}).get("train", meta["n_records"]))
+
+
+def _request_status(request) -> str | None:
+    """``pending``, ``approved`` or ``denied`` (syft says ``rejected``), or ``None``."""
+    try:
+        with syftio.quiet():
+            st = request.status.name.lower()
+    except Exception:  # noqa: BLE001 - a status syft cannot give is unknown
+        return None
+    return "denied" if st in ("rejected", "denied") else st
+
+
+def _budget_left(session, site: str, *, prefer: str | None) -> tuple[float | None, str]:
+    """(your researcher budget left at ``site``, where it came from), read through the
+    ``spend`` query of an approved fedmtl job of yours there."""
+    conn = session.sites[site]
+    approved: list[str] = []
+    try:
+        with syftio.quiet():
+            reqs = list(conn.client.requests.get_all())
+            for r in reversed(reqs):  # newest first
+                if r.status.name.lower() != "approved":
+                    continue
+                name = getattr(r.code, "service_func_name", None)
+                if isinstance(name, str) and name.startswith(f"{TEMPLATE_NAME}_") and name not in approved:
+                    approved.append(name)
+    except Exception as e:  # noqa: BLE001 - unreachable: the budget is unknown
+        return None, f"could not list your requests at {site} ({type(e).__name__})"
+    if not approved:
+        return None, (f"{site} publishes no budgets; your budget left there is known once a job of "
+                      "yours is approved there (then job.cost() or job.spend() show it)")
+    if prefer in approved:
+        approved.remove(prefer)
+        approved.insert(0, prefer)
+    last = ""
+    for name in approved:
+        r = SyftTransport(session, name).call(site, {"stage": "spend"})
+        view = r.get("view") if r.get("ok") else None
+        if not view:
+            last = str(r.get("error") or "no spend view")
+            continue
+        left = view.get("budget_left") or {}
+        value = left.get(conn.dataset.name) if getattr(conn.dataset, "name", None) in left else (
+            next(iter(left.values())) if len(left) == 1 else None)
+        if value is not None:
+            job = "this job" if name == prefer else f"your approved job {name}"
+            return float(value), f"your spend view at {site}, read through {job}"
+        last = f"the spend view names no budget for this dataset ({sorted(left)})"
+    return None, f"could not read your spend view at {site}: {last}"
 
 
 def _metrics_row(record: Mapping[str, Any]) -> dict[str, Any]:

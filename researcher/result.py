@@ -17,6 +17,15 @@ Per-site heads hold the values of the head entries only (``~shared_mask``, i.e. 
 entry outside ``"trunk"``), in flat-vector order; :meth:`JobResult.model` with a
 ``site`` puts them over the global vector.
 
+Using a result::
+
+    result = job.run()                      # or JobResult.load("runs/mtl/result")
+    print(result)                           # tasks, final AUROC / Brier, epsilon per site, rounds
+    result.final_metrics()                  # {task: {metric: value}} of the last evaluation
+    result.metrics_table()                  # every evaluation, one row per metric
+    result.predict(df)                      # {task: predictions}; df checked against the schema
+    result.save("runs/mtl/result")          # result.json + weights.npz + job.toml
+
 This module imports no syft.
 """
 
@@ -49,7 +58,11 @@ def head_mask(model) -> np.ndarray:
 
 @dataclass
 class JobResult:
-    """See the module docs. ``metrics`` is the history (one entry per evaluated round)."""
+    """A trained multi-task model with its metrics and privacy cost (see the module docs).
+
+    ``metrics`` is the history (one entry per evaluated round), ``epsilon`` the epsilon
+    charged per site, ``rounds_done`` the training rounds run. ``print(result)`` shows a
+    short summary (never the spec, the schema or the weights)."""
 
     spec: JobSpec
     model_config: dict[str, Any]
@@ -122,20 +135,71 @@ class JobResult:
         net.eval()
         return net
 
+    @property
+    def schema(self):
+        """The records schema the model was trained on (the sites' own)."""
+        from fedmtl.schema import Schema
+
+        return Schema.from_dict(self.preprocessor["schema"], source="the result's schema")
+
+    def check_records(self, records: pd.DataFrame | str | Path) -> pd.DataFrame:
+        """``records`` (a DataFrame, or a CSV / Parquet file) checked against the schema's
+        feature columns exactly as ``fedmtl datasite launch`` checks a hospital's export,
+        and typed; raises :class:`~fedmtl.errors.RecordsValidationError` listing every
+        problem (missing feature columns, unknown columns, values of the wrong type,
+        outside the declared range or categories, missing where the schema forbids it).
+
+        The schema's id, label and split columns are not needed and are ignored when
+        present: only the features go into the model."""
+        from fedmtl.datasites import records as rec
+        from fedmtl.schema import Column, Schema
+
+        schema = self.schema
+        rownums = None
+        if isinstance(records, (str, Path)):
+            raw, rownums = rec.read_export(records)  # launch's reader: its row numbers, its errors
+            source = f"records file {Path(records)}"
+        elif isinstance(records, pd.DataFrame):
+            raw, source = records, "records given to predict"
+        else:
+            raise TypeError(f"predict takes a pandas DataFrame or a CSV/Parquet path, got {type(records).__name__}")
+        features = schema.features
+        ignored = [c.name for c in schema.columns if c.role != "feature"]
+        raw = raw.drop(columns=[c for c in raw.columns if str(c) in ignored])
+        # validate_frame checks a whole export, id included: give it a stand-in id
+        id_name = schema.id_column
+        raw = raw.assign(**{id_name: np.arange(1, len(raw) + 1, dtype=float)})
+        sub = Schema(columns=(Column(name=id_name, role="id", type="numeric"), *features), name=schema.name)
+        typed = rec.validate_frame(raw, sub, rownums=rownums, source=source)
+        return typed[[c.name for c in features]]
+
     def preprocess(self, df: pd.DataFrame):
+        """The model's input features of ``df`` (unchecked: :meth:`predict` checks first)."""
         from fedmtl.models.preprocessing import Preprocessor
 
         return Preprocessor.from_dict(self.preprocessor).transform(df)
 
-    def predict(self, df: pd.DataFrame, *, site: str | None = None) -> dict[str, np.ndarray]:
-        """Per task: P(y=1) (binary, ``(n,)``), class probabilities (multiclass, ``(n, C)``),
-        the predicted value in label units (regression, ``(n,)``)."""
-        return self.model(site).predict(self.preprocess(df))
+    def predict(self, records: pd.DataFrame | str | Path, *, site: str | None = None) -> dict[str, np.ndarray]:
+        """Predictions for ``records`` (a DataFrame or a CSV / Parquet file), per task:
+        P(y=1) (binary, ``(n,)``), class probabilities in the schema's category order
+        (multiclass, ``(n, C)``), the predicted value in label units (regression,
+        ``(n,)``); row ``i`` is the ``i``-th record.
+
+        The records are first checked against the schema as ``fedmtl datasite launch``
+        checks an export (:meth:`check_records`: the same
+        :class:`~fedmtl.errors.RecordsValidationError` listing every problem); only the
+        feature columns are needed. ``site`` uses that site's personalised heads
+        (strategy ``fedper``) instead of the global ones."""
+        return self.model(site).predict(self.preprocess(self.check_records(records)))
 
     # -- reporting -----------------------------------------------------------------------------
     def metrics_table(self) -> pd.DataFrame:
-        """Rows ``round, site, task, metric, value``; ``site`` is ``"pooled"`` for the
-        pooled metrics."""
+        """Every evaluation as rows ``round, site, task, metric, value``; ``site`` is
+        ``"pooled"`` for the metrics summed over all sites under secure aggregation (a
+        site's own only where the sites released them). Metrics: ``auroc``, ``auprc``,
+        ``accuracy``, ``brier`` (calibration) for classification tasks, ``mae`` and
+        ``rmse`` for regression, ``n`` the labelled test records; all are DP-noised
+        releases. A missing value is NaN."""
         rows = []
         for e in self.metrics:
             r = int(e["round"])
@@ -147,8 +211,37 @@ class JobResult:
         return pd.DataFrame(rows, columns=["round", "site", "task", "metric", "value"])
 
     def final_metrics(self) -> dict[str, dict[str, float]]:
-        """The pooled metrics of the last evaluation (``{}`` if none)."""
+        """The pooled metrics of the last evaluation, ``{task: {metric: value}}``
+        (``{}`` if none); see :meth:`metrics_table` for the metric names."""
         return dict(self.metrics[-1]["pooled"]) if self.metrics else {}
+
+    def summary(self) -> str:
+        """A few lines: the rounds, each task's final AUROC and Brier score (or MAE), the
+        epsilon spent per site. Never the spec, the schema or the weights."""
+        tasks = [(t["name"], t["kind"]) for t in self.model_config.get("tasks", [])]
+        final = self.final_metrics()
+        last = self.metrics[-1]["round"] if self.metrics else None
+        head = (f"JobResult {self.spec.name!r}: {self.rounds_done} of {self.spec.rounds} round(s), "
+                f"{len(tasks)} task(s), strategy {self.spec.strategy.name}")
+        rows = [("task", "kind", "AUROC", "Brier", "MAE")]
+        for name, kind in tasks:
+            m = final.get(name, {})
+            rows.append((name, kind, _fmt(m.get("auroc"), ".3f"), _fmt(m.get("brier"), ".3f"), _fmt(m.get("mae"))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"  final metrics from the evaluation after round {last}" if last is not None
+                     else "  no evaluation yet")
+        eps = ", ".join(f"{site}={_fmt(e)}" for site, e in sorted(self.epsilon.items())) or "-"
+        lines.append(f"  epsilon per site: {eps} (delta={self.spec.delta:g})")
+        if self.site_heads:
+            lines.append(f"  personalised heads: {', '.join(sorted(self.site_heads))}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return self.summary()
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -167,8 +260,11 @@ class JobResult:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``result.json``, ``weights.npz`` and ``job.toml`` into ``directory``
-        (created if needed; each file atomically; all serialised before any is written)."""
+        """Write ``result.json`` (spec, model config, preprocessor, metrics, epsilon),
+        ``weights.npz`` (the weights) and ``job.toml`` (the spec) into ``directory``
+        (created if needed; each file atomically; all serialised before any is written;
+        ``result.json`` last, so its presence marks a complete result). Returns the
+        folder; :meth:`load` reads it back."""
         d = Path(directory)
         meta = (json.dumps(self.to_dict(), indent=2, default=_default) + "\n").encode("utf-8")
         buf = io.BytesIO()
@@ -182,6 +278,9 @@ class JobResult:
 
     @classmethod
     def load(cls, directory: str | Path) -> "JobResult":
+        """Read a result :meth:`save` wrote. Raises :class:`~fedmtl.errors.ConfigError`
+        when the folder holds none, a file is damaged, or the spec no longer matches its
+        recorded hash (the file was altered)."""
         d = Path(directory)
         meta_path, w_path = d / "result.json", d / "weights.npz"
         if not meta_path.is_file() or not w_path.is_file():
@@ -209,6 +308,15 @@ class JobResult:
             rounds_done=int(meta.get("rounds_done", 0)),
             site_status=meta.get("site_status", {}),
         )
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None:
+        return "-"
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def _num(v: Any) -> float:

@@ -162,3 +162,141 @@ def test_facts_round_trip():
     f = H.make_facts(records=(R, R))
     assert type(f).from_dict(f.to_dict()) == f
     assert H.make_facts(rounds=2).privacy_records() == [R, R]
+
+
+# -- budget denials say what would still fit -------------------------------------------------
+EVAL = PrivacyRecord(5.0, 1.0, 1)  # one evaluation release (sample rate 1, one step)
+
+
+def _eps(recs):
+    return epsilon_of(list(recs), delta=1e-5)
+
+
+def _reason(d, rule):
+    (reason,) = [r for r in d.reasons if r.startswith(rule + ":")]
+    return reason
+
+
+def test_per_job_denial_names_the_maximum_and_the_most_rounds_at_the_same_noise():
+    # Prepare: 60 steps a round at noise 1.5; 3 rounds cost 2.473 > 2, 1 round 1.507
+    facts = H.make_facts(steps_per_round=60)
+    # Execute
+    d = decide(policy=H.make_policy(), request=facts, spent=NONE)
+    # Assert: the rule key first, the old numbers kept, then the largest epsilon and rounds
+    reason = _reason(d, "privacy.max_epsilon_per_job")
+    one, two = PrivacyRecord(1.5, 0.05, 60), [PrivacyRecord(1.5, 0.05, 60)] * 2
+    assert _eps([one]) <= 2.0 < _eps(two)  # the search's answer is the true boundary
+    assert "The largest epsilon that fits is the maximum 2" in reason
+    assert ", and at noise_multiplier 1.5 at most 1 round(s) fit (epsilon 1.507 alone)" in reason
+
+
+def test_dataset_budget_denial_names_the_largest_epsilon_and_rounds_that_still_fit():
+    spent = SpendSummary(dataset_records=(PrivacyRecord(1.0, 0.1, 50),))
+    d = decide(policy=H.make_policy(), request=H.make_facts(), spent=spent)
+    reason = _reason(d, "privacy.dataset_epsilon_budget")
+    # composed with what was spent: 2 rounds fit the budget 6, 3 do not
+    assert _eps([*spent.dataset_records, R, R]) <= 6.0 < _eps([*spent.dataset_records, R, R, R])
+    assert _eps([R, R]) == pytest.approx(1.28672, abs=1e-5)  # shown rounded down: never overshoots
+    assert "At noise_multiplier 1.5 at most 2 round(s) fit: the largest epsilon that still fits at that " \
+           "noise is 1.286 (the job alone)" in reason
+
+
+def test_researcher_budget_denial_when_not_even_one_round_fits():
+    spent = SpendSummary(dataset_records=(PrivacyRecord(1.5, 0.1, 100),),
+                         researcher_records=(PrivacyRecord(1.5, 0.1, 100),))
+    d = decide(policy=H.make_policy(), request=H.make_facts(), spent=spent)
+    reason = _reason(d, "privacy.researcher_epsilon_budget")
+    assert _eps([*spent.researcher_records, R]) > 4.0
+    assert "Not even 1 round at noise_multiplier 1.5 fits (it costs epsilon 1.024 alone)" in reason
+    assert "raise noise_multiplier" in reason
+
+
+def test_budget_denial_when_the_budget_is_already_spent():
+    spent = SpendSummary(dataset_records=(PrivacyRecord(1.0, 0.1, 200),))
+    d = decide(policy=H.make_policy(), request=H.make_facts(), spent=spent)
+    assert "Nothing fits here any more: what was spent already exceeds the budget" in \
+        _reason(d, "privacy.dataset_epsilon_budget")
+
+
+def test_the_rounds_search_keeps_the_evaluation_releases():
+    # Prepare: 3 rounds + 1 final evaluation release, as the reviewer derives them from a spec
+    facts = H.make_facts(records=(R, R, R, EVAL), eval_passes=1, eval_noise_multiplier=5.0)
+    spent = SpendSummary(dataset_records=(PrivacyRecord(1.0, 0.1, 50),))
+    policy = H.make_policy(dataset_epsilon_budget=6.03)
+    # Execute
+    d = decide(policy=policy, request=facts, spent=spent)
+    # Assert: 1 round fits with the release, 2 do not
+    reason = _reason(d, "privacy.dataset_epsilon_budget")
+    assert "at most 1 round(s) fit" in reason
+    assert _eps([*spent.dataset_records, R, EVAL]) <= 6.03 < _eps([*spent.dataset_records, R, R, EVAL])
+    assert _eps([R, EVAL]) == pytest.approx(1.26416, abs=1e-5)
+    assert "the largest epsilon that still fits at that noise is 1.264 (the job alone)" in reason
+    # and when the releases alone no longer fit, nothing does
+    spent = SpendSummary(dataset_records=(PrivacyRecord(0.9, 0.1, 300),))
+    d = decide(policy=policy, request=facts, spent=spent)
+    assert "what was spent, with the job's evaluation releases alone, already exceeds the budget" in \
+        _reason(d, "privacy.dataset_epsilon_budget")
+
+
+def test_the_rounds_search_stops_at_the_policys_max_rounds():
+    # 8 rounds, above max_rounds 5; a budget that 7 rounds would meet but 8 do not
+    policy = H.make_policy(max_epsilon_per_job=2.3, dataset_epsilon_budget=2.3, researcher_epsilon_budget=2.3)
+    d = decide(policy=policy, request=H.make_facts(rounds=8), spent=NONE)
+    assert _eps([R] * 7) <= 2.3 < _eps([R] * 8)
+    assert any(r.startswith("training.max_rounds:") for r in d.reasons)
+    assert "at most 5 round(s) fit" in _reason(d, "privacy.dataset_epsilon_budget")
+
+
+def test_the_rounds_search_is_a_binary_search(monkeypatch):
+    # Prepare: a policy allowing 64 rounds and a 64-round job far too expensive
+    import fedmtl.datasites.review as review
+
+    calls = []
+    real = review.epsilon_of
+
+    def counting(records, **kw):
+        calls.append(len(records))
+        return real(records, **kw)
+
+    monkeypatch.setattr(review, "epsilon_of", counting)
+    policy = H.make_policy(max_rounds=64, max_epsilon_per_job=3.0, dataset_epsilon_budget=3.5,
+                           researcher_epsilon_budget=3.2)
+    # Execute
+    d = decide(policy=policy, request=H.make_facts(rounds=64), spent=NONE)
+    # Assert: 5 compositions for the decision itself, then about log2(64) per denied rule
+    rules = [r.split(":")[0] for r in d.reasons]
+    assert {"privacy.max_epsilon_per_job", "privacy.dataset_epsilon_budget", "privacy.researcher_epsilon_budget"} <= set(rules)
+    assert len(calls) <= 5 + 3 * (6 + 2)
+    for rule, limit in (("privacy.max_epsilon_per_job", 3.0), ("privacy.dataset_epsilon_budget", 3.5),
+                        ("privacy.researcher_epsilon_budget", 3.2)):
+        k = int(_reason(d, rule).split("at most ")[1].split(" round")[0])
+        assert _eps([R] * k) <= limit < _eps([R] * (k + 1)), rule
+
+
+def test_irregular_records_get_no_rounds_hint_but_keep_the_rule_and_numbers():
+    facts = H.make_facts(records=(R, PrivacyRecord(1.5, 0.05, 200)))
+    d = decide(policy=H.make_policy(), request=facts, spent=NONE)
+    reason = _reason(d, "privacy.max_epsilon_per_job")
+    assert "The largest epsilon that fits is the maximum 2" in reason and "round(s) fit" not in reason
+
+
+def test_the_hints_add_no_semicolon_to_a_reason():
+    # syft shows a denial as the reasons joined with "; ": a hint must not add a split point
+    cases = [
+        (H.make_facts(steps_per_round=60), NONE),
+        (H.make_facts(), SpendSummary(dataset_records=(PrivacyRecord(1.0, 0.1, 50),))),
+        (H.make_facts(), SpendSummary(dataset_records=(PrivacyRecord(1.5, 0.1, 100),),
+                                      researcher_records=(PrivacyRecord(1.5, 0.1, 100),))),
+        (H.make_facts(), SpendSummary(dataset_records=(PrivacyRecord(1.0, 0.1, 200),))),
+    ]
+    # the semicolons each message had before its hint
+    budget_rules = {"privacy.max_epsilon_per_job": 1, "privacy.dataset_epsilon_budget": 2,
+                    "privacy.researcher_epsilon_budget": 2}
+    seen = set()
+    for facts, spent in cases:
+        for reason in decide(policy=H.make_policy(), request=facts, spent=spent).reasons:
+            rule = reason.split(":")[0]
+            if rule in budget_rules:
+                seen.add(rule)
+                assert reason.count(";") == budget_rules[rule], reason
+    assert seen == set(budget_rules)

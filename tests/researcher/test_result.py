@@ -137,3 +137,110 @@ def test_load_refuses_missing_or_tampered_results(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="does not match its recorded hash"):
         JobResult.load(tmp_path)
+
+
+# -- a readable summary ------------------------------------------------------------------------
+def test_summary_shows_tasks_final_metrics_epsilon_and_rounds_only():
+    # Prepare
+    r = _result()
+    r.add_metrics(3, {"diabetes": {"auroc": 0.7123, "brier": 0.1834, "n": 10.0},
+                      "stage": {"auroc": 0.61, "brier": 0.52}, "alt": {"mae": 2.5, "rmse": 3.0}})
+    # Execute
+    text, rep = str(r), repr(r)
+    # Assert: tasks, the final AUROC and Brier (calibration), MAE, epsilon per site, rounds
+    assert text == rep
+    assert text.splitlines()[0] == "JobResult 'toy': 2 of 3 round(s), 3 task(s), strategy fedper"
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
+    assert rows["diabetes"] == ["binary", "0.712", "0.183", "-"]
+    assert rows["stage"] == ["multiclass", "0.610", "0.520", "-"]
+    assert rows["alt"] == ["regression", "-", "-", "2.5"]
+    assert "after round 3" in text
+    assert "epsilon per site: general=inf, st-mary=1.5 (delta=1e-05)" in text
+    # never the spec, the schema or the weights
+    assert len(text.splitlines()) <= 10
+    for secret in ("noise_multiplier", "max_grad_norm", "categories", "'min'", "global_vector", "[", "array"):
+        assert secret not in text, secret
+    assert f"{float(r.global_vector[0]):.4g}" not in text
+
+
+def test_summary_without_evaluations():
+    r = _result()
+    r.metrics.clear()
+    assert "no evaluation yet" in str(r) and "diabetes  binary      -      -      -" in str(r)
+
+
+# -- predict checks its input as launch checks an export ----------------------------------------
+def _export(df: pd.DataFrame, path) -> None:
+    df.to_csv(path, index=False)
+
+
+def _problems(exc) -> list[str]:
+    return list(exc.value.problems)
+
+
+def test_predict_needs_only_the_features():
+    r = _result()
+    only = DF[["age", "sex"]]
+    for task, v in r.predict(only).items():
+        np.testing.assert_allclose(v, r.predict(DF)[task], rtol=1e-6)
+
+
+def test_predict_reads_a_csv_export_like_launch(tmp_path):
+    r = _result()
+    _export(DF, tmp_path / "patients.csv")
+    for task, v in r.predict(tmp_path / "patients.csv").items():
+        np.testing.assert_allclose(v, r.predict(DF)[task], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda d: d.assign(age=[20.0, 40.0, 160.0, 80.0]), "column 'age': 1 value(s) above max 90"),
+        (lambda d: d.assign(age=[20.0, "old", 60.0, 80.0]), "column 'age' (numeric): 1 value(s) are not numbers"),
+        (lambda d: d.assign(sex=["F", "X", "M", "F"]), "column 'sex' (categorical): 1 value(s) not in categories"),
+        (lambda d: d.drop(columns=["sex"]), "missing column(s) ['sex']"),
+        (lambda d: d.assign(age=[20.0, None, 60.0, 80.0]), "column 'age': 1 missing (empty/NaN) value(s)"),
+        (lambda d: d.assign(notes=["a", "b", "c", "d"]), "extra column(s) ['notes'] not in the schema"),
+    ],
+)
+def test_predict_refuses_records_that_do_not_fit_the_schema_with_launchs_message(tmp_path, change, expected):
+    from fedmtl.datasites.records import load_records
+    from fedmtl.errors import RecordsValidationError
+
+    # Prepare: the same bad records as a DataFrame and as an export launch would read
+    bad = change(DF.copy())
+    _export(bad, tmp_path / "bad.csv")
+    # Execute
+    with pytest.raises(RecordsValidationError) as from_frame:
+        _result().predict(bad)
+    with pytest.raises(RecordsValidationError) as from_file:
+        _result().predict(tmp_path / "bad.csv")
+    with pytest.raises(RecordsValidationError) as at_launch:
+        load_records(tmp_path / "bad.csv", SCHEMA)
+    # Assert: one clear problem, worded (and, for the file, numbered) as launch words it
+    assert any(expected in p for p in _problems(from_frame)), _problems(from_frame)
+    (theirs,) = [p for p in _problems(at_launch) if expected in p]
+    assert theirs in _problems(from_file)
+    assert "failed validation" in str(from_frame.value) and "Fix these" in str(from_frame.value)
+
+
+def test_predict_lists_every_problem_at_once():
+    from fedmtl.errors import RecordsValidationError
+
+    bad = DF.assign(age=[20.0, 400.0, 60.0, -5.0], sex=["F", "Q", "M", "F"])
+    with pytest.raises(RecordsValidationError) as e:
+        _result().predict(bad)
+    text = "\n".join(e.value.problems)
+    assert "above max 90" in text and "below min 18" in text and "not in categories" in text
+
+
+def test_predict_refuses_other_inputs():
+    with pytest.raises(TypeError, match="DataFrame or a CSV/Parquet path"):
+        _result().predict([[20.0, "F"]])
+
+
+def test_predict_on_a_missing_file_says_so(tmp_path):
+    from fedmtl.errors import RecordsValidationError
+
+    with pytest.raises(RecordsValidationError, match="does not exist"):
+        _result().predict(tmp_path / "nope.csv")
