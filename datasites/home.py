@@ -3,7 +3,9 @@
 Layout::
 
     HOME/
-      datasite.json        name, server id, admin email, host/port, dataset name (no secrets)
+      datasite.json        name, server id, admin email, host/port, dataset name, the
+                           database (``"database"``: SQLite in db/, or a PostgreSQL URL
+                           without its password) -- no secrets
       schema.toml          the schema the records were validated against
       public_keys.json     the datasite's public identity keys (also published in syft)
       secrets/             mode 0700; every file in it mode 0600
@@ -11,12 +13,14 @@ Layout::
         syft_signing_key   syft's own server key
         identity_ed25519   Ed25519 identity signing key (raw, 32 bytes, hex)
         identity_x25519    X25519 identity agreement key (raw, 32 bytes, hex)
-      db/                  syft's SQLite database (datasets, users, requests)
+        db_password        the PostgreSQL password, when the datasite runs on PostgreSQL
+      db/                  syft's SQLite database (datasets, users, requests), the default
       blob/                syft's blob store
       logs/server.log      syft's and uvicorn's output
       server.pid           present while the server runs
 
-Back up the whole folder while the datasite is stopped; it is all a datasite needs.
+Back up the whole folder while the datasite is stopped; it is all a datasite needs (on
+PostgreSQL, back up its database too: ``pg_dump``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,25 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
 
 def write_config(home: Path, cfg: dict[str, Any]) -> None:
     write_json_atomic(config_path(home), {**cfg, "kind": MARKER_KIND})
+
+
+#: the secret (in HOME/secrets) that holds the PostgreSQL password
+DB_PASSWORD_SECRET = "db_password"
+
+
+def database(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where a home's datasite keeps syft's state (datasets, users, requests), from its
+    config: ``{"backend": "sqlite"}`` (HOME/db; also homes made before the option) or
+    ``{"backend": "postgresql", "host", "port", "user", "database", "url",
+    "password_secret"}``, where ``url`` carries no password and ``password_secret`` names
+    the owner-only file in HOME/secrets that holds it (None: no password)."""
+    db = cfg.get("database") or {"backend": "sqlite"}
+    if db.get("backend") not in ("sqlite", "postgresql"):
+        raise DatasiteError(
+            f"the home's {CONFIG} names an unknown database backend {db.get('backend')!r}; "
+            "expected 'sqlite' or 'postgresql' (was it edited by hand?)"
+        )
+    return dict(db)
 
 
 def secrets_dir(home: Path) -> Path:

@@ -1,8 +1,9 @@
 """The datasite server process: ``python -m fedmtl.datasites.server --home HOME``.
 
-It runs one PySyft 0.9.5 datasite (FastAPI + uvicorn) whose state lives entirely in the
-home folder: the SQLite database, the blob store, syft's own signing key and server id.
-So stopping and relaunching with the same home keeps datasets, users and requests.
+It runs one PySyft 0.9.5 datasite (FastAPI + uvicorn) whose state lives in the home
+folder: the SQLite database (or, with ``launch --db``, a PostgreSQL database that the
+home's config names), the blob store, syft's own signing key and server id. So stopping
+and relaunching with the same home keeps datasets, users and requests.
 
 We do not use ``sy.orchestra.launch(port=...)``: it makes a fresh server id and signing key
 on every start (state would not survive a restart), and ``Datasite.named`` derives the
@@ -25,33 +26,69 @@ import sys
 from pathlib import Path
 
 from fedmtl.datasites import home as home_mod
+from fedmtl.datasites import syftio
 
 
 def build_app(home: Path):
     """Build the FastAPI app of the datasite whose home is ``home``."""
     from fastapi import APIRouter, FastAPI
-    from syft.server.credentials import SyftSigningKey
-    from syft.server.datasite import Datasite
     from syft.server.routes import make_routes
-    from syft.store.blob_storage.on_disk import (
-        OnDiskBlobStorageClientConfig,
-        OnDiskBlobStorageConfig,
-    )
-    from syft.store.db.sqlite import SQLiteDBConfig
-    from syft.types.uid import UID
 
     cfg = home_mod.read_config(home)
     secrets = home / "secrets"
     blob_dir = home / "blob"
     blob_dir.mkdir(exist_ok=True)
+    # syft prints its database URL, password included, while it starts: not to the log
+    with syftio.quiet():
+        worker = _datasite(home, cfg, secrets, blob_dir)
+    refuse_guests(worker)
+    from fedmtl.datasites import runtime
+
+    runtime.register_home(cfg["name"], home)
+    app = FastAPI(title=cfg["name"])
+    api = APIRouter()
+    api.include_router(make_routes(worker=worker))
+    app.include_router(api, prefix="/api/v2")
+    return app, worker
+
+
+def db_config(home: Path, cfg: dict):
+    """syft's database config for the home: SQLite in HOME/db (the default), or the
+    PostgreSQL database of ``cfg["database"]`` with the password from HOME/secrets."""
+    db = home_mod.database(cfg)
+    if db["backend"] == "postgresql":
+        from syft.store.db.postgres import PostgresDBConfig
+
+        secret = db.get("password_secret")
+        return PostgresDBConfig(
+            host=db["host"],
+            port=int(db["port"]),
+            user=db["user"],
+            password=home_mod.read_secret(home, secret) if secret else "",
+            database=db["database"],
+        )
+    from syft.store.db.sqlite import SQLiteDBConfig
+
     (home / "db").mkdir(exist_ok=True)
-    worker = Datasite(
+    return SQLiteDBConfig(path=home / "db", filename="datasite.sqlite")
+
+
+def _datasite(home: Path, cfg: dict, secrets: Path, blob_dir: Path):
+    from syft.server.credentials import SyftSigningKey
+    from syft.server.datasite import Datasite
+    from syft.store.blob_storage.on_disk import (
+        OnDiskBlobStorageClientConfig,
+        OnDiskBlobStorageConfig,
+    )
+    from syft.types.uid import UID
+
+    return Datasite(
         name=cfg["name"],
         id=UID.from_string(cfg["server_id"]),
         signing_key=SyftSigningKey.from_string(
             (secrets / "syft_signing_key").read_text().strip()
         ),
-        db_config=SQLiteDBConfig(path=home / "db", filename="datasite.sqlite"),
+        db_config=db_config(home, cfg),
         root_email=cfg["admin_email"],
         root_password=(secrets / "admin_password").read_text().strip(),
         blob_storage_config=OnDiskBlobStorageConfig(
@@ -62,15 +99,6 @@ def build_app(home: Path):
         enable_warnings=False,
         log_level=logging.WARNING,
     )
-    refuse_guests(worker)
-    from fedmtl.datasites import runtime
-
-    runtime.register_home(cfg["name"], home)
-    app = FastAPI(title=cfg["name"])
-    api = APIRouter()
-    api.include_router(make_routes(worker=worker))
-    app.include_router(api, prefix="/api/v2")
-    return app, worker
 
 
 #: API paths a client without an account (syft's GUEST role) may still call: the public
@@ -95,7 +123,8 @@ def refuse_guests(worker) -> None:
 
     1. every API call is checked at its entry, before syft dispatches, queues or forwards
        it: a signed call whose key maps to the GUEST (or no) role is answered with an
-       error, whatever its path and its ``blocking`` flag;
+       error, whatever its path and its ``blocking`` flag (and any caller's queued call
+       gets the role check syft gives blocking calls only);
     2. no service method lists the GUEST role any more (the API a guest downloads is
        empty, and syft's own role check refuses them too);
     3. syft's own switch ``allow_guest_sessions`` is off (persisted in the settings, set
@@ -105,7 +134,7 @@ def refuse_guests(worker) -> None:
     """
     from syft.service.context import AuthedServiceContext
     from syft.service.response import SyftError
-    from syft.service.service import ServiceConfigRegistry
+    from syft.service.service import ServiceConfigRegistry, UserServiceConfigRegistry
     from syft.service.settings.settings import ServerSettingsUpdate
     from syft.service.user.user_roles import ServiceRole
 
@@ -130,8 +159,13 @@ def refuse_guests(worker) -> None:
             role = worker.get_role_for_credentials(credentials=credentials)
         except Exception:  # noqa: BLE001 - unsigned, malformed or unknown: refused
             return SyftError(message=GUEST_REFUSED)
-        if role.value < ServiceRole.DATA_SCIENTIST.value and path not in GUEST_PATHS:
+        if path in GUEST_PATHS:
+            return original(api_call, *args, **kwargs)
+        if role.value < ServiceRole.DATA_SCIENTIST.value:
             return SyftError(message=GUEST_REFUSED)
+        if path != "queue" and path not in UserServiceConfigRegistry.from_role(role):
+            # syft checks the role only for blocking calls; a queued call would skip it
+            return SyftError(message=f"as a {role.name}, you have no access to {path}")
         return original(api_call, *args, **kwargs)
 
     worker.handle_api_call_with_unsigned_result = gated

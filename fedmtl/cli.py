@@ -45,10 +45,16 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
         host=args.host,
         admin_email=args.admin_email,
         policy=args.policy,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        warn=lambda msg: _say(f"warning: {msg}", err=True),
+        db_url=args.db,
     )
     _say(f"datasite {handle.name!r} running at {handle.url}")
     _say(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
     _say(f"  dataset: {handle.dataset}")
+    _say(f"  database: {handle.database}")
+    _say(f"  test split: {_split_line(handle.home)}")
     if args.detach:
         handle._process = None  # leave it running; `fedmtl datasite stop` stops it
         return 0
@@ -65,6 +71,71 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
         handle.stop()
     _say("stopped")
     return 0
+
+
+def _split_line(home: Path) -> str:
+    from fedmtl.datasites.launch import home_split, split_note
+
+    return split_note(home_split(home))
+
+
+def cmd_datasite_schema_infer(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.schema_infer import infer_file
+    from fedmtl.fsutil import atomic_write_bytes
+
+    if args.out is not None and args.out.exists() and not args.force:
+        raise FedMTLError(f"{args.out} exists; choose another --out, or add --force to replace it")
+    if args.out is not None and args.out.resolve() == args.records.resolve():
+        raise FedMTLError("--out names the records file itself; choose another file for the schema")
+    draft = infer_file(args.records, name=args.name)
+    text = draft.toml()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+    err = sys.stderr
+    where = args.out or "standard output"
+    print(f"drafted a schema for {args.records} ({draft.n_rows} rows, {len(draft.columns)} columns) "
+          f"to {where}", file=err)
+    print(f"  id: {draft.id_column or '(none found)'}", file=err)
+    print(f"  labels (suggested): {', '.join(draft.labels) or '(none)'}", file=err)
+    print(f"  split: {draft.split_column or '(none: launch with --test-fraction 0.2 to hold out a test split)'}",
+          file=err)
+    if draft.problems:
+        print("to fix in the schema (or the export) before launch:", file=err)
+        for p in draft.problems:
+            print(f"  - {p}", file=err)
+    schema_arg = args.out or "schema.toml"
+    split_arg = "" if draft.split_column else " --test-fraction 0.2"
+    print(f"next: read every CHECK comment in {schema_arg} (reference: docs/schema.md), then\n"
+          f"  fedmtl datasite launch --name {draft.name} --records {args.records} --schema {schema_arg} "
+          f"--home ./{draft.name}{split_arg}", file=err)
+    return 0
+
+
+def _add_schema_parser(dsub) -> None:
+    sc = dsub.add_parser(
+        "schema", help="draft a records schema from an export (schema infer)",
+        description="Write the schema a datasite needs (docs/schema.md) without writing it by hand.",
+    )
+    ssub = sc.add_subparsers(dest="schema_action", required=True, metavar="{infer}",
+                             help="infer: draft a schema from a CSV/Parquet export")
+    inf = ssub.add_parser(
+        "infer", help="draft a schema (TOML) from a CSV/Parquet export",
+        description="Reads the export and drafts a schema: column types (numeric, categorical, "
+        "binary), categories, observed ranges rounded outward, missing values, the likely patient "
+        "id, suggested label columns and a train/test split column if present. Every guess is "
+        "marked CHECK in a comment: read them, edit the file, then launch with it. Nothing but "
+        "--out is written. Reference: docs/schema.md.",
+    )
+    inf.add_argument("--records", required=True, type=Path,
+                     help="the export: a CSV (.csv, UTF-8, header row) or Parquet (.parquet, .pq) file")
+    inf.add_argument("--out", type=Path, metavar="FILE",
+                     help="write the draft here (e.g. schema.toml); default: print it to standard output")
+    inf.add_argument("--name", metavar="DATASET",
+                     help="the dataset name in the draft's [dataset] table (default: from the file name)")
+    inf.add_argument("--force", action="store_true", help="replace --out if it exists")
+    inf.set_defaults(func=cmd_datasite_schema_infer)
 
 
 def cmd_datasite_stop(args: argparse.Namespace) -> int:
@@ -143,6 +214,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     _say(last.to_string(index=False))
     _say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
     _say(f"result saved to {Path(args.out) / 'result'}")
+    return 0
+
+
+def cmd_job_price(args: argparse.Namespace) -> int:
+    from fedmtl.jobspec import JobSpec
+    from fedmtl.researcher.job import price, price_table
+    from fedmtl.researcher.session import Session
+
+    spec = JobSpec.load(args.job)
+    session = Session.connect(args.sites)
+    rows = price(session, spec, budget=not args.no_budget)
+    if args.json:
+        import math
+
+        plain = {s: {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                 for s, r in rows.items()}  # JSON has no infinity (a job without DP)
+        print(json.dumps(plain, indent=2))
+        return 0
+    _say(f"job {spec.name!r}: epsilon per site at delta={spec.delta:g} ({spec.accountant}), "
+         "training rounds and evaluation releases together")
+    _say(price_table(rows))
     return 0
 
 
@@ -461,6 +553,53 @@ def _add_peers_parser(dsub) -> None:
     pe.set_defaults(func=cmd_datasite_peers)
 
 
+def cmd_datasite_proxy_config(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.proxy import nginx_server_block
+    from fedmtl.fsutil import atomic_write_bytes
+
+    text = nginx_server_block(
+        domain=args.domain,
+        port=args.port,
+        cert=args.cert,
+        key=args.key,
+        upstream_port=args.upstream_port,
+        listen=args.listen,
+        max_body=args.max_body,
+    )
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+        print(f"wrote {args.out}", file=sys.stderr)
+    url = f"https://{args.domain}:{args.port}"
+    if args.port != 443:
+        print(f"warning: researchers on syft 0.9.5 cannot reach {url}: its client connects to https "
+              "datasites on port 443 only; serve --port 443 unless every client has a fix", file=sys.stderr)
+    print(f"next: put it in nginx's http context (e.g. /etc/nginx/conf.d/), `nginx -t`, reload nginx; "
+          f"researchers then connect to {url}", file=sys.stderr)
+    return 0
+
+
+def _add_proxy_parser(dsub) -> None:
+    px = dsub.add_parser(
+        "proxy-config", help="print an nginx server block that serves a datasite over HTTPS",
+        description="TLS ends at nginx on --port; nginx proxies to the datasite on loopback "
+        "(--upstream-port, the datasite's --port). The block allows syft's large uploads and long "
+        "training calls. Printed on standard output, or written to --out.",
+    )
+    px.add_argument("--domain", required=True, help="the host name researchers connect to (and the certificate's)")
+    px.add_argument("--port", type=int, default=443,
+                    help="the HTTPS port nginx listens on (default 443: syft 0.9.5 clients reach https on 443 only)")
+    px.add_argument("--cert", type=Path, help="certificate chain, PEM (default: certbot's for --domain)")
+    px.add_argument("--key", type=Path, help="the certificate's private key, PEM")
+    px.add_argument("--upstream-port", type=int, default=8080,
+                    help="the port the datasite listens on at 127.0.0.1 (its launch --port; default 8080)")
+    px.add_argument("--listen", metavar="ADDRESS", help="listen on this address only (default: all)")
+    px.add_argument("--max-body", default="10g", help="largest upload nginx lets through (default 10g)")
+    px.add_argument("--out", type=Path, help="write the block to this file instead of printing it")
+    px.set_defaults(func=cmd_datasite_proxy_config)
+
+
 def _add_audit_parser(sub) -> None:
     au = sub.add_parser("audit", help="compliance: verify a datasite's privacy ledger and write a report")
     au.add_argument("--home", required=True, type=Path, help="the datasite's home folder")
@@ -481,15 +620,32 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasite", help="data owner: run a hospital's datasite")
     dsub = ds.add_subparsers(dest="action", required=True)
     la = dsub.add_parser("launch", help="launch (first time: create) a datasite")
-    la.add_argument("--home", required=True, type=Path)
-    la.add_argument("--name")
-    la.add_argument("--records", type=Path)
-    la.add_argument("--schema", type=Path)
+    la.add_argument("--home", required=True, type=Path,
+                    help="the datasite's home folder: created on first launch, reused on relaunch")
+    la.add_argument("--name", help="first launch: the datasite's name (lower case, digits, '-'; e.g. st-mary)")
+    la.add_argument("--records", type=Path,
+                    help="first launch: the export to publish (CSV or Parquet, one row per patient)")
+    la.add_argument("--schema", type=Path,
+                    help="first launch: the records schema (TOML; draft one with `fedmtl datasite schema "
+                    "infer --records FILE --out schema.toml`; reference docs/schema.md)")
     la.add_argument("--port", type=int, default=8080)
     la.add_argument("--host", default="127.0.0.1")
     la.add_argument("--admin-email")
     la.add_argument("--policy", type=Path, help="policy file (TOML/YAML); default: templates only, auto-approve")
     la.add_argument("--detach", action="store_true", help="return once running; stop with `datasite stop`")
+    la.add_argument(
+        "--db", metavar="URL",
+        help="run on PostgreSQL: postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME, an empty database of "
+        "its own (password also from FEDMTL_DB_PASSWORD); remembered in the home without the password. "
+        "Default: SQLite in HOME/db",
+    )
+    la.add_argument("--test-fraction", type=float, metavar="F",
+                    help="first launch, records without a split column: hold out this share of the "
+                    "patients (e.g. 0.2) as the test split, stratified by the first label column; "
+                    "recorded in the dataset's metadata. Without a split, evaluation runs on the "
+                    "training records")
+    la.add_argument("--split-seed", type=int, default=0, metavar="N",
+                    help="seed of the --test-fraction draw (default 0; the same seed gives the same split)")
     la.set_defaults(func=cmd_datasite_launch)
     st = dsub.add_parser("stop", help="stop a datasite")
     st.add_argument("--home", required=True, type=Path)
@@ -506,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.set_defaults(func=cmd_datasite_add_researcher)
     _add_review_parser(dsub)
     _add_peers_parser(dsub)
+    _add_proxy_parser(dsub)
+    _add_schema_parser(dsub)
 
     _add_audit_parser(sub)
 
@@ -517,6 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-dry-run", action="store_true")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
+    jb = sub.add_parser("job", help="researcher: plan a job before running it")
+    jsub = jb.add_subparsers(dest="action", required=True)
+    jp = jsub.add_parser("price", help="epsilon of a job at each site, and your budget left there",
+                         description="Connects to the sites, checks the job spec against their schemas and "
+                         "prints, per site, the epsilon of the whole job (training rounds and evaluation "
+                         "releases) and your researcher budget left there. Submits nothing and charges "
+                         "nothing. A site publishes no budgets: yours is read through an approved job of "
+                         "yours at that site, so it is unknown before your first one.")
+    jp.add_argument("--job", required=True, type=Path, help="job spec (TOML/YAML/JSON)")
+    jp.add_argument("--sites", required=True, type=Path, help="sites file (TOML), as for `fedmtl train`")
+    jp.add_argument("--no-budget", action="store_true", help="epsilon only: do not look up budgets left")
+    jp.add_argument("--json", action="store_true", help="machine-readable output")
+    jp.set_defaults(func=cmd_job_price)
 
     de = sub.add_parser("demo", help="the demo: NAFLD cohort, three hospitals, one job")
     de.add_argument("--out", type=Path, default=Path("demo-out"))

@@ -3,11 +3,21 @@ demo NAFLD cohort prepared once per session.
 
 Used by test_records, test_mock, test_cohort and test_launch (whose bad-records cases edit
 ``small_csv`` by text replacement: keep rows ``1,34,F`` and ``2,51,M`` as they are).
+
+``postgres_server`` (session) runs a throw-away PostgreSQL 15 server on a free loopback
+port for the datasite tests that run on PostgreSQL; ``postgres_db`` gives each test an
+empty database of its own (owned by its own role, as a hospital's DBA would set it up).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 
 import pytest
@@ -86,6 +96,151 @@ def demo_records(demo_cohort):
         schema = Schema.load(sf.schema)
         out[sf.name] = (schema, load_records(sf.records, schema))
     return out
+
+
+# -- a throw-away PostgreSQL 15 server ------------------------------------------------
+
+PG_MAJOR = "15"
+PG_SUPERUSER = "fedmtl_test"
+PG_MISSING = (
+    "PostgreSQL {major} server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
+    "/usr/lib/postgresql/*/bin: install them (Debian: `apt-get install postgresql-{major}`) to run "
+    "the datasite tests on PostgreSQL"
+)
+
+
+def _pg_bindir() -> Path | None:
+    """The folder with initdb, pg_ctl and postgres: PATH first, then Debian's layout
+    (/usr/lib/postgresql/VERSION/bin, which is not on PATH), version 15 preferred."""
+    tools = ("initdb", "pg_ctl", "postgres")
+    found = shutil.which("pg_ctl")
+    dirs = [Path(os.path.realpath(found)).parent] if found else []
+    base = Path("/usr/lib/postgresql")
+    dirs.append(base / PG_MAJOR / "bin")
+    if base.is_dir():
+        dirs += sorted((d / "bin" for d in base.iterdir()), reverse=True)
+    for d in dirs:
+        if all(os.access(d / t, os.X_OK) for t in tools):
+            return d
+    return None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@dataclass
+class PostgresServer:
+    """A running PostgreSQL server on ``127.0.0.1:port``: password (scram) logins only."""
+
+    bindir: Path
+    base: Path
+    port: int
+    password: str
+    run_as: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    _n: count = field(default_factory=lambda: count(1))
+
+    def url(self, database: str, user: str | None = None, password: str | None = None) -> str:
+        user = user or PG_SUPERUSER
+        pw = self.password if password is None and user == PG_SUPERUSER else password
+        auth = f"{user}:{pw}" if pw else user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
+
+    def execute(self, *statements: str, database: str = "postgres") -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(host=self.host, port=self.port, user=PG_SUPERUSER,
+                                password=self.password, dbname=database)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                for sql in statements:
+                    cur.execute(sql)
+        finally:
+            conn.close()
+
+    def new_database(self) -> str:
+        """An empty database owned by a role of its own; its URL, password included."""
+        i = next(self._n)
+        name, role, pw = f"site_{os.getpid()}_{i}", f"site_role_{os.getpid()}_{i}", f"pw-{i}-{os.urandom(6).hex()}"
+        self.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{pw}'", f"CREATE DATABASE {name} OWNER {role}")
+        return self.url(name, user=role, password=pw)
+
+    def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), *args],
+                              capture_output=True, text=True, check=check, timeout=120)
+
+
+def _start_postgres(bindir: Path) -> PostgresServer:
+    import pwd
+    import secrets as _secrets
+
+    from fedmtl.datasites.launch import free_port
+
+    run_as: list[str] = []
+    owner = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the postgres user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root, and there is no `postgres` user to run PostgreSQL as "
+                        "(the postgresql package creates it)")
+        if shutil.which("runuser"):
+            run_as = ["runuser", "-u", "postgres", "--"]
+        else:
+            run_as = ["su", "postgres", "-s", "/bin/sh", "-c", '"$0" "$@"']
+    # not under pytest's tmp folder: that one is root-only, and the postgres user must reach it
+    base = Path(tempfile.mkdtemp(prefix="fedmtl-pg-"))
+    password = _secrets.token_hex(12)
+    pwfile = base / "superuser-password"
+    pwfile.write_text(password + "\n")
+    if owner is not None:
+        for p in (base, pwfile):
+            os.chown(p, owner.pw_uid, owner.pw_gid)
+    os.chmod(pwfile, 0o600)
+    server = PostgresServer(bindir=bindir, base=base, port=free_port(), password=password, run_as=run_as)
+    init = subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(base / "data"), "-U", PG_SUPERUSER, f"--pwfile={pwfile}",
+         "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+        capture_output=True, text=True, timeout=180,
+    )
+    if init.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
+    opts = (f"-p {server.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+    start = server.pg_ctl("-l", str(base / "server.log"), "-w", "-t", "60", "-o", opts, "start", check=False)
+    if start.returncode != 0:
+        log = (base / "server.log").read_text(errors="replace") if (base / "server.log").exists() else ""
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{log}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> PostgresServer:
+    """A PostgreSQL 15 server of its own for the session (initdb in a temporary folder,
+    pg_ctl start on a free loopback port), stopped and removed at the end. Skips when the
+    binaries are missing, except in CI (CI=true), where that is a failure."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        msg = PG_MISSING.format(major=PG_MAJOR)
+        if _in_ci():
+            pytest.fail(f"{msg} (CI must run them: .ci/run installs postgresql-{PG_MAJOR})")
+        pytest.skip(msg)
+    server = _start_postgres(bindir)
+    try:
+        yield server
+    finally:
+        server.pg_ctl("-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_server) -> str:
+    """An empty PostgreSQL database for one test: its URL, with its owner's password."""
+    return postgres_server.new_database()
 
 
 def _register_compliance_helpers() -> None:

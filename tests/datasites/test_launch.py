@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -129,34 +130,182 @@ def test_home_of_another_datasite_and_port_in_use(running_site, site_files, tmp_
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str | None:
+    """The database backend under test: None for SQLite in HOME/db (the default), else the
+    URL (password included) of an empty PostgreSQL database of the session's server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_db")
+
+
+@pytest.fixture
+def postgres_server_if(db_url, request):
+    """The PostgreSQL server when the test runs on it, else None."""
+    return None if db_url is None else request.getfixturevalue("postgres_server")
+
+
+def _submit_request(client, asset):
+    """A researcher's code request (not a template: the reviewer denies it, it stays listed)."""
+    sy = syftio.import_syft()
+
+    @sy.syft_function_single_use(data=asset)
+    def count_rows(data):
+        return len(data)
+
+    with syftio.quiet():
+        return client.code.request_code_execution(count_rows)
+
+
+def _pg_rows(url: str, table: str) -> int:
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT count(*) FROM "{table}"')
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
 @pytest.mark.integration
-def test_stop_and_relaunch_keeps_dataset_users_and_keys(site_files, tmp_path):
+def test_stop_and_relaunch_keeps_dataset_users_requests_and_keys(db_url, site_files, tmp_path, postgres_server_if):
+    # Prepare / Execute: first launch on the backend (SQLite or PostgreSQL), a researcher
+    # logs in, sees the uploaded records and asks for something
     f = site_files["riverside"]
     home = tmp_path / "h"
-    h = launch(home=home, name=f.name, records=f.records, schema=f.schema, port=free_port())
+    h = launch(home=home, name=f.name, records=f.records, schema=f.schema, port=free_port(), db_url=db_url)
     try:
         admin.add_researcher(home=home, email=RESEARCHER, password=RESEARCHER_PW)
+        client = syftio.login(h.url, RESEARCHER, RESEARCHER_PW)
+        with syftio.quiet():
+            datasets = client.datasets.get_all()
+            assert [d.name for d in datasets] == ["riverside-records"]
+            assert list(datasets[0].assets[0].mock.columns) == Schema.load(f.schema).names
+        request = _submit_request(client, datasets[0].assets[0])
+        assert not syftio.is_error(request), request
+        request_id = str(request.id)
         keys_before = identity.load_public(home).to_dict()
         password_before = h.admin_password
     finally:
         h.stop()
     assert home_mod.running(home) is None
     assert not admin.status(home).running
-    # relaunch without records: everything is still there
+    # Assert: the home says which database, never its password
+    cfg = json.loads((home / "datasite.json").read_text())
+    if db_url is None:
+        assert cfg["database"]["backend"] == "sqlite" and (home / "db" / "datasite.sqlite").is_file()
+        assert h.database.startswith("sqlite:///")
+    else:
+        parts = urlsplit(db_url)
+        assert cfg["database"]["backend"] == "postgresql" and not (home / "db").exists()
+        assert h.database == cfg["database"]["url"] == db_url.replace(f":{parts.password}@", "@")
+        for p in home.rglob("*"):
+            if p.is_file() and p.name != "db_password":
+                assert parts.password.encode() not in p.read_bytes(), p  # not in the config, not in the log
+        secret = home / "secrets" / "db_password"
+        assert secret.read_text().strip() == parts.password
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+        assert _pg_rows(db_url, "Dataset") == 1 and _pg_rows(db_url, "Request") == 1  # syft's state is there
+    # Execute: relaunch without records and without --db: the same database
     h2 = launch(home=home, port=free_port())
     try:
         client = syftio.login(h2.url, RESEARCHER, RESEARCHER_PW)
         with syftio.quiet():
             names = [d.name for d in client.datasets.get_all()]
+            requests = {str(r.id): r.status.name for r in h2.login_admin().requests.get_all()}
+        # Assert: datasets, users, requests, keys and the admin password are all still there
         assert names == ["riverside-records"]
+        assert request_id in requests and len(requests) == 1
         assert identity.load_public(home).to_dict() == keys_before
         assert h2.admin_password == password_before
-        # other records for the same home are refused
+        assert h2.database == h.database
         g = site_files["general"]
     finally:
         h2.stop()
+    # other records for the same home are refused
     with pytest.raises(DatasiteError, match="other records"):
         launch(home=home, records=g.records, schema=g.schema, port=free_port())
+    if db_url is None:
+        with pytest.raises(DatasiteError, match="keeps its datasets, users and requests in SQLite"):
+            launch(home=home, port=free_port(), db_url="postgresql://u:p@127.0.0.1:5432/x")
+        return
+    # PostgreSQL: a datasite's database is its own; a changed password says what to fix
+    pg = postgres_server_if
+    with pytest.raises(DatasiteError, match="already holds a datasite"):
+        launch(home=tmp_path / "second", name="general", records=g.records, schema=g.schema,
+               port=free_port(), db_url=db_url)
+    assert not (tmp_path / "second").exists()
+    with pytest.raises(DatasiteError, match="holds no datasite, not this one"):
+        launch(home=home, port=free_port(), db_url=pg.new_database())
+    pg.execute(f"ALTER ROLE {parts.username} PASSWORD 'rotated-password-1'")
+    with pytest.raises(DatasiteError, match=r"wrong password.*stored in HOME/secrets/db_password.*relaunch with"):
+        launch(home=home, port=free_port())
+    assert json.loads((home / "datasite.json").read_text()) == cfg  # nothing changed
+    # relaunching once with the new password stores it; the datasite is the same
+    h3 = launch(home=home, port=free_port(), db_url=db_url.replace(parts.password, "rotated-password-1"))
+    try:
+        assert (home / "secrets" / "db_password").read_text().strip() == "rotated-password-1"
+        with syftio.quiet():
+            assert [d.name for d in syftio.login(h3.url, RESEARCHER, RESEARCHER_PW).datasets.get_all()] == names
+    finally:
+        h3.stop()
+
+
+@pytest.mark.integration
+def test_database_errors_say_what_to_fix_and_create_nothing(
+    postgres_server, postgres_db, site_files, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FEDMTL_DB_PASSWORD", raising=False)
+    f = site_files["riverside"]
+    parts = urlsplit(postgres_db)
+    home = tmp_path / "h"
+
+    def first_launch(url):
+        with pytest.raises(DatasiteError) as err:
+            launch(home=home, name=f.name, records=f.records, schema=f.schema, port=free_port(), db_url=url)
+        assert not home.exists()
+        assert parts.password not in str(err.value)
+        return str(err.value)
+
+    # a wrong password
+    msg = first_launch(postgres_db.replace(f":{parts.password}@", ":not-the-password@"))
+    assert f"refused user {parts.username!r}: wrong password" in msg and "fix the password in --db" in msg
+    # no password at all
+    assert "give the password" in first_launch(postgres_db.replace(f":{parts.password}@", "@"))
+    # nothing listens there
+    dead = free_port()
+    msg = first_launch(f"postgresql://{parts.username}:{parts.password}@127.0.0.1:{dead}/{parts.path[1:]}")
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{dead}" in msg and "is the database server running" in msg
+    # no such database
+    assert "createdb" in first_launch(postgres_db.rsplit("/", 1)[0] + "/no_such_db")
+    # a database the user may not create tables in
+    postgres_server.execute(f"CREATE DATABASE not_yours_{os.getpid()}")
+    assert "may not create tables" in first_launch(postgres_db.rsplit("/", 1)[0] + f"/not_yours_{os.getpid()}")
+    # URLs that are not PostgreSQL databases
+    assert "SQLite is the default" in first_launch("sqlite:///tmp/x.sqlite")
+    assert "no database name" in first_launch(f"postgresql://u:p@127.0.0.1:{postgres_server.port}")
+    assert "not supported" in first_launch(postgres_db + "?sslmode=require")
+
+
+def test_db_url_parsing_keeps_the_password_out_of_sight(monkeypatch, tmp_path):
+    from fedmtl.datasites.launch import PostgresDB, redact_db_url
+
+    # percent-encoded parts are decoded; the URL a person sees has no password
+    db = PostgresDB.parse("postgresql://us%40er:p%40ss%2Fw@[::1]:6543/my%20db")
+    assert (db.host, db.port, db.user, db.database, db.password) == ("::1", 6543, "us@er", "my db", "p@ss/w")
+    assert db.url == "postgresql://us%40er@[::1]:6543/my%20db" and "p@ss" not in repr(db)
+    assert PostgresDB.parse("postgres://u@db.example/d").port == 5432
+    assert redact_db_url("postgresql://u:p@s/s@h:1/d") == "postgresql://u:***@h:1/d"
+    # the errors name the problem and never echo the password
+    for url, reason in [("postgresql://u:hunter22@h:99999/d", "not a valid database URL"),
+                        ("mysql://u:hunter22@h/d", "not a PostgreSQL URL"),
+                        ("postgresql://u:hunter22@/d", "no host"),
+                        ("sqlite:///x.db", "SQLite is the default")]:
+        with pytest.raises(DatasiteError, match=reason) as err:
+            PostgresDB.parse(url)
+        assert "hunter22" not in str(err.value)
 
 
 BAD_CASES = {
