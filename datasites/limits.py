@@ -69,7 +69,7 @@ def spec_problems(
         problems.append(f"job_id {job_id!r} must be lowercase letters, digits and '-' (at most 80)")
     if spec["site"] != site:
         problems.append(f"the job spec is for site {spec['site']!r}, not {site!r}")
-    roster = _roster(spec["roster"], site=site, own_key=own_key, problems=problems)
+    roster = _roster(spec["roster"], site=site, own_key=own_key, problems=problems, policy=policy)
     problems += schema_problems(spec["schema"], schema)
     max_count = spec["max_count"]
     if not _is_int(max_count) or not n_train <= max_count <= MAX_RECORDS:
@@ -270,7 +270,10 @@ def estimate_memory_mb(params: int, widths: list[int], batch: float, *, per_samp
     return floats * 4 / 2**20
 
 
-def _roster(raw: Any, *, site: str, own_key: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
+def _roster(raw: Any, *, site: str, own_key: str, problems: list[str],
+            policy: Policy | None = None) -> tuple[tuple[str, str], ...]:
+    """The roster as ``((site, key hex), ...)``; appends a problem naming each entry that is
+    malformed, duplicated, this site's under a wrong key, or not a pinned peer."""
     if not isinstance(raw, Mapping) or not raw:
         problems.append("spec.roster must be a table of site name -> Ed25519 public key (hex)")
         return ()
@@ -285,9 +288,30 @@ def _roster(raw: Any, *, site: str, own_key: str, problems: list[str]) -> tuple[
     dup = sorted({n for n, k in raw.items() if keys.count(k) > 1})
     if dup:
         problems.append(f"spec.roster: sites {dup} share one key; each site has its own identity key")
-    if raw.get(site) != own_key:
-        problems.append("the job's roster does not hold this datasite's identity key under its name")
-    return tuple(sorted((str(n), str(k)) for n, k in raw.items()))
+    own_fp = _fingerprint(own_key)
+    if site not in raw:
+        problems.append(
+            f"spec.roster has no entry for this datasite {site!r} (key fingerprint {own_fp}); it names "
+            + ", ".join(f"{n!r} ({_fingerprint(k)})" for n, k in sorted(raw.items()))
+        )
+    elif raw[site] != own_key:
+        problems.append(
+            f"spec.roster: the entry for this datasite {site!r} holds key fingerprint {_fingerprint(raw[site])}, "
+            f"not this datasite's identity key ({own_fp})"
+        )
+    roster = tuple(sorted((str(n), str(k)) for n, k in raw.items()))
+    if policy is not None:
+        from fedmtl.datasites.review import roster_pins
+
+        others = tuple((n, k) for n, k in roster if not (n == site and k == own_key))
+        problems += roster_pins(policy, others, own_site="")[1]
+    return roster
+
+
+def _fingerprint(key_hex: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(bytes.fromhex(key_hex)).hexdigest()
 
 
 def _walk(obj: Any, where: str, depth: int) -> list[str]:

@@ -382,7 +382,7 @@ def test_person_lists_shows_denies_and_approves(two_sites, tmp_path, capsys):
     assert "epsilon of this job:" in out and "dataset budget left before it:" in out
     assert "review.approval: this datasite approves every request by hand" in out
     assert "OK: pass 1 ran through secure aggregation with 2 simulated site(s)" in out  # the dry run
-    assert "n_train:" in out and "epsilon_round:" in out
+    assert "epsilon_round:" in out and "n_train:" not in out  # no per-site figures in replies
 
     rc, out, err = _review(capsys, river.home, "--show", job.job_id, "--json", "--no-dry-run")
     shown = json.loads(out)

@@ -212,9 +212,10 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     job_id = __import__("json").loads((out / "job.json").read_text())["job_id"]
     for h in three_sites:
         led = site_ledger.open_ledger(h.home)
-        assert led.executed_rounds(job_id) == [1, 2, 3], h.name
+        # rounds 1..3 and the final evaluation release (pass 4), each charged once
+        assert led.executed_rounds(job_id) == [1, 2, 3, 4], h.name
         charges = [e for e in led.entries() if e["kind"] == "round_executed" and e["body"].get("request_id") == job_id]
-        assert len(charges) == 3
+        assert len(charges) == 4  # 3 training rounds + the final evaluation release
         assert led.request_status(job_id) == "finished"
 
 
