@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,61 @@ def add_researcher(
         except Exception as e:  # noqa: BLE001 - syft raises its own exception types
             raise DatasiteError(f"could not register {email}: {e}") from None
     syftio.check(result, f"registering {email}")
+
+
+def stop(home: str | Path, timeout: float = 15.0) -> bool:
+    """Stop the server of this home (False: it was not running). SIGTERM, then SIGKILL if it
+    is still there after ``timeout`` seconds; returns once the process has exited, so the
+    home can be backed up or relaunched."""
+    home = Path(home)
+    info = home_mod.running(home)
+    if info is None:
+        return False
+    try:
+        os.kill(info.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise DatasiteError(
+            f"the datasite's server (pid {info.pid}) belongs to another user; stop it as that user"
+        ) from None
+    if not _wait_exit(info.pid, timeout):
+        try:
+            os.kill(info.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _wait_exit(info.pid, 5.0)
+    (home / "server.pid").unlink(missing_ok=True)
+    return True
+
+
+def _wait_exit(pid: int, timeout: float, poll: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited. An exited process that its parent has not reaped yet (a
+    zombie, state Z in /proc/PID/stat on Linux) counts: a detached server's parent is init,
+    which may reap it seconds later."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return Path("/proc/self/stat").exists()  # with /proc: gone since kill(); without: not known
+    except OSError:
+        return False
+    fields = stat.rsplit(b")", 1)[-1].split()  # after "pid (comm)", which may hold spaces
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 @dataclass

@@ -1,0 +1,338 @@
+"""``fedmtl datasite ...``: the data owner's commands (launch, stop, status, add-researcher,
+schema infer, peers, proxy-config). ``datasite review`` is in :mod:`fedmtl.cli.review`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fedmtl.cli import _reviewer_default, _say
+from fedmtl.errors import FedMTLError
+
+RESEARCHER_PASSWORD_ENV = "FEDMTL_RESEARCHER_PASSWORD"
+ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"  # fedmtl.datasites.launch reads it; here the parser needs no import
+#: how to pass the researcher's password: the same words in --help, the README and the notebooks
+PASSWORD_HOWTO = (
+    f"The researcher's password (at least 10 characters): set {RESEARCHER_PASSWORD_ENV}, or pipe it "
+    "with --password-stdin; on a terminal without either, it is asked for twice."
+)
+
+
+def _read_password(args: argparse.Namespace, env: str, prompt: str) -> str:
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get(env):
+        return os.environ[env]
+    if not sys.stdin.isatty():
+        raise FedMTLError(f"no password: pipe it with --password-stdin or set {env}")
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise FedMTLError("the two passwords differ")
+    return first
+
+
+# -- datasite ---------------------------------------------------------------------
+
+
+def cmd_datasite_launch(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.launch import launch
+
+    _say(f"launching datasite at {args.home} ...")
+    handle = launch(
+        home=args.home,
+        name=args.name,
+        records=args.records,
+        schema=args.schema,
+        port=args.port,
+        host=args.host,
+        admin_email=args.admin_email,
+        policy=args.policy,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        warn=lambda msg: _say(f"warning: {msg}", err=True),
+        db_url=args.db,
+    )
+    _say(f"datasite {handle.name!r} running at {handle.url}")
+    _say(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
+    _say(f"  dataset: {handle.dataset}")
+    _say(f"  database: {handle.database}")
+    _say(f"  test split: {_split_line(handle.home)}")
+    if args.detach:
+        handle._process = None  # leave it running; `fedmtl datasite stop` stops it
+        return 0
+    _say("press Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while handle.is_running():
+            time.sleep(1)
+        _say("the datasite server exited; see logs/server.log in its home", err=True)
+        return 1
+    except KeyboardInterrupt:
+        _say("\nstopping ...")
+    finally:
+        handle.stop()
+    _say("stopped")
+    return 0
+
+
+def _split_line(home: Path) -> str:
+    from fedmtl.datasites.launch import home_split, split_note
+
+    return split_note(home_split(home))
+
+
+def cmd_datasite_schema_infer(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.schema_infer import infer_file
+    from fedmtl.fsutil import atomic_write_bytes
+
+    if args.out is not None and args.out.exists() and not args.force:
+        raise FedMTLError(f"{args.out} exists; choose another --out, or add --force to replace it")
+    if args.out is not None and args.out.resolve() == args.records.resolve():
+        raise FedMTLError("--out names the records file itself; choose another file for the schema")
+    draft = infer_file(args.records, name=args.name)
+    text = draft.toml()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+    err = sys.stderr
+    where = args.out or "standard output"
+    print(f"drafted a schema for {args.records} ({draft.n_rows} rows, {len(draft.columns)} columns) "
+          f"to {where}", file=err)
+    print(f"  id: {draft.id_column or '(none found)'}", file=err)
+    print(f"  labels (suggested): {', '.join(draft.labels) or '(none)'}", file=err)
+    print(f"  split: {draft.split_column or '(none: launch with --test-fraction 0.2 to hold out a test split)'}",
+          file=err)
+    if draft.problems:
+        print("to fix in the schema (or the export) before launch:", file=err)
+        for p in draft.problems:
+            print(f"  - {p}", file=err)
+    schema_arg = args.out or "schema.toml"
+    split_arg = "" if draft.split_column else " --test-fraction 0.2"
+    print(f"next: read every CHECK comment in {schema_arg} (reference: docs/schema.md), then\n"
+          f"  fedmtl datasite launch --name {draft.name} --records {args.records} --schema {schema_arg} "
+          f"--home ./{draft.name}{split_arg}", file=err)
+    return 0
+
+
+def _add_schema_parser(dsub) -> None:
+    sc = dsub.add_parser(
+        "schema", help="draft a records schema from an export (schema infer)",
+        description="Write the schema a datasite needs (docs/schema.md) without writing it by hand.",
+    )
+    ssub = sc.add_subparsers(dest="schema_action", required=True, metavar="{infer}",
+                             help="infer: draft a schema from a CSV/Parquet export")
+    inf = ssub.add_parser(
+        "infer", help="draft a schema (TOML) from a CSV/Parquet export",
+        description="Reads the export and drafts a schema: column types (numeric, categorical, "
+        "binary), categories, observed ranges rounded outward, missing values, the likely patient "
+        "id, suggested label columns and a train/test split column if present. Every guess is "
+        "marked CHECK in a comment: read them, edit the file, then launch with it. Nothing but "
+        "--out is written. Reference: docs/schema.md.",
+    )
+    inf.add_argument("--records", required=True, type=Path,
+                     help="the export: a CSV (.csv, UTF-8, header row) or Parquet (.parquet, .pq) file")
+    inf.add_argument("--out", type=Path, metavar="FILE",
+                     help="write the draft here (e.g. schema.toml); default: print it to standard output")
+    inf.add_argument("--name", metavar="DATASET",
+                     help="the dataset name in the draft's [dataset] table (default: from the file name)")
+    inf.add_argument("--force", action="store_true", help="replace --out if it exists")
+    inf.set_defaults(func=cmd_datasite_schema_infer)
+
+
+def cmd_datasite_stop(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.admin import stop
+
+    print("stopped" if stop(args.home) else "not running")
+    return 0
+
+
+def cmd_datasite_status(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.admin import status
+
+    st = status(args.home)
+    print(json.dumps(st.to_dict(), indent=2) if args.json else st.render())
+    return 0
+
+
+def cmd_datasite_add_researcher(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.admin import add_researcher
+
+    password = _read_password(args, RESEARCHER_PASSWORD_ENV, f"password for {args.email}: ")
+    add_researcher(home=args.home, email=args.email, password=password, name=args.full_name)
+    print(f"researcher {args.email} registered")
+    return 0
+
+
+# -- data owner: pinned peers -------------------------------------------------------
+
+
+def cmd_datasite_peers(args: argparse.Namespace) -> int:
+    from fedmtl.datasites import peers
+
+    if args.peers_action == "list":
+        own = peers.own_fingerprint(args.home)
+        pinned = peers.list_peers(args.home)
+        if args.json:
+            print(json.dumps({"self": {"name": own.name, "fingerprint": own.fingerprint},
+                              "peers": [p.to_dict() for p in pinned]}, indent=2))
+            return 0
+        print(f"this datasite: {own.name}  {own.fingerprint}")
+        if not pinned:
+            print("no peers pinned: every job naming another site is denied; pin them with "
+                  "`fedmtl datasite peers add --home HOME --name NAME --fingerprint HEX`")
+        for p in pinned:
+            print(f"peer: {p.name}  {p.fingerprint}")
+        return 0
+    who = args.who or _reviewer_default()
+    if not who:
+        raise FedMTLError("give your name with --who EMAIL; it goes to the ledger")
+    if args.peers_action == "add":
+        pinned = peers.add_peer(args.home, name=args.name, fingerprint=args.fingerprint, who=who).peer_by_name(args.name)
+        print(f"pinned peer {pinned.name} {pinned.fingerprint}; recorded in the ledger by {who}")
+    else:
+        peers.remove_peer(args.home, name=args.name, who=who)
+        print(f"removed peer {args.name}; jobs naming it are now denied; recorded in the ledger by {who}")
+    return 0
+
+
+def _add_peers_parser(dsub) -> None:
+    pe = dsub.add_parser(
+        "peers", help="pin the other datasites of the federation (name + identity fingerprint)",
+        description="A job's roster may only name this datasite and pinned peers. Exchange fingerprints "
+        "with the other owners out of band (`fedmtl datasite status` prints this site's own). Every "
+        "change is recorded in the ledger and applies to the next request, also on a running datasite.",
+    )
+    psub = pe.add_subparsers(dest="peers_action", required=True, metavar="{add,remove,list}",
+                             help="add or remove a pinned peer, or list them")
+    home_help = "the datasite's home folder"
+    who_help = "your name or email for the ledger (default: login@host)"
+    add = psub.add_parser("add", help="pin a peer datasite (replaces an earlier pin of the same name)")
+    add.add_argument("--home", required=True, type=Path, help=home_help)
+    add.add_argument("--name", required=True, help="the peer's datasite name, as its owner launched it")
+    add.add_argument("--fingerprint", required=True, metavar="HEX",
+                     help="the peer's identity fingerprint: 64 hex characters its owner gave you "
+                     "(from `fedmtl datasite status`)")
+    add.add_argument("--who", metavar="EMAIL", help=who_help)
+    rm = psub.add_parser("remove", help="unpin a peer: jobs naming it are denied from now on")
+    rm.add_argument("--home", required=True, type=Path, help=home_help)
+    rm.add_argument("--name", required=True, help="the pinned peer's datasite name")
+    rm.add_argument("--who", metavar="EMAIL", help=who_help)
+    ls = psub.add_parser("list", help="this datasite's own fingerprint and the pinned peers")
+    ls.add_argument("--home", required=True, type=Path, help=home_help)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    pe.set_defaults(func=cmd_datasite_peers)
+
+
+def cmd_datasite_proxy_config(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.proxy import nginx_server_block
+    from fedmtl.fsutil import atomic_write_bytes
+
+    text = nginx_server_block(
+        domain=args.domain,
+        port=args.port,
+        cert=args.cert,
+        key=args.key,
+        upstream_port=args.upstream_port,
+        listen=args.listen,
+        max_body=args.max_body,
+    )
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+        print(f"wrote {args.out}", file=sys.stderr)
+    url = f"https://{args.domain}:{args.port}"
+    if args.port != 443:
+        print(f"warning: researchers on syft 0.9.5 cannot reach {url}: its client connects to https "
+              "datasites on port 443 only; serve --port 443 unless every client has a fix", file=sys.stderr)
+    print(f"next: put it in nginx's http context (e.g. /etc/nginx/conf.d/), `nginx -t`, reload nginx; "
+          f"researchers then connect to {url}", file=sys.stderr)
+    return 0
+
+
+def _add_proxy_parser(dsub) -> None:
+    px = dsub.add_parser(
+        "proxy-config", help="print an nginx server block that serves a datasite over HTTPS",
+        description="TLS ends at nginx on --port; nginx proxies to the datasite on loopback "
+        "(--upstream-port, the datasite's --port). The block allows syft's large uploads and long "
+        "training calls. Printed on standard output, or written to --out.",
+    )
+    px.add_argument("--domain", required=True, help="the host name researchers connect to (and the certificate's)")
+    px.add_argument("--port", type=int, default=443,
+                    help="the HTTPS port nginx listens on (default 443: syft 0.9.5 clients reach https on 443 only)")
+    px.add_argument("--cert", type=Path, help="certificate chain, PEM (default: certbot's for --domain)")
+    px.add_argument("--key", type=Path, help="the certificate's private key, PEM")
+    px.add_argument("--upstream-port", type=int, default=8080,
+                    help="the port the datasite listens on at 127.0.0.1 (its launch --port; default 8080)")
+    px.add_argument("--listen", metavar="ADDRESS", help="listen on this address only (default: all)")
+    px.add_argument("--max-body", default="10g", help="largest upload nginx lets through (default 10g)")
+    px.add_argument("--out", type=Path, help="write the block to this file instead of printing it")
+    px.set_defaults(func=cmd_datasite_proxy_config)
+
+
+def _add_control_parsers(dsub) -> None:
+    """launch, stop, status, add-researcher."""
+    home_help = "the datasite's home folder"
+    la = dsub.add_parser(
+        "launch", help="launch (first time: create) a datasite",
+        description="First launch: validates the records against the schema, creates the home folder and "
+        "publishes the records as one dataset. Relaunch: --home is enough (--port, --host, --policy "
+        "and --db may change). The admin password is generated (HOME/secrets/admin_password), or set "
+        f"{ADMIN_PASSWORD_ENV} before the first launch.",
+    )
+    la.add_argument("--home", required=True, type=Path,
+                    help="the datasite's home folder: created on first launch, reused on relaunch")
+    la.add_argument("--name", help="first launch: the datasite's name (lower case, digits, '-'; e.g. st-mary)")
+    la.add_argument("--records", type=Path,
+                    help="first launch: the export to publish (CSV or Parquet, one row per patient)")
+    la.add_argument("--schema", type=Path,
+                    help="first launch: the records schema (TOML; draft one with `fedmtl datasite schema "
+                    "infer --records FILE --out schema.toml`; reference docs/schema.md)")
+    la.add_argument("--port", type=int, default=8080, help="the port the datasite listens on (default 8080)")
+    la.add_argument("--host", default="127.0.0.1",
+                    help="the address it listens on (default 127.0.0.1: loopback only; put a TLS proxy in "
+                    "front, see `datasite proxy-config`)")
+    la.add_argument("--admin-email", metavar="EMAIL",
+                    help="first launch: the admin account's email (default admin@NAME.datasite)")
+    la.add_argument("--policy", type=Path, help="policy file (TOML/YAML); default: templates only, auto-approve")
+    la.add_argument("--detach", action="store_true", help="return once running; stop with `datasite stop`")
+    la.add_argument(
+        "--db", metavar="URL",
+        help="run on PostgreSQL: postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME, an empty database of "
+        "its own (password also from FEDMTL_DB_PASSWORD); remembered in the home without the password. "
+        "Default: SQLite in HOME/db",
+    )
+    la.add_argument("--test-fraction", type=float, metavar="F",
+                    help="first launch, records without a split column: hold out this share of the "
+                    "patients (e.g. 0.2) as the test split, stratified by the first label column; "
+                    "recorded in the dataset's metadata. Without a split, evaluation runs on the "
+                    "training records")
+    la.add_argument("--split-seed", type=int, default=0, metavar="N",
+                    help="seed of the --test-fraction draw (default 0; the same seed gives the same split)")
+    la.set_defaults(func=cmd_datasite_launch)
+    st = dsub.add_parser("stop", help="stop a datasite", description="Stops the datasite's server and "
+                         "waits until its process has exited; the home can then be backed up.")
+    st.add_argument("--home", required=True, type=Path, help=home_help)
+    st.set_defaults(func=cmd_datasite_stop)
+    ss = dsub.add_parser("status", help="is it running, datasets, researchers, pending requests")
+    ss.add_argument("--home", required=True, type=Path, help=home_help)
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
+    ss.set_defaults(func=cmd_datasite_status)
+    ar = dsub.add_parser(
+        "add-researcher", help="register a researcher (the datasite must be running)",
+        description=f"Registers a researcher account. {PASSWORD_HOWTO}",
+    )
+    ar.add_argument("--home", required=True, type=Path, help=home_help)
+    ar.add_argument("--email", required=True, help="the researcher's email: their login")
+    ar.add_argument("--full-name", metavar="NAME", help="the researcher's name (default: the email's local part)")
+    ar.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of standard input "
+                    f"(instead of {RESEARCHER_PASSWORD_ENV})")
+    ar.set_defaults(func=cmd_datasite_add_researcher)

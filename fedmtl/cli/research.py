@@ -1,0 +1,136 @@
+"""The researcher's commands: ``fedmtl train``, ``fedmtl job price``, and the demo
+(``fedmtl demo``, ``fedmtl demo prepare``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedmtl.cli import _say
+from fedmtl.errors import FedMTLError
+
+# -- demo ---------------------------------------------------------------------------
+
+
+def cmd_demo_prepare(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.cohort import prepare, summary_table
+
+    files = prepare(args.out, sites=args.sites, seed=args.seed)
+    print(summary_table(files))
+    for f in files:
+        print(f"{f.name}: {f.records}  {f.schema}")
+    return 0
+
+
+# -- researcher ---------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fedmtl.jobspec import JobSpec
+    from fedmtl.researcher.job import Job
+    from fedmtl.researcher.session import Session
+
+    session = Session.connect(args.sites)
+    _say(f"connected to {', '.join(sorted(session.sites))}")
+    if (Path(args.out) / "job.json").exists():
+        job = Job.resume(session, args.out)
+        _say(f"resuming job {job.job_id} in {args.out}")
+    else:
+        if args.job is None:
+            raise FedMTLError(f"{args.out} holds no job yet: give the job spec with --job FILE")
+        spec = JobSpec.load(args.job)
+        job = session.job(spec, out=args.out)
+        if not args.no_dry_run:
+            _say("dry run on the sites' mock data ...")
+            job.dry_run()
+        job.submit()
+        _say(f"submitted job {job.job_id}; waiting for the sites' review ...")
+    for site, st in job.wait_for_review(args.review_timeout).items():
+        _say(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
+    result = job.run(progress=not args.quiet, review_timeout=args.review_timeout)
+    result.save(Path(args.out) / "result")
+    table = result.metrics_table()
+    last = table[table["round"] == table["round"].max()]
+    _say(last.to_string(index=False))
+    _say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
+    _say(f"result saved to {Path(args.out) / 'result'}")
+    return 0
+
+
+def cmd_job_price(args: argparse.Namespace) -> int:
+    from fedmtl.jobspec import JobSpec
+    from fedmtl.researcher.job import price, price_table
+    from fedmtl.researcher.session import Session
+
+    spec = JobSpec.load(args.job)
+    session = Session.connect(args.sites)
+    rows = price(session, spec, budget=not args.no_budget)
+    if args.json:
+        import math
+
+        plain = {s: {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                 for s, r in rows.items()}  # JSON has no infinity (a job without DP)
+        print(json.dumps(plain, indent=2))
+        return 0
+    _say(f"job {spec.name!r}: epsilon per site at delta={spec.delta:g} ({spec.accountant}), "
+         "training rounds and evaluation releases together")
+    _say(price_table(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmtl.researcher.demo import markdown_table, run_demo
+
+    sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else (1.0, args.epsilon, 8.0)
+    report = run_demo(out=args.out, sites=args.sites, rounds=args.rounds, epsilon=args.epsilon,
+                      sweep=tuple(sorted(set(sweep))), quick=args.quick, seed=args.seed)
+    _say()
+    _say(markdown_table(report))
+    return 0
+
+
+def _add_parsers(sub) -> None:
+    """train, job price, demo, demo prepare."""
+    sites_help = ("sites file (TOML): one [[sites]] table per datasite with url, email and password_env, the "
+                  "environment variable that holds your password there (optional: fingerprint)")
+    tr = sub.add_parser("train", help="researcher: run a federated job over datasites")
+    tr.add_argument("--sites", required=True, type=Path, help=sites_help)
+    tr.add_argument("--job", type=Path, help="job spec (TOML/YAML/JSON); not needed to resume")
+    tr.add_argument("--out", required=True, type=Path, help="job folder (checkpoints, result)")
+    tr.add_argument("--review-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="how long to wait for the sites to review the job (default 300)")
+    tr.add_argument("--no-dry-run", action="store_true",
+                    help="submit without first running the job on the sites' mock data")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+    jb = sub.add_parser("job", help="researcher: plan a job before running it")
+    jsub = jb.add_subparsers(dest="action", required=True, help="price: epsilon and budget per site")
+    jp = jsub.add_parser("price", help="epsilon of a job at each site, and your budget left there",
+                         description="Connects to the sites, checks the job spec against their schemas and "
+                         "prints, per site, the epsilon of the whole job (training rounds and evaluation "
+                         "releases) and your researcher budget left there. Submits nothing and charges "
+                         "nothing. A site publishes no budgets: yours is read through an approved job of "
+                         "yours at that site, so it is unknown before your first one.")
+    jp.add_argument("--job", required=True, type=Path, help="job spec (TOML/YAML/JSON)")
+    jp.add_argument("--sites", required=True, type=Path, help="sites file (TOML), as for `fedmtl train`")
+    jp.add_argument("--no-budget", action="store_true", help="epsilon only: do not look up budgets left")
+    jp.add_argument("--json", action="store_true", help="machine-readable output")
+    jp.set_defaults(func=cmd_job_price)
+
+    de = sub.add_parser("demo", help="the demo: NAFLD cohort, three hospitals, one job")
+    de.add_argument("--out", type=Path, default=Path("demo-out"),
+                    help="folder for the cohort, the datasite homes and the report (default demo-out; replaced)")
+    de.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    de.add_argument("--rounds", type=int, default=5, help="federated rounds of each job (default 5)")
+    de.add_argument("--epsilon", type=float, default=3.0, help="epsilon per site of the main job")
+    de.add_argument("--sweep", default="", help="epsilons compared, e.g. 1,3,8")
+    de.add_argument("--quick", action="store_true", help="a fast run (2 rounds, short baselines)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the cohort and the training (default 0)")
+    de.set_defaults(func=cmd_demo)
+    desub = de.add_subparsers(dest="action", help="prepare: only write the demo cohort")
+    pr = desub.add_parser("prepare", help="write the demo cohort: records + schema per hospital")
+    pr.add_argument("--out", required=True, type=Path, help="folder for OUT/SITE/records.csv and schema.toml")
+    pr.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the cohort (default 0; same seed, same files)")
+    pr.set_defaults(func=cmd_demo_prepare)
