@@ -38,6 +38,15 @@ def add_researcher(
         raise DatasiteError(f"{email!r} is not an email address")
     if len(password or "") < MIN_PASSWORD:
         raise DatasiteError(f"the researcher's password must have at least {MIN_PASSWORD} characters")
+    if home_mod.running(Path(home)) is not None:
+        from fedmtl.datasites import control
+
+        try:  # the server's owner-only control socket: no syft import, no login
+            if control.call(Path(home), "add_researcher", email=email, password=password, name=name,
+                            institution=institution) is not None:
+                return
+        except RuntimeError as e:
+            raise DatasiteError(f"could not register {email}: {e}") from None
     client = admin_client(home)
     with syftio.quiet():
         existing = [u.email for u in client.users.get_all()]
@@ -157,6 +166,17 @@ def status(home: str | Path) -> DatasiteStatus:
     if info is None:
         return st
     st.url = info.url
+    from fedmtl.datasites import control
+
+    try:  # the server's owner-only control socket: no syft import, no login
+        reply = control.call(home, "status")
+    except RuntimeError:
+        reply = None
+    if reply is not None:
+        st.datasets = list(reply["datasets"])
+        st.researchers = list(reply["researchers"])
+        st.pending_requests = list(reply["pending_requests"])
+        return st
     client = admin_client(home)
     with syftio.quiet():
         st.datasets = [d.name for d in client.datasets.get_all()]

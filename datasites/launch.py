@@ -350,6 +350,11 @@ def launch(
             warnings=found,
             database=database_url(home),
         )
+        if not cfg.get("setup_complete") and not in_process:
+            # the first setup logs in with syft: import it while the server starts
+            import threading
+
+            threading.Thread(target=syftio.import_syft, name="fedmtl-import-syft", daemon=True).start()
         _start(handle, in_process=in_process, ready_timeout=ready_timeout)
         if not cfg.get("setup_complete"):
             _first_setup(handle, df, sch, cfg.get("split") or split_info)
@@ -392,8 +397,11 @@ def _create_home(
     admin_password: str | None,
     split: dict[str, Any] | None = None,
 ) -> None:
-    from syft.server.credentials import SyftSigningKey
-    from syft.types.uid import UID
+    # syft's server key is an Ed25519 (PyNaCl) seed in hex and its server id a uuid4 without
+    # dashes (syft.server.credentials.SyftSigningKey, syft.types.uid.UID): made here without
+    # importing syft, which takes seconds
+    import secrets as _secrets
+    import uuid
 
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
@@ -402,9 +410,8 @@ def _create_home(
     if len(password) < 8:
         raise DatasiteError(f"the admin password (from {ADMIN_PASSWORD_ENV}) must have at least 8 characters")
     home_mod.write_secret(home, "admin_password", password)
-    with syftio.quiet():
-        key = str(SyftSigningKey.generate())
-        server_id = UID().no_dash
+    key = _secrets.token_bytes(32).hex()
+    server_id = uuid.uuid4().hex
     home_mod.write_secret(home, "syft_signing_key", key)
     identity.create(home, name)
     schema.save(home / "schema.toml")

@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedmtl.datasites import reviewer_thread
 
     reviewer_thread.start_background(home, worker)
+    from fedmtl.datasites import control
+    from fedmtl.datasites import home as home_mod
+
+    control.serve(home, worker, admin_email=home_mod.read_config(home)["admin_email"])
     pidfile = home / "server.pid"
     pidfile.write_text(json.dumps({"pid": os.getpid(), "host": args.host, "port": args.port}))
 
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         reviewer_thread.stop_background()
+        control.stop_serving()
         try:
             worker.stop()
         except Exception:  # noqa: BLE001 - best effort on shutdown

@@ -1,0 +1,171 @@
+"""The owner's control socket of a running datasite: status and researcher accounts in
+well under a second, without importing syft or logging in.
+
+The server process already holds syft's root client; it listens on ``HOME/control.sock``,
+a Unix socket created with mode 0600 inside the owner's home. Whoever can connect to it
+can already read ``HOME/secrets/admin_password``, so it grants nothing new. One request per
+connection: a JSON line ``{"op": ..., ...}``, answered by a JSON line ``{"ok": true, ...}``
+or ``{"ok": false, "error": ...}``.
+
+Operations: ``status`` (datasets, researchers, pending requests) and ``add_researcher``
+(email, password, name, institution). :mod:`fedmtl.datasites.admin` uses the socket when it
+answers and falls back to a syft login otherwise (an older server, a foreign home).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+SOCKET = "control.sock"
+MAX_REQUEST = 64 * 1024
+log = logging.getLogger("fedmtl.control")
+
+_stop = threading.Event()
+_thread: threading.Thread | None = None
+
+
+def socket_path(home: Path) -> Path:
+    return Path(home) / SOCKET
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+def serve(home: Path, worker, *, admin_email: str) -> None:
+    """Start answering on ``HOME/control.sock`` in a daemon thread (server process only)."""
+    global _thread
+    path = socket_path(home)
+    path.unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is created owner-only, never briefly wider
+    try:
+        srv.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    srv.listen(8)
+    srv.settimeout(0.5)
+    _stop.clear()
+    ops = _operations(worker, admin_email)
+
+    def loop() -> None:
+        while not _stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            with conn:
+                conn.settimeout(30)
+                _answer(conn, ops)
+        srv.close()
+        path.unlink(missing_ok=True)
+
+    _thread = threading.Thread(target=loop, name="fedmtl-control", daemon=True)
+    _thread.start()
+
+
+def stop_serving() -> None:
+    _stop.set()
+    if _thread is not None:
+        _thread.join(timeout=2)
+
+
+def _answer(conn: socket.socket, ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    try:
+        raw = _read_line(conn)
+        req = json.loads(raw)
+        if not isinstance(req, dict) or req.get("op") not in ops:
+            raise ValueError(f"unknown operation; known: {sorted(ops)}")
+        args = {k: v for k, v in req.items() if k != "op"}
+        reply = {"ok": True, **ops[req["op"]](**args)}
+    except Exception as e:  # noqa: BLE001 - every failure is an answer, never a crash
+        reply = {"ok": False, "error": str(e)[:2000]}
+    try:
+        conn.sendall(json.dumps(reply).encode("utf-8") + b"\n")
+    except OSError:
+        pass
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return buf
+
+
+def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, Any]]]:
+    from fedmtl.datasites import syftio
+
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def client():
+        if "client" not in state:
+            state["client"] = worker.root_client
+        return state["client"]
+
+    def status() -> dict[str, Any]:
+        with lock, syftio.quiet():
+            c = client()
+            pending = [
+                {"id": str(r.id), "code": getattr(r.code, "service_func_name", "?"),
+                 "requester": getattr(r, "requesting_user_email", "?")}
+                for r in c.requests.get_all() if r.status.name == "PENDING"
+            ]
+            return {
+                "datasets": [d.name for d in c.datasets.get_all()],
+                "researchers": sorted(u.email for u in c.users.get_all() if u.email != admin_email),
+                "pending_requests": pending,
+            }
+
+    def add_researcher(*, email: str, password: str, name: str | None = None,
+                       institution: str = "") -> dict[str, Any]:
+        with lock, syftio.quiet():
+            c = client()
+            if email in [u.email for u in c.users.get_all()]:
+                raise ValueError(f"a user {email} already exists on this datasite")
+            result = c.users.create(name=name or email.split("@")[0], email=email, password=password,
+                                    password_verify=password, institution=institution or None)
+            syftio.check(result, f"registering {email}")
+            return {"email": email}
+
+    return {"status": status, "add_researcher": add_researcher}
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+def call(home: Path, op: str, *, timeout: float = 60.0, **args: Any) -> dict[str, Any] | None:
+    """Ask the running datasite of ``home``; ``None`` when no control socket answers (the
+    caller then falls back to a syft login). Raises ``RuntimeError`` with the server's
+    message when the operation failed."""
+    path = socket_path(home)
+    if not path.exists():
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        s.sendall(json.dumps({"op": op, **args}).encode("utf-8") + b"\n")
+        raw = _read_line(s)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    finally:
+        s.close()
+    reply = json.loads(raw)
+    if not reply.get("ok"):
+        raise RuntimeError(reply.get("error") or "the datasite refused the request")
+    return reply
