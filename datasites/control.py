@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 SOCKET = "control.sock"
+#: where the socket is when HOME's path is too long for a Unix socket (108 bytes on Linux)
+POINTER = "control.sock.path"
+MAX_SOCKET_PATH = 100
 MAX_REQUEST = 64 * 1024
 log = logging.getLogger("fedmtl.control")
 
@@ -31,7 +34,26 @@ _thread: threading.Thread | None = None
 
 
 def socket_path(home: Path) -> Path:
+    """Where this home's control socket is: ``HOME/control.sock``, or, for a home whose
+    path is too long for a Unix socket, the path written in ``HOME/control.sock.path``."""
+    pointer = Path(home) / POINTER
+    if pointer.is_file():
+        return Path(pointer.read_text(encoding="utf-8").strip())
     return Path(home) / SOCKET
+
+
+def _bind_path(home: Path) -> Path:
+    path = Path(home) / SOCKET
+    (Path(home) / POINTER).unlink(missing_ok=True)
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        return path
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="fedmtl-ctl-")) / "s"  # a fresh 0700 folder
+    pointer = Path(home) / POINTER
+    pointer.write_text(str(short), encoding="utf-8")
+    os.chmod(pointer, 0o600)
+    return short
 
 
 # ----------------------------------------------------------------------------- server side
@@ -40,7 +62,7 @@ def socket_path(home: Path) -> Path:
 def serve(home: Path, worker, *, admin_email: str) -> None:
     """Start answering on ``HOME/control.sock`` in a daemon thread (server process only)."""
     global _thread
-    path = socket_path(home)
+    path = _bind_path(home)
     path.unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket is created owner-only, never briefly wider
@@ -67,6 +89,12 @@ def serve(home: Path, worker, *, admin_email: str) -> None:
                 _answer(conn, ops)
         srv.close()
         path.unlink(missing_ok=True)
+        if path.parent.name.startswith("fedmtl-ctl-"):
+            (Path(home) / POINTER).unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
 
     _thread = threading.Thread(target=loop, name="fedmtl-control", daemon=True)
     _thread.start()

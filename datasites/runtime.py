@@ -50,6 +50,10 @@ class RoundError(FedMTLError):
     """A round call the runtime refuses (replay, beyond the approved count, bad weights...)."""
 
 
+class PassAlreadyExecutedError(RoundError):
+    """The pass was completed (and charged) at this site; it never runs twice."""
+
+
 def register_home(site: str, home: Path) -> None:
     _HOMES[site] = Path(home)
 
@@ -146,7 +150,7 @@ class JobRuntime:
             raise RoundError(f"'pass' must be an int, got {p!r}")
         last = int(self.job.rounds) + 1
         if p in self.state["completed"]:
-            raise RoundError(f"pass {p} of job {self.job_id} was already executed; a replay is refused")
+            raise PassAlreadyExecutedError(f"pass {p} of job {self.job_id} was already executed; a replay is refused")
         if p > last:
             raise RoundError(
                 f"pass {p} is beyond the approved {self.job.rounds} round(s) (+1 final evaluation) "

@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedmtl.datasites import control
     from fedmtl.datasites import home as home_mod
 
-    control.serve(home, worker, admin_email=home_mod.read_config(home)["admin_email"])
+    try:  # a convenience for the owner's commands: never a reason not to start
+        control.serve(home, worker, admin_email=home_mod.read_config(home)["admin_email"])
+    except OSError as e:
+        logging.getLogger("fedmtl.datasite").warning("control socket not available (%s); status and "
+                                                     "add-researcher will log in with syft", e)
     pidfile = home / "server.pid"
     pidfile.write_text(json.dumps({"pid": os.getpid(), "host": args.host, "port": args.port}))
 

@@ -43,3 +43,9 @@ class SecAggError(FedMTLError):
 
 class JobError(FedMTLError):
     """A job cannot be submitted, run or resumed; the message says which site and why."""
+
+
+class PassLostError(JobError):
+    """Every site that answered had already completed this pass (and charged it), but the
+    researcher never saved its aggregate (it stopped in between). The pass cannot run
+    again; the job continues with the next one."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from fedmtl import protocol
-from fedmtl.errors import JobError
+from fedmtl.errors import JobError, PassLostError
 
 CALLS_PER_PASS = 4
 
@@ -55,6 +55,7 @@ def run_pass(
     dropped: dict[str, str] = {}
     reports: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
+    kinds: dict[str, str] = {}
 
     def stage(name: str, active: list[str], make_msg: Callable[[str], dict]) -> dict[str, Any]:
         if on_stage:
@@ -71,6 +72,7 @@ def run_pass(
                 out[s] = r
             else:
                 dropped[s] = f"{name}: {r.get('error')}"
+                kinds[s] = str(r.get("kind", ""))
         return out
 
     try:
@@ -87,6 +89,11 @@ def run_pass(
         result = server.unmask([r["message"] for r in reveals.values()])
         seconds["unmask_server"] = time.perf_counter() - t1
     except TooFewSitesError as e:
+        if dropped and set(kinds.values()) == {"PassAlreadyExecutedError"}:
+            raise PassLostError(
+                f"pass {pass_no} was already completed at {sorted(dropped)} but its aggregate was never "
+                "saved here; it cannot run twice"
+            ) from None
         detail = "; ".join(f"{s}: {why}" for s, why in sorted(dropped.items())) or "none"
         raise JobError(
             f"pass {pass_no} aborted: {e}. Nothing was revealed. Sites that failed: {detail}"

@@ -28,7 +28,7 @@ from fedmtl.datasites.autoreview import MANUAL_REVIEW_TAG  # set by the datasite
 from fedmtl.datasites.home import write_json_atomic
 from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
-from fedmtl.errors import JobError
+from fedmtl.errors import JobError, PassLostError
 from fedmtl.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------------------- transports
@@ -345,11 +345,24 @@ class Job:
                 attempt = int(self.state["attempts"].get(str(p), -1)) + 1
                 self.state["attempts"][str(p)] = attempt
                 self._save()
-                outcome = run_pass(
-                    transport=transport, site_specs=self.site_specs, sites=approved, pass_no=p,
-                    attempt=attempt, weights=weights, model=model,
-                    on_stage=(lambda name, p=p: bar.set_postfix_str(f"pass {p}: {name}")) if bar else None,
-                )
+                try:
+                    outcome = run_pass(
+                        transport=transport, site_specs=self.site_specs, sites=approved, pass_no=p,
+                        attempt=attempt, weights=weights, model=model,
+                        on_stage=(lambda name, p=p: bar.set_postfix_str(f"pass {p}: {name}")) if bar else None,
+                    )
+                except PassLostError as e:
+                    # the sites finished (and charged) this pass while this process was gone:
+                    # its aggregate is lost; keep the weights and go on with the next pass
+                    history.append({"round": p - 1, "lost": str(e)})
+                    store.save(p, {
+                        "spec_hash": self.state["spec_hash"], "global_vector": weights,
+                        "strategy_state": strategy.state_dict(), "metrics": history,
+                        "epsilon": self._epsilon(p), "site_status": site_status,
+                    })
+                    if bar:
+                        bar.update(1)
+                    continue
                 record: dict[str, Any] = {"round": p - 1, "survivors": outcome.survivors,
                                           "dropped": outcome.dropped, "seconds": outcome.seconds}
                 if "metrics" in outcome.arrays:
