@@ -72,9 +72,9 @@ def build_request(tmp: Path) -> dict[str, Any]:
     the facts the old review path consumes."""
     from fedmtl import protocol
     from fedmtl.datasites import cohort, site_ledger
-    from fedmtl.datasites.autoreview import site_spec_hash
+    from fedmtl.datasites.autoreview import job_facts
     from fedmtl.datasites.records import load_records
-    from fedmtl.datasites.review import RequestFacts, SpendSummary
+    from fedmtl.datasites.review import SpendSummary
     from fedmtl.datasites.template import TEMPLATE_NAME, code_sha256, template_source
     from fedmtl.jobspec import JobSpec
     from fedmtl.privacy.keys import SigningKey
@@ -110,32 +110,9 @@ def build_request(tmp: Path) -> dict[str, Any]:
     unique = f"user_func_{func_name}_{'ab' * 32}_{'cd' * 32}"
 
     job = protocol.job_of(site_spec)
-    records = tuple(protocol.job_records(job, n_train))
-    facts = RequestFacts(
-        request_id=job_id,
-        researcher="bench@uni.example",
-        dataset=big.name,
-        code_name=func_name,
-        code_hash=code_sha256(raw),
-        tasks=tuple(t.label for t in job.tasks),
-        noise_multiplier=float(job.noise_for_site(n_train)),
-        max_grad_norm=float(job.max_grad_norm),
-        rounds=int(job.rounds),
-        local_epochs=max(1, int(round(job.local_steps * job.sample_rate_for_site(n_train)))),
-        sample_rate=float(job.sample_rate),
-        steps_per_round=int(job.steps_per_round(n_train)),
-        delta=float(job.delta),
-        n_sites=len(roster),
-        secagg_threshold=int(job.secagg.threshold),
-        release_per_site_metrics=bool(job.per_site_metrics),
-        spec_hash=site_spec_hash(site_spec),
-        records=records,
-        passes=int(job.rounds) + 1,
-        eval_passes=protocol.eval_pass_count(job),
-        eval_noise_multiplier=float(job.eval_noise_multiplier),
-        roster=tuple(sorted(roster.items())),
-        site=big.name,
-    )
+    facts = job_facts(job, site_spec, n_train=n_train, request_id=job_id, roster=tuple(sorted(roster.items())),
+                      site=big.name, researcher="bench@uni.example", dataset=big.name, code_name=func_name,
+                      code_hash=code_sha256(raw))
     return {
         "site": big.name,
         "n_train": n_train,
@@ -150,7 +127,7 @@ def build_request(tmp: Path) -> dict[str, Any]:
         "unique": unique,
         "facts": facts,
         "spent_none": SpendSummary(),
-        "spent_one_job": SpendSummary(dataset_records=records, researcher_records=records),
+        "spent_one_job": SpendSummary(dataset_records=facts.records, researcher_records=facts.records),
     }
 
 

@@ -47,7 +47,12 @@ def add_researcher(
                 return
         except RuntimeError as e:
             raise DatasiteError(f"could not register {email}: {e}") from None
-    client = admin_client(home)
+    register_researcher(admin_client(home), email=email, password=password, name=name, institution=institution)
+
+
+def register_researcher(client, *, email: str, password: str, name: str | None = None,
+                        institution: str = "") -> None:
+    """Create a researcher account with an admin (or the server's root) client."""
     with syftio.quiet():
         existing = [u.email for u in client.users.get_all()]
         if email in existing:
@@ -173,23 +178,23 @@ def status(home: str | Path) -> DatasiteStatus:
     except RuntimeError:
         reply = None
     if reply is not None:
-        st.datasets = list(reply["datasets"])
-        st.researchers = list(reply["researchers"])
-        st.pending_requests = list(reply["pending_requests"])
+        for key in ("datasets", "researchers", "pending_requests"):
+            setattr(st, key, list(reply[key]))
         return st
-    client = admin_client(home)
-    with syftio.quiet():
-        st.datasets = [d.name for d in client.datasets.get_all()]
-        st.researchers = sorted(
-            u.email for u in client.users.get_all() if u.email != cfg["admin_email"]
-        )
-        for r in client.requests.get_all():
-            if r.status.name == "PENDING":
-                st.pending_requests.append(
-                    {
-                        "id": str(r.id),
-                        "code": getattr(r.code, "service_func_name", "?"),
-                        "requester": getattr(r, "requesting_user_email", "?"),
-                    }
-                )
+    for key, value in server_view(admin_client(home), admin_email=cfg["admin_email"]).items():
+        setattr(st, key, value)
     return st
+
+
+def server_view(client, *, admin_email: str) -> dict[str, Any]:
+    """Datasets, researchers and pending requests, read with an admin (or root) client."""
+    with syftio.quiet():
+        return {
+            "datasets": [d.name for d in client.datasets.get_all()],
+            "researchers": sorted(u.email for u in client.users.get_all() if u.email != admin_email),
+            "pending_requests": [
+                {"id": str(r.id), "code": getattr(r.code, "service_func_name", "?"),
+                 "requester": getattr(r, "requesting_user_email", "?")}
+                for r in client.requests.get_all() if r.status.name == "PENDING"
+            ],
+        }

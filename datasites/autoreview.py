@@ -179,7 +179,17 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
             local_epochs=0, sample_rate=0.0, steps_per_round=0, delta=1e-5, n_sites=0,
             secagg_threshold=0, roster=roster, **base,
         ), problems
-    records = tuple(protocol.job_records(job, n_train))
+    return job_facts(job, spec, n_train=n_train, request_id=request_id, roster=roster, site=cfg["name"],
+                     **base), problems
+
+
+def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roster, site: str,
+              researcher: str, dataset: str, code_name: str, code_hash: str):
+    """The review facts of a well-formed site spec whose numbers :mod:`limits` bounded:
+    what the job costs this site (privacy records pass by pass) and what it asks."""
+    from fedmtl import protocol
+    from fedmtl.datasites.review import RequestFacts
+
     noise = float(job.noise_for_site(n_train)) if job.dp else 0.0
     if job.local_epochs is not None:
         local_epochs = float(job.local_epochs)
@@ -189,6 +199,10 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
         local_epochs = 1.0
     return RequestFacts(
         request_id=request_id,
+        researcher=researcher,
+        dataset=dataset,
+        code_name=code_name,
+        code_hash=code_hash,
         tasks=tuple(t.label for t in job.tasks),
         noise_multiplier=noise,
         max_grad_norm=float(job.max_grad_norm),
@@ -201,14 +215,13 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
         secagg_threshold=int(job.secagg.threshold),
         release_per_site_metrics=bool(job.per_site_metrics),
         spec_hash=site_spec_hash(spec),
-        records=records,
+        records=tuple(protocol.job_records(job, n_train)),
         passes=int(job.rounds) + 1,
         eval_passes=protocol.eval_pass_count(job),
         eval_noise_multiplier=float(job.eval_noise_multiplier),
-        roster=roster,
-        site=cfg["name"],
-        **base,
-    ), problems
+        roster=tuple(roster),
+        site=site,
+    )
 
 
 def _home_schema(home: Path):

@@ -135,7 +135,7 @@ def _read_line(conn: socket.socket) -> bytes:
 
 
 def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, Any]]]:
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites import admin
 
     lock = threading.Lock()
     state: dict[str, Any] = {}
@@ -146,28 +146,14 @@ def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, A
         return state["client"]
 
     def status() -> dict[str, Any]:
-        with lock, syftio.quiet():
-            c = client()
-            pending = [
-                {"id": str(r.id), "code": getattr(r.code, "service_func_name", "?"),
-                 "requester": getattr(r, "requesting_user_email", "?")}
-                for r in c.requests.get_all() if r.status.name == "PENDING"
-            ]
-            return {
-                "datasets": [d.name for d in c.datasets.get_all()],
-                "researchers": sorted(u.email for u in c.users.get_all() if u.email != admin_email),
-                "pending_requests": pending,
-            }
+        with lock:
+            return admin.server_view(client(), admin_email=admin_email)
 
     def add_researcher(*, email: str, password: str, name: str | None = None,
                        institution: str = "") -> dict[str, Any]:
-        with lock, syftio.quiet():
-            c = client()
-            if email in [u.email for u in c.users.get_all()]:
-                raise ValueError(f"a user {email} already exists on this datasite")
-            result = c.users.create(name=name or email.split("@")[0], email=email, password=password,
-                                    password_verify=password, institution=institution or None)
-            syftio.check(result, f"registering {email}")
+        with lock:
+            admin.register_researcher(client(), email=email, password=password, name=name,
+                                      institution=institution)
             return {"email": email}
 
     return {"status": status, "add_researcher": add_researcher}

@@ -491,7 +491,7 @@ def _check_column(raw: pd.Series, col: Column, rows: np.ndarray) -> tuple[pd.Ser
     """Type one column and list its problems (type, category, range, missing)."""
     problems: list[str] = []
     where = f"column {col.name!r}"
-    is_na = _missing_mask(raw)
+    is_na = missing_mask(raw)
     if col.type in ("numeric", "binary"):
         values, bad = _to_float(raw, is_na)
         if bad.any():
@@ -588,7 +588,8 @@ def _all_text(raw: pd.Series) -> bool:
     return raw.dtype == object and bool(raw.map(type).eq(str).all())
 
 
-def _missing_mask(raw: pd.Series) -> np.ndarray:
+def missing_mask(raw: pd.Series) -> np.ndarray:
+    """Which cells of an export column are missing (None, NaN, or an NA token such as "NA")."""
     if _all_text(raw):  # CSV cells: a missing cell is an NA token
         return raw.str.strip().str.lower().isin(NA_TOKENS).to_numpy()
     mask = np.zeros(len(raw), dtype=bool)

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.datasites.records import NA_TOKENS, read_export
+from fedmtl.datasites.records import missing_mask, read_export
 from fedmtl.errors import SchemaError
 from fedmtl.schema import Schema
 
@@ -268,7 +268,7 @@ def infer_schema(raw: pd.DataFrame, name: str = "records", source: str = "") -> 
 
 
 def _infer_column(name: str, raw: pd.Series, n: int) -> DraftColumn:
-    na = _missing(raw)
+    na = missing_mask(raw)
     present = raw[~na]
     n_missing = int(na.sum())
     col = DraftColumn(name=name, role="feature", type="numeric", missing=n_missing > 0, n_missing=n_missing)
@@ -399,18 +399,6 @@ def _rare(col: DraftColumn, counts: pd.Series) -> None:
             f"CHECK: {rare} categor{'y has' if rare == 1 else 'ies have'} fewer than {RARE_CATEGORY} "
             "patients; the list is published, so consider merging rare categories"
         )
-
-
-def _missing(raw: pd.Series) -> np.ndarray:
-    mask = np.zeros(len(raw), dtype=bool)
-    for i, v in enumerate(raw):
-        if v is None or v is pd.NA or v is pd.NaT:
-            mask[i] = True
-        elif isinstance(v, (float, np.floating)) and math.isnan(v):
-            mask[i] = True
-        elif isinstance(v, str) and v.strip().lower() in NA_TOKENS:
-            mask[i] = True
-    return mask
 
 
 def _as_numbers(present: pd.Series) -> np.ndarray | None:
