@@ -9,9 +9,15 @@ one vector and back, in a fixed order (sorted keys).
 Every metric ignores samples whose label is missing (``mask`` False).
 
 Binned ranking metrics (AUROC, AUPRC) keep per-class histograms of scores in
-``n_bins`` equal bins over [0, 1] (default 1000), split by label. From the histograms
-they compute the *exact* AUROC / average precision of the scores rounded down to their
-bin (ties within a bin count one half for AUROC, as scikit-learn counts ties). Against
+``n_bins`` bins, split by label. ``scale="linear"`` (default) makes equal bins over
+[0, 1]; ``scale="logit"`` makes equal bins over the log-odds ``log(p / (1 - p))`` in
+[-``LOGIT_RANGE``, ``LOGIT_RANGE``] (scores beyond fall in the end bins). Models whose
+scores bunch (DP-trained ones often keep every P(y=1) within a few hundredths) put most
+records in a handful of equal-probability bins; on the logit scale the bins are narrow
+exactly where the scores are dense, so the same statistics (plain counts, summable
+under secure aggregation) rank them far more finely. From the histograms they compute
+the *exact* AUROC / average precision of the scores rounded down to their bin (ties
+within a bin count one half for AUROC, as scikit-learn counts ties). Against
 scikit-learn on the raw scores:
 
 * AUROC differs by at most ``0.5 * sum_b pos_b * neg_b / (P * N)`` (the share of
@@ -20,6 +26,17 @@ scikit-learn on the raw scores:
   bound; the tests use 0.01).
 
 Accuracy, Brier score, MAE and RMSE are exact (sums of per-sample terms).
+
+:class:`Calibration` (binary tasks) keeps, per equal-probability bin, the count, the
+sum of predicted probabilities and the sum of labels: from their sums it gives the mean
+predicted probability against the observed rate (calibration-in-the-large), the
+expected calibration error and the reliability curve (:meth:`Calibration.curve`).
+
+:func:`evaluation_metrics` is the one evaluator for comparing models on held-out records
+(the demo and every baseline use it): logit-scale AUROC/AUPRC with ``EVAL_N_BINS`` bins
+(within 0.002 of scikit-learn on the demo's models, DP or not), Brier score and a
+``EVAL_CALIBRATION_BINS``-bin reliability curve. The statistics the datasites *release*
+are another, coarser and noised, set (:mod:`fedmtl.privacy.eval_release`).
 """
 
 from __future__ import annotations
@@ -131,21 +148,43 @@ def unflatten_state(vec: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> S
 
 
 # -- ranking metrics -----------------------------------------------------------
-def _bin(scores: np.ndarray, n_bins: int) -> np.ndarray:
+#: bin scales of the ranking metrics
+SCALES = ("linear", "logit")
+#: the logit scale spans log-odds in [-LOGIT_RANGE, LOGIT_RANGE] (P in [1.1e-7, 1 - 1.1e-7])
+LOGIT_RANGE = 16.0
+
+
+def _check_probabilities(scores: np.ndarray) -> None:
     if scores.size and (np.isnan(scores).any() or scores.min() < 0 or scores.max() > 1):
         raise ValueError("scores must be probabilities in [0, 1] (apply a sigmoid/softmax first)")
+
+
+def _bin(scores: np.ndarray, n_bins: int, scale: str = "linear") -> np.ndarray:
+    _check_probabilities(scores)
+    if scale == "logit":
+        p = np.clip(scores.astype(np.float64), 1e-300, 1.0)
+        with np.errstate(divide="ignore"):
+            z = np.log(p) - np.log1p(-np.minimum(p, 1.0 - 1e-16))
+        u = (z + LOGIT_RANGE) / (2.0 * LOGIT_RANGE)
+        return np.clip(np.floor(u * n_bins), 0, n_bins - 1).astype(int)
     return np.minimum((scores * n_bins).astype(int), n_bins - 1)
+
+
+def _check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+    return scale
 
 
 class _BinnedRanking(Metric):
     """Per-class positive/negative score histograms; binary = 1 class."""
 
-    def __init__(self, *, n_classes: int = 1, n_bins: int = 1000) -> None:
+    def __init__(self, *, n_classes: int = 1, n_bins: int = 1000, scale: str = "linear") -> None:
         if n_classes < 1 or n_classes == 2:
             raise ValueError("n_classes is 1 for a binary task (scores = P(y=1)) or >= 3 for multiclass")
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        self.n_classes, self.n_bins = n_classes, n_bins
+        self.n_classes, self.n_bins, self.scale = n_classes, n_bins, _check_scale(scale)
         super().__init__()
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -162,7 +201,7 @@ class _BinnedRanking(Metric):
             if s.ndim != 2 or s.shape[1] != self.n_classes:
                 raise ValueError(f"multiclass scores must be (n, {self.n_classes}), got {s.shape}")
             onehot = t.astype(int).reshape(-1, 1) == np.arange(self.n_classes)
-        b = _bin(s, self.n_bins)
+        b = _bin(s, self.n_bins, self.scale)
         for c in range(self.n_classes):
             self._state["pos"][c] += np.bincount(b[onehot[:, c], c], minlength=self.n_bins)
             self._state["neg"][c] += np.bincount(b[~onehot[:, c], c], minlength=self.n_bins)
@@ -277,6 +316,62 @@ class BrierScore(Metric):
         return float(st["sq_err"] / st["total"]) if st["total"] > 0 else float("nan")
 
 
+class Calibration(Metric):
+    """Reliability of a binary task's probabilities, from per-bin sums.
+
+    ``n_bins`` equal bins over [0, 1] of the predicted P(y=1); per bin the state holds
+    ``count`` (records), ``sum_p`` (their predicted probabilities) and ``sum_y`` (their
+    labels), all sums, so sites' states add up. ``compute`` gives ``mean_predicted`` and
+    ``observed_rate`` over all records (calibration-in-the-large) and ``ece``, the
+    expected calibration error ``sum_b count_b |mean_p_b - rate_b| / N`` of the bins;
+    :meth:`curve` gives the reliability curve bin by bin."""
+
+    name = "calibration"
+
+    def __init__(self, *, n_bins: int = 10) -> None:
+        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+            raise ValueError(f"calibration n_bins must be a whole number >= 1, got {n_bins!r}")
+        self.n_bins = int(n_bins)
+        super().__init__()
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"count": (self.n_bins,), "sum_p": (self.n_bins,), "sum_y": (self.n_bins,)}
+
+    def update(self, scores, y, mask=None) -> "Metric":
+        s, t = _select(scores, y, mask)
+        if s.ndim != 1:
+            raise ValueError(f"calibration is for binary tasks: scores must be (n,) P(y=1), got {s.shape}")
+        b = _bin(s, self.n_bins)
+        t = t.astype(float)
+        self._state["count"] += np.bincount(b, minlength=self.n_bins)
+        self._state["sum_p"] += np.bincount(b, weights=s, minlength=self.n_bins)
+        self._state["sum_y"] += np.bincount(b, weights=t, minlength=self.n_bins)
+        return self
+
+    def _compute(self, st: State) -> dict[str, float]:
+        n = st["count"].sum()
+        if n <= 0:
+            return {"mean_predicted": float("nan"), "observed_rate": float("nan"), "ece": float("nan")}
+        ece = float(np.abs(st["sum_p"] - st["sum_y"]).sum() / n)  # = sum_b n_b |p_b - y_b| / N
+        return {"mean_predicted": float(st["sum_p"].sum() / n), "observed_rate": float(st["sum_y"].sum() / n),
+                "ece": ece}
+
+    def curve(self, state: Mapping[str, np.ndarray] | None = None) -> dict[str, list[float | None]]:
+        """Per bin: ``lower``/``upper`` edges, ``count``, ``mean_predicted`` and
+        ``observed_rate`` (``None`` for an empty bin)."""
+        st = self._state if state is None else state
+        self._check(st)
+        c, sp, sy = (np.asarray(st[k], dtype=float) for k in ("count", "sum_p", "sum_y"))
+        edges = np.linspace(0.0, 1.0, self.n_bins + 1)
+        return {
+            "lower": [float(x) for x in edges[:-1]],
+            "upper": [float(x) for x in edges[1:]],
+            "count": [float(x) for x in c],
+            "mean_predicted": [float(a / n) if n > 0 else None for a, n in zip(sp, c)],
+            "observed_rate": [float(a / n) if n > 0 else None for a, n in zip(sy, c)],
+        }
+
+
 class RegressionError(Metric):
     """MAE and RMSE of a regression task: ``compute`` returns ``{"mae", "rmse"}``.
 
@@ -322,21 +417,33 @@ class RegressionError(Metric):
 
 
 # -- per-task collections ------------------------------------------------------
-def metrics_for_task(task: TaskSpec, *, n_bins: int = 1000, clip: float | None = None) -> dict[str, Metric]:
-    """The standard metrics of a task: binary/multiclass -> auroc, auprc, accuracy,
-    brier; regression -> regression (MAE and RMSE, per-sample error capped at ``clip``
-    when given; see :class:`RegressionError`)."""
+def metrics_for_task(
+    task: TaskSpec,
+    *,
+    n_bins: int = 1000,
+    clip: float | None = None,
+    scale: str = "linear",
+    calibration_bins: int = 0,
+) -> dict[str, Metric]:
+    """The standard metrics of a task: binary/multiclass -> auroc, auprc (``n_bins``
+    bins on ``scale``), accuracy, brier, and for a binary task with
+    ``calibration_bins > 0`` also calibration; regression -> regression (MAE and RMSE,
+    per-sample error capped at ``clip`` when given; see :class:`RegressionError`)."""
+    _check_scale(scale)
     if task.kind == "regression":
         return {"regression": RegressionError(clip=clip)}
     if clip is not None:
         raise ValueError(f"task {task.name!r}: clip only applies to regression tasks")
     c = 1 if task.kind == "binary" else task.out_dim
-    return {
-        "auroc": BinnedAUROC(n_classes=c, n_bins=n_bins),
-        "auprc": BinnedAUPRC(n_classes=c, n_bins=n_bins),
+    out: dict[str, Metric] = {
+        "auroc": BinnedAUROC(n_classes=c, n_bins=n_bins, scale=scale),
+        "auprc": BinnedAUPRC(n_classes=c, n_bins=n_bins, scale=scale),
         "accuracy": Accuracy(),
         "brier": BrierScore(),
     }
+    if calibration_bins and task.kind == "binary":
+        out["calibration"] = Calibration(n_bins=calibration_bins)
+    return out
 
 
 class TaskMetrics:
@@ -347,10 +454,17 @@ class TaskMetrics:
 
     ``clip`` (optional): ``{regression task name: max absolute error per sample}``, passed
     to that task's :class:`RegressionError`; tasks not named keep exact errors.
+    ``scale`` and ``calibration_bins``: see :func:`metrics_for_task`.
     """
 
     def __init__(
-        self, tasks: Sequence[TaskSpec], *, n_bins: int = 1000, clip: Mapping[str, float] | None = None
+        self,
+        tasks: Sequence[TaskSpec],
+        *,
+        n_bins: int = 1000,
+        clip: Mapping[str, float] | None = None,
+        scale: str = "linear",
+        calibration_bins: int = 0,
     ) -> None:
         self.tasks = list(tasks)
         clip = dict(clip or {})
@@ -358,7 +472,11 @@ class TaskMetrics:
         bad = sorted(n for n in clip if kinds.get(n) != "regression")
         if bad:
             raise ValueError(f"clip names {bad}, which are not regression tasks among {sorted(kinds)}")
-        self.metrics = {t.name: metrics_for_task(t, n_bins=n_bins, clip=clip.get(t.name)) for t in self.tasks}
+        self.metrics = {
+            t.name: metrics_for_task(t, n_bins=n_bins, clip=clip.get(t.name), scale=scale,
+                                     calibration_bins=calibration_bins)
+            for t in self.tasks
+        }
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
@@ -406,15 +524,44 @@ class TaskMetrics:
             out[t] = res
         return out
 
+    def reliability(self, state: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, list]]:
+        """``{task: Calibration.curve}`` for every task that has a calibration metric."""
+        st = self.state() if state is None else state
+        out = {}
+        for t, ms in self.metrics.items():
+            cal = ms.get("calibration")
+            if isinstance(cal, Calibration):
+                out[t] = cal.curve({k: st[f"{t}/calibration/{k}"] for k in cal.state_shapes()})
+        return out
+
+
+#: the comparison evaluator's AUROC/AUPRC bins (logit scale) and reliability bins
+EVAL_N_BINS = 65536
+EVAL_CALIBRATION_BINS = 10
+
+
+def evaluation_metrics(tasks: Sequence[TaskSpec]) -> TaskMetrics:
+    """The one evaluator that models are compared with on held-out records: AUROC and
+    AUPRC from ``EVAL_N_BINS`` logit-scale bins, accuracy, Brier score and (binary
+    tasks) an ``EVAL_CALIBRATION_BINS``-bin reliability curve. Its state is sums, so
+    several test splits' states add up (:func:`sum_states`) to the pooled metrics."""
+    return TaskMetrics(tasks, n_bins=EVAL_N_BINS, scale="logit", calibration_bins=EVAL_CALIBRATION_BINS)
+
 
 __all__ = [
+    "EVAL_CALIBRATION_BINS",
+    "EVAL_N_BINS",
+    "LOGIT_RANGE",
+    "SCALES",
     "Accuracy",
     "BinnedAUPRC",
     "BinnedAUROC",
     "BrierScore",
+    "Calibration",
     "Metric",
     "RegressionError",
     "TaskMetrics",
+    "evaluation_metrics",
     "flatten_state",
     "metrics_for_task",
     "sum_states",

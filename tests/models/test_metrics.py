@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -15,12 +16,15 @@ from sklearn.metrics import (
 
 from fedmtl.models import TaskSpec
 from fedmtl.models.metrics import (
+    EVAL_N_BINS,
     Accuracy,
     BinnedAUPRC,
     BinnedAUROC,
     BrierScore,
+    Calibration,
     RegressionError,
     TaskMetrics,
+    evaluation_metrics,
     flatten_state,
     sum_states,
     unflatten_state,
@@ -176,3 +180,122 @@ def test_metrics_reject_bad_inputs_and_mismatched_states():
     with pytest.raises(ValueError, match=r"need \(2,\)"):
         unflatten_state(np.zeros(3), {"a": (2,)})
     assert np.isnan(BinnedAUROC().update(np.array([0.3, 0.6]), np.array([1, 1])).compute())
+
+
+def _bunched(n=3500, seed=0, spread=0.02, centre=0.2, signal=0.6):
+    """Scores like a DP-trained model's: every P(y=1) within a few hundredths of ``centre``."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < centre).astype(int)
+    z = rng.normal(0, 1, n) + signal * y
+    logit0 = np.log(centre / (1 - centre))
+    s = 1 / (1 + np.exp(-(logit0 + spread * 4 * z)))
+    return s.astype(np.float32).astype(float), y
+
+
+@pytest.mark.parametrize("spread", [0.002, 0.02, 0.3])
+def test_logit_scale_auroc_is_within_0002_of_sklearn_also_on_bunched_scores(spread):
+    # Prepare: scores bunched within ~spread of 0.2 (DP-like) up to well spread ones
+    s, y = _bunched(spread=spread)
+    # Execute
+    fine = BinnedAUROC(n_bins=EVAL_N_BINS, scale="logit").update(s, y)
+    linear = BinnedAUROC(n_bins=1000).update(s, y)
+    # Assert: the logit-scale histogram is exact on its binned scores and close to the raw ones
+    ref = roc_auc_score(y, s)
+    assert abs(fine.compute() - ref) <= 0.002
+    assert abs(fine.compute() - ref) <= fine.tie_bound()[0] + 1e-12
+    if spread <= 0.02:  # the equal-probability bins cannot rank bunched scores
+        assert linear.tie_bound()[0] > 10 * fine.tie_bound()[0]
+
+
+def test_logit_scale_auprc_is_close_to_sklearn_and_site_states_sum():
+    # Prepare
+    s, y = _bunched(spread=0.02, seed=3)
+    parts = np.array_split(np.arange(s.size), 3)
+    # Execute
+    states = [BinnedAUPRC(n_bins=EVAL_N_BINS, scale="logit").update(s[i], y[i]).state() for i in parts]
+    summed = BinnedAUPRC(n_bins=EVAL_N_BINS, scale="logit").compute(sum_states(states))
+    # Assert
+    assert summed == pytest.approx(average_precision_score(y, s), abs=0.005)
+
+
+def test_logit_scale_puts_extreme_scores_in_the_end_bins():
+    # Prepare: exact 0 and 1 (a saturated sigmoid) and ordinary scores
+    s = np.array([0.0, 1e-30, 0.3, 0.7, 1.0 - 1e-9, 1.0])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    # Execute
+    m = BinnedAUROC(n_bins=100, scale="logit").update(s, y)
+    # Assert
+    pos, neg = m.state()["pos"][0], m.state()["neg"][0]
+    assert neg[0] == 2 and pos[-1] == 2
+    assert m.compute() == pytest.approx(1.0)
+
+
+def test_unknown_scale_is_refused():
+    # Execute / Assert
+    with pytest.raises(ValueError, match="scale must be one of"):
+        BinnedAUROC(scale="log")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        TaskMetrics([TaskSpec("a", "binary", "a")], scale="probit")
+
+
+def test_calibration_matches_sklearns_reliability_curve_and_brier():
+    # Prepare: miscalibrated scores (too confident)
+    s, y = _binary(seed=5)
+    # Execute
+    cal = Calibration(n_bins=10).update(s, y)
+    curve = cal.curve()
+    res = cal.compute()
+    # Assert: the non-empty bins are sklearn's uniform reliability curve
+    prob_true, prob_pred = calibration_curve(y, s, n_bins=10, strategy="uniform")
+    got_true = [v for v in curve["observed_rate"] if v is not None]
+    got_pred = [v for v in curve["mean_predicted"] if v is not None]
+    np.testing.assert_allclose(got_true, prob_true, atol=1e-12)
+    np.testing.assert_allclose(got_pred, prob_pred, atol=1e-12)
+    assert sum(curve["count"]) == s.size
+    assert res["mean_predicted"] == pytest.approx(s.mean())
+    assert res["observed_rate"] == pytest.approx(y.mean())
+    counts = np.array(curve["count"])
+    ok = counts > 0
+    ece = (counts[ok] * np.abs(np.array(got_pred) - np.array(got_true))).sum() / counts.sum()
+    assert res["ece"] == pytest.approx(ece)
+
+
+def test_calibration_states_of_sites_sum_to_the_pooled_curve():
+    # Prepare
+    s, y = _binary(seed=6)
+    parts = np.array_split(np.arange(s.size), 4)
+    # Execute
+    summed = sum_states([Calibration().update(s[i], y[i]).state() for i in parts])
+    # Assert
+    got, want = Calibration().curve(summed), Calibration().update(s, y).curve()
+    for key in want:
+        assert [v is None for v in got[key]] == [v is None for v in want[key]], key
+        np.testing.assert_allclose([v for v in got[key] if v is not None],
+                                   [v for v in want[key] if v is not None], rtol=1e-12, err_msg=key)
+
+
+def test_calibration_refuses_multiclass_scores_and_bad_bins():
+    # Execute / Assert
+    p, y = _multiclass()
+    with pytest.raises(ValueError, match="binary tasks"):
+        Calibration().update(p, y)
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        Calibration(n_bins=0)
+
+
+def test_evaluation_metrics_give_auroc_brier_and_calibration_per_binary_task():
+    # Prepare
+    tasks = [TaskSpec("a", "binary", "a"), TaskSpec("m", "multiclass", "m", classes=("x", "y", "z"))]
+    s, y = _bunched(n=2000, spread=0.02)
+    p, c = _multiclass(n=2000)
+    Y = np.stack([y, c], axis=1).astype(np.float32)
+    M = np.ones_like(Y, dtype=bool)
+    # Execute
+    tm = evaluation_metrics(tasks).update({"a": s, "m": p}, Y, M)
+    res = tm.compute()
+    # Assert
+    assert abs(res["a"]["auroc"] - roc_auc_score(y, s)) <= 0.002
+    assert res["a"]["brier"] == pytest.approx(brier_score_loss(y, s))
+    assert {"mean_predicted", "observed_rate", "ece"} <= set(res["a"])
+    assert "ece" not in res["m"]  # calibration is for binary tasks
+    assert set(tm.reliability()) == {"a"}
