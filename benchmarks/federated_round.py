@@ -81,7 +81,7 @@ def make_spec(schema, *, rounds: int, seed: int):
         lr=0.5,
         noise_multiplier=1.0,
         secagg={"threshold": 2, "clip": 1.0},
-        eval_every=1,
+        scaling="range",
         seed=seed,
     )
 
@@ -197,20 +197,26 @@ class Federation:
         pin_federation([h.home for h in self.handles], who="owner (benchmark)")  # the owners pin each other
         t0 = time.perf_counter()
         self.session = Session.connect([{"url": h.url, "email": EMAIL, "password": PASSWORD} for h in self.handles])
+        # two approved jobs of the same spec: one driven through syft code calls, one over
+        # the datasites' data plane (a pass runs once per job)
         self.job = self.session.job(self.spec, out=self.tmp / "job")
         self.job.submit()
-        self.submit_seconds = time.perf_counter() - t0
+        self.job_dp = self.session.job(type(self.spec).from_dict({**self.spec.to_dict(), "name": "bench-round-dp"}), out=self.tmp / "job-dp")
+        self.job_dp.submit()
+        self.submit_seconds = (time.perf_counter() - t0) / 2
         t0 = time.perf_counter()
-        status = self.job.wait_for_review(timeout=120, poll=0.5)
+        for job in (self.job, self.job_dp):
+            status = job.wait_for_review(timeout=120, poll=0.5)
+            bad = {s: v for s, v in status.items() if v["status"] != "approved"}
+            if bad:
+                raise RuntimeError(f"the benchmark job was not approved everywhere: {bad}")
         self.approve_seconds = time.perf_counter() - t0
-        bad = {s: v for s, v in status.items() if v["status"] != "approved"}
-        if bad:
-            raise RuntimeError(f"the benchmark job was not approved everywhere: {bad}")
 
     def transport(self):
-        from fedmtl.researcher.job import SyftTransport
+        return self.job.transport("syft")
 
-        return SyftTransport(self.session, self.job.state["func_name"])
+    def dataplane_transport(self):
+        return self.job_dp.transport("dataplane")
 
     def stop(self) -> None:
         for h in self.handles:
@@ -233,7 +239,7 @@ def timed_pass(transport, site_specs, sites, p, weights, model) -> dict[str, Any
     return {"wall": wall, **{k: out.seconds.get(k, 0.0) for k in STAGES}}
 
 
-def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path) -> dict[str, Any]:
+def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = False) -> dict[str, Any]:
     from fedmtl import protocol
     from fedmtl.datasites.cohort import prepare
     from fedmtl.datasites.records import load_records
@@ -256,15 +262,20 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path) -> dict[str, Any]:
         _restore_streams()
         _log(f"  {n} sites up, job approved ({time.perf_counter() - t0:.1f} s)")
         syft_t = fed.transport()
+        plane_t = fed.dataplane_transport()
         for p in range(1, rounds + 1):
             row: dict[str, Any] = {"pass": p}
-            # interleaved, so that the machine's load hits all three alike
-            row["syft"] = timed_pass(syft_t, fed.job.site_specs, fed.job.sites, p, weights, fed.job.model)
-            _restore_streams()
+            # interleaved, so that the machine's load hits all of them alike
+            if not no_syft:
+                row["syft"] = timed_pass(syft_t, fed.job.site_specs, fed.job.sites, p, weights, fed.job.model)
+                _restore_streams()
+            row["dataplane"] = timed_pass(plane_t, fed.job_dp.site_specs, fed.job_dp.sites, p, weights,
+                                          fed.job_dp.model)
             row["local"] = timed_pass(local.transport, local.site_specs, local.names, p, weights, model)
             row["train"] = train.round(weights)
             passes.append(row)
-            _log(f"  pass {p}: syft {row['syft']['wall']:.2f} s, local {row['local']['wall']:.2f} s, "
+            _log(f"  pass {p}: syft {row.get('syft', {}).get('wall', float('nan')):.2f} s, "
+                 f"data plane {row['dataplane']['wall']:.2f} s, local {row['local']['wall']:.2f} s, "
                  f"train (sum over sites) {row['train']['train_sum']:.2f} s")
     finally:
         _restore_streams()
@@ -285,53 +296,61 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path) -> dict[str, Any]:
     }
 
 
+PATHS = ("syft", "dataplane", "local")
+
+
 def summarise(passes: list[dict[str, Any]]) -> dict[str, Any]:
     warm = passes[1:] or passes  # pass 1 is cold
+    paths = [w for w in PATHS if w in passes[0]]
 
     def med(path: tuple[str, str]) -> float:
         return statistics.median(r[path[0]][path[1]] for r in warm)
 
-    s: dict[str, Any] = {"warm_passes": [r["pass"] for r in warm]}
+    s: dict[str, Any] = {"warm_passes": [r["pass"] for r in warm], "paths": paths}
     for k in ("wall", *STAGES):
-        s[f"syft_{k}"] = med(("syft", k))
-        s[f"local_{k}"] = med(("local", k))
+        for w in paths:
+            s[f"{w}_{k}"] = med((w, k))
     for k in ("train_sum", "train_max", "train_steps_sum"):
         s[k] = med(("train", k))
-    s["overhead_platform_s"] = s["syft_wall"] - s["local_wall"]
-    s["overhead_vs_train_s"] = s["syft_wall"] - s["train_sum"]
-    s["ratio_syft_over_local"] = s["syft_wall"] / s["local_wall"]
-    s["ratio_syft_over_train"] = s["syft_wall"] / s["train_sum"]
     s["ratio_local_over_train"] = s["local_wall"] / s["train_sum"]
-    s["stage_overhead_s"] = {k: s[f"syft_{k}"] - s[f"local_{k}"] for k in STAGES}
-    s["cold_pass1"] = {"syft_wall": passes[0]["syft"]["wall"], "local_wall": passes[0]["local"]["wall"],
-                       "train_sum": passes[0]["train"]["train_sum"]}
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()} | {
-        "stage_overhead_s": {k: round(v, 4) for k, v in s["stage_overhead_s"].items()},
-        "cold_pass1": {k: round(v, 4) for k, v in s["cold_pass1"].items()},
-    }
+    s["stage_overhead_s"] = {}
+    for w in paths:
+        if w == "local":
+            continue
+        s[f"overhead_{w}_s"] = s[f"{w}_wall"] - s["local_wall"]
+        s[f"ratio_{w}_over_local"] = s[f"{w}_wall"] / s["local_wall"]
+        s[f"ratio_{w}_over_train"] = s[f"{w}_wall"] / s["train_sum"]
+        s["stage_overhead_s"][w] = {k: round(s[f"{w}_{k}"] - s[f"local_{k}"], 4) for k in STAGES}
+    if "syft" in paths:  # the names earlier runs used
+        s["overhead_platform_s"] = s["overhead_syft_s"]
+        s["ratio_syft_over_local"] = s["ratio_syft_over_local"]
+    s["cold_pass1"] = {f"{w}_wall": round(passes[0][w]["wall"], 4) for w in paths}
+    s["cold_pass1"]["train_sum"] = round(passes[0]["train"]["train_sum"], 4)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\nseconds per round (median of warm passes; pass 1 = cold, apart)")
-    head = f"{'sites':>5} {'what':<8} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'unmask':>7} {'srv unm':>8} {'pass 1':>7}"
+    head = f"{'sites':>5} {'what':<10} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'unmask':>7} {'srv unm':>8} {'pass 1':>7}"
     print(head)
     for r in rows:
         s = r["summary"]
-        for who in ("syft", "local"):
-            print(f"{r['sites']:>5} {who:<8} {s[who + '_wall']:>7.3f} " + " ".join(
+        for who in s["paths"]:
+            print(f"{r['sites']:>5} {who:<10} {s[who + '_wall']:>7.3f} " + " ".join(
                 f"{s[f'{who}_{k}']:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))
             ) + f" {s['cold_pass1'][who + '_wall']:>7.3f}")
-        o = s["stage_overhead_s"]
-        print(f"{r['sites']:>5} {'overhead':<8} {s['overhead_platform_s']:>7.3f} " + " ".join(
-            f"{o[k]:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))) + f" {'':>7}")
-        print(f"{r['sites']:>5} {'train':<8} {s['train_sum']:>7.3f}   (sum over sites; slowest site "
+        for who, o in s["stage_overhead_s"].items():
+            print(f"{r['sites']:>5} {'ovh ' + who:<10} {s[f'overhead_{who}_s']:>7.3f} " + " ".join(
+                f"{o[k]:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))) + f" {'':>7}")
+        print(f"{r['sites']:>5} {'train':<10} {s['train_sum']:>7.3f}   (sum over sites; slowest site "
               f"{s['train_max']:.3f}, DP-SGD steps alone {s['train_steps_sum']:.3f})"
               f"{'':>1} pass 1: {s['cold_pass1']['train_sum']:.3f}")
-    print("\nratios (same run): syft/local = platform cost of the same pipeline; syft/train = whole round over DP training alone")
+    print("\nratios (same run): X/local = platform cost of the same pipeline over transport X; X/train = whole round over DP training alone")
     for r in rows:
         s = r["summary"]
-        print(f"{r['sites']:>5} sites: syft/local x{s['ratio_syft_over_local']:.2f}  syft/train x{s['ratio_syft_over_train']:.2f}  "
-              f"local/train x{s['ratio_local_over_train']:.2f}  platform overhead {s['overhead_platform_s']:+.3f} s/round  "
+        parts = [f"{w}/local x{s[f'ratio_{w}_over_local']:.2f} ({s[f'overhead_{w}_s']:+.3f} s/round)"
+                 for w in s["paths"] if w != "local"]
+        print(f"{r['sites']:>5} sites: " + "  ".join(parts) + f"  local/train x{s['ratio_local_over_train']:.2f}  "
               f"(launch {statistics.mean(r['launch_seconds']):.1f} s/site, submit {r['submit_seconds']:.1f} s, "
               f"approval {r['approve_seconds']:.1f} s)")
 

@@ -13,7 +13,8 @@ identity key, schema, train size) and the policy's ``[limits]``, in this order:
    datasite's own key, no key twice;
 4. the caps: rounds, local steps, sample rate and batch size, model width, depth,
    parameter count and estimated memory of a round, clipping mode, secure-aggregation
-   clip, evaluation passes and their noise.
+   clip, evaluation passes and their noise, the statistics pass of standard scaling and
+   its noise.
 
 Every problem is returned (one message each, naming the key and the allowed range), so a
 researcher can fix the spec from one denial. Nothing here imports syft or builds a model.
@@ -29,7 +30,9 @@ from fedmtl.datasites.policy import Policy
 from fedmtl.schema import Schema
 
 #: keys of the site spec the library sends (researcher.job.Job.create)
-SITE_SPEC_KEYS = ("job", "job_id", "site", "roster", "schema", "max_count", "template")
+SITE_SPEC_KEYS = ("job", "job_id", "site", "roster", "schema", "max_count", "template", "dataplane_key")
+#: keys a site spec may leave out (a job without a data-plane key runs over syft only)
+OPTIONAL_SITE_SPEC_KEYS = ("template", "dataplane_key")
 MAX_ABS_NUMBER = 1e9
 MAX_STRING = 200
 MAX_LIST = 64
@@ -57,7 +60,7 @@ def spec_problems(
     unknown = sorted(str(k) for k in spec if k not in SITE_SPEC_KEYS)
     if unknown:
         problems.append(f"the site spec has unknown key(s) {unknown}; allowed: {list(SITE_SPEC_KEYS)}")
-    missing = [k for k in SITE_SPEC_KEYS if k != "template" and k not in spec]
+    missing = [k for k in SITE_SPEC_KEYS if k not in OPTIONAL_SITE_SPEC_KEYS and k not in spec]
     if missing:
         problems.append(f"the site spec lacks {missing}")
     problems += _walk(spec, "spec", 0)
@@ -69,6 +72,9 @@ def spec_problems(
         problems.append(f"job_id {job_id!r} must be lowercase letters, digits and '-' (at most 80)")
     if spec["site"] != site:
         problems.append(f"the job spec is for site {spec['site']!r}, not {site!r}")
+    key = spec.get("dataplane_key")
+    if key is not None and (not isinstance(key, str) or not _HEX64.match(key)):
+        problems.append("dataplane_key must be the researcher's per-job Ed25519 public key: 64 lowercase hex characters")
     roster = _roster(spec["roster"], site=site, own_key=own_key, problems=problems, policy=policy)
     problems += schema_problems(spec["schema"], schema)
     max_count = spec["max_count"]
@@ -178,9 +184,11 @@ def job_problems(job: Mapping[str, Any], *, policy: Policy, schema: Schema, n_tr
 
 
 def eval_passes(rounds: int, eval_every: int) -> int:
-    """How many of the ``rounds + 1`` passes release evaluation statistics
-    (:func:`fedmtl.protocol.evaluates`): the final pass always, and with
-    ``eval_every = k >= 1`` also passes 1, 1 + k, 1 + 2k, ... before it."""
+    """How many of the job's passes release evaluation statistics
+    (:meth:`fedmtl.jobspec.JobSpec.evaluates`): the final pass always, and with
+    ``eval_every = k >= 1`` also the passes of training rounds 1, 1 + k, 1 + 2k, ...
+    (the statistics pass of standard scaling never evaluates, so the count does not
+    depend on the scaling)."""
     if eval_every <= 0:
         return 1
     return len({*range(1, rounds + 1, eval_every), rounds + 1})
@@ -204,6 +212,21 @@ def _eval_problems(job: Mapping[str, Any], *, policy: Policy, rounds: int | None
         p.append(
             f"eval_noise_multiplier {noise!r} is below this datasite's minimum "
             f"{policy.min_eval_noise_multiplier:g} (limits.min_eval_noise_multiplier) or above 1e4"
+        )
+    # standard scaling releases feature statistics once (the statistics pass): the same
+    # floor on its noise as on every other released statistic
+    from fedmtl.jobconfig import SCALINGS
+
+    scaling = job.get("scaling", "standard")
+    if scaling not in SCALINGS:
+        p.append(f"scaling {scaling!r} is not one of {list(SCALINGS)}")
+    stats_noise = job.get("stats_noise_multiplier")
+    if scaling == "standard" and stats_noise is not None and (
+            not _is_num(stats_noise) or not policy.min_eval_noise_multiplier <= stats_noise <= 1e4):
+        p.append(
+            f"stats_noise_multiplier {stats_noise!r} is below this datasite's minimum "
+            f"{policy.min_eval_noise_multiplier:g} for released statistics (limits.min_eval_noise_multiplier) "
+            "or above 1e4"
         )
     return p
 

@@ -49,6 +49,9 @@ def build_app(home: Path):
     api = APIRouter()
     api.include_router(make_routes(worker=worker))
     app.include_router(api, prefix="/api/v2")
+    from fedmtl.datasites import dataplane
+
+    dataplane.mount(app, dataplane.DataPlane(home, cfg["name"], dataplane.records_loader(home, worker)))
     return app, worker
 
 

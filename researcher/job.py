@@ -37,6 +37,8 @@ from fedmtl.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - 
 class SyftTransport:
     """Calls the approved round template on each datasite through syft."""
 
+    name = "syft"
+
     def __init__(self, session, func_name: str):
         self.session = session
         self.func_name = func_name
@@ -85,13 +87,7 @@ class Job:
         if (out / "job.json").exists():
             raise JobError(f"{out} already holds a job; use Job.resume(session, {str(out)!r}) or another --out")
         schemas = session.schemas
-        spec.validate(schemas)
-        if spec.scaling != "range":
-            raise JobError(
-                f"scaling={spec.scaling!r}: the federated runtime scales features by the schema's "
-                "declared ranges; use scaling = 'range' (standard scaling from securely aggregated "
-                "statistics is not wired into the runtime yet)"
-            )
+        spec.validate(schemas)  # both scalings need every numeric feature's declared range
         sites = spec.participating(sorted(schemas))
         first = schemas[sites[0]]
         for s in sites[1:]:
@@ -101,6 +97,11 @@ class Job:
         job_id = f"{_slug(spec.name)}-{token}"
         roster = {s: session.sites[s].identity.verify_key.to_bytes().hex() for s in sites}
         max_count = max(session.sites[s].n_records for s in sites)
+        # the job's own data-plane key: its public half goes into every site's spec (the
+        # approval binds it), the private half stays in OUT/secrets (see dataplane_client)
+        from fedmtl.researcher.dataplane_client import load_or_create_key
+
+        dataplane_key = load_or_create_key(out / "secrets").verify_key.to_bytes().hex()
         site_specs = {
             s: {
                 "job": spec.to_dict(),
@@ -110,6 +111,7 @@ class Job:
                 "schema": first.to_dict(),
                 "max_count": int(max_count),
                 "template": TEMPLATE_NAME,
+                "dataplane_key": dataplane_key,
             }
             for s in sites
         }
@@ -196,7 +198,7 @@ class Job:
         sy = syftio.import_syft()
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
-        limit = CALLS_PER_PASS * (int(self.spec.rounds) + 1) * 4
+        limit = CALLS_PER_PASS * protocol.last_pass(self.spec) * 4
         sent: dict[str, str] = self.state.setdefault("requests", {})
         self.state.setdefault("submitted_at", time.time())
         summary: dict[str, dict[str, Any]] = {}
@@ -273,10 +275,32 @@ class Job:
             start = getattr(getattr(request, "request_time", None), "utc_timestamp", None)
         return max(0.0, time.time() - float(start)) if start is not None else 0.0
 
+    def transport(self, plane: str = "auto"):
+        """The transport of this job's round calls: ``"dataplane"`` (the datasites' lean
+        endpoint, signed with this job's key), ``"syft"`` (approved syft code calls), or
+        ``"auto"``: the data plane when the job has a key and every site offers it, else
+        syft."""
+        if plane not in ("auto", "dataplane", "syft"):
+            raise JobError(f"plane must be 'auto', 'dataplane' or 'syft', got {plane!r}")
+        if plane != "syft":
+            from fedmtl.researcher import dataplane_client as dp
+
+            has_key = all("dataplane_key" in self.site_specs[s] for s in self.sites) and \
+                (self.out / "secrets" / dp.KEY_FILE).exists()
+            urls = {s: self.session.sites[s].url for s in self.sites}
+            missing = [] if not has_key else [s for s, u in urls.items() if not dp.offers_dataplane(u)]
+            if has_key and not missing:
+                return dp.DataPlaneTransport(urls, self.site_specs, dp.load_or_create_key(self.out / "secrets"))
+            if plane == "dataplane":
+                why = "the job was created without a data-plane key" if not has_key else \
+                    f"{missing} do not offer the data plane"
+                raise JobError(f"job {self.job_id} cannot use the data plane: {why}; use plane='syft'")
+        return SyftTransport(self.session, self.state["func_name"])
+
     def spend(self) -> dict[str, dict[str, Any]]:
         """Per site: your own requests, epsilon spent and budget left there (read from the
         site's ledger through your approved job; other researchers' entries stay hidden)."""
-        transport = SyftTransport(self.session, self.state["func_name"])
+        transport = self.transport()
         out = {}
         for s in self.sites:
             r = transport.call(s, {"stage": "spend"})
@@ -302,8 +326,9 @@ class Job:
     def _tasks(self):
         return protocol.tasks_of(next(iter(self.site_specs.values())))
 
-    def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport=None):
-        """Run (or continue) every pass; returns the :class:`JobResult`."""
+    def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport=None, plane: str = "auto"):
+        """Run (or continue) every pass; returns the :class:`JobResult`. ``plane`` picks
+        the transport of the round calls (see :meth:`transport`)."""
         from fedmtl.researcher.checkpoint import CheckpointStore
         from fedmtl.researcher.strategies import make_strategy
 
@@ -320,9 +345,10 @@ class Job:
                 if len(approved) < int(self.spec.secagg.threshold):
                     raise JobError(f"only {len(approved)} site(s) approved, fewer than the "
                                    f"threshold {self.spec.secagg.threshold}: {why}")
-            transport = SyftTransport(self.session, self.state["func_name"])
+            transport = self.transport(plane)
         else:
             approved = self.sites
+        self.last_transport = getattr(transport, "name", type(transport).__name__)
         store = CheckpointStore(self.out / "checkpoints")
         ckpt = store.latest(spec_hash=self.state["spec_hash"])
         strategy = make_strategy(self.spec.strategy)
@@ -338,7 +364,10 @@ class Job:
         else:
             weights = _initial_vector(model).astype(np.float64)
             history, done, site_status = [], 0, {}
-        last = int(self.spec.rounds) + 1
+        last = protocol.last_pass(self.spec)
+        # standard scaling: the mean/std derived from the statistics pass (pass 1), kept in
+        # job.json so that a resumed job sends the same ones
+        scaling = self.state.get("scaling")
         bar = _progress(progress, total=last, initial=done, desc=f"job {self.job_id}")
         try:
             for p in range(done + 1, last + 1):
@@ -350,11 +379,18 @@ class Job:
                         transport=transport, site_specs=self.site_specs, sites=approved, pass_no=p,
                         attempt=attempt, weights=weights, model=model,
                         on_stage=(lambda name, p=p: bar.set_postfix_str(f"pass {p}: {name}")) if bar else None,
+                        scaling=None if self.spec.is_stats_pass(p) else scaling,
                     )
                 except PassLostError as e:
+                    if self.spec.is_stats_pass(p):
+                        raise JobError(
+                            f"job {self.job_id}: the sites completed its statistics pass while this process was "
+                            "gone, and its aggregate (the features' mean/std) was never saved here; the job "
+                            "cannot scale its features without it. Submit the job again under a new name"
+                        ) from None
                     # the sites finished (and charged) this pass while this process was gone:
                     # its aggregate is lost; keep the weights and go on with the next pass
-                    history.append({"round": p - 1, "lost": str(e)})
+                    history.append({"round": self.spec.rounds_before(p), "lost": str(e)})
                     store.save(p, {
                         "spec_hash": self.state["spec_hash"], "global_vector": weights,
                         "strategy_state": strategy.state_dict(), "metrics": history,
@@ -363,8 +399,14 @@ class Job:
                     if bar:
                         bar.update(1)
                     continue
-                record: dict[str, Any] = {"round": p - 1, "survivors": outcome.survivors,
+                record: dict[str, Any] = {"round": self.spec.rounds_before(p), "survivors": outcome.survivors,
                                           "dropped": outcome.dropped, "seconds": outcome.seconds}
+                if "stats" in outcome.arrays:
+                    scaling = protocol.derive_scaling(next(iter(self.site_specs.values())), outcome.arrays["stats"],
+                                                      n_sites=len(outcome.survivors))
+                    self.state["scaling"] = scaling
+                    self._save()
+                    record["stats"] = True
                 if "metrics" in outcome.arrays:
                     record["metrics"] = protocol.compute_metrics(outcome.arrays["metrics"], tasks)
                     record["site_metrics"] = {s: r["site_metrics"] for s, r in outcome.reports.items() if "site_metrics" in r}
@@ -408,22 +450,22 @@ class Job:
 
     def result(self):
         """The job's result from its newest checkpoint."""
-        from fedmtl.models.preprocessing import Preprocessor
         from fedmtl.researcher.checkpoint import CheckpointStore
         from fedmtl.researcher.result import JobResult
 
         ckpt = CheckpointStore(self.out / "checkpoints").latest(spec_hash=self.state["spec_hash"])
         if ckpt is None:
             raise JobError(f"job {self.job_id} has not completed a pass yet")
-        schema = protocol.schema_of(next(iter(self.site_specs.values())))
+        # the scaling the sites used: declared ranges, or the statistics pass's mean/std
+        pre = protocol.scaling_preprocessor(next(iter(self.site_specs.values())), self.state.get("scaling"))
         return JobResult(
             spec=self.spec,
             model_config=dict(self.model.config),
-            preprocessor=Preprocessor(schema).to_dict(),
+            preprocessor=pre.to_dict(),
             global_vector=np.asarray(ckpt.global_vector, dtype=np.float32),
             metrics=[_metrics_row(r) for r in ckpt.metrics if "metrics" in r],
             epsilon=dict(ckpt.epsilon),
-            rounds_done=min(int(ckpt.round), int(self.spec.rounds)),
+            rounds_done=self.spec.rounds_before(int(ckpt.round) + 1),
             site_status=dict(ckpt.site_status),
         )
 

@@ -69,7 +69,9 @@ def test_three_sites_three_rounds_secure_aggregate_equals_plain_fedavg(three_sit
     job = session.submit(_spec(), out=tmp_path / "job")
     # Execute
     result = job.run(progress=False)
-    # Assert: every site approved automatically, all passes ran
+    # Assert: the rounds travelled over the datasites' data plane (the default when offered)
+    assert job.last_transport == "dataplane"
+    # every site approved automatically, all passes ran
     assert {v["status"] for v in job.status().values()} == {"approved"}
     assert result.rounds_done == 3
     # only the final model is evaluated (the default policy allows one noised, charged release)

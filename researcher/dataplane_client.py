@@ -1,0 +1,103 @@
+"""The researcher's side of the round data plane (see :mod:`fedmtl.datasites.dataplane`).
+
+:class:`DataPlaneTransport` sends each stage's message of an approved job straight to the
+datasite's ``/fedmtl/v1/round`` endpoint: one HTTP request on a kept-alive connection,
+signed with the job's own Ed25519 key (its public half is in the approved spec), with a
+strictly increasing sequence number per site. It has the same ``call(site, message)``
+as the syft transport, so :func:`fedmtl.passes.run_pass` runs unchanged over either.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedmtl import wire
+from fedmtl.datasites.dataplane import PING_PATH, ROUND_PATH, VERSION
+
+KEY_FILE = "dataplane.key"
+
+
+def _verify_option():
+    # the same trust store the syft client (requests) is told to use
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or True
+
+
+def load_or_create_key(folder: Path):
+    """The job's data-plane signing key in ``folder`` (0600), made on first use."""
+    from fedmtl.privacy.keys import SigningKey, load_private_key, save_private_key
+
+    path = Path(folder) / KEY_FILE
+    if path.exists():
+        return SigningKey.from_bytes(load_private_key(path))
+    key = SigningKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    save_private_key(path, key.to_bytes())
+    return key
+
+
+def offers_dataplane(url: str, *, timeout: float = 5.0) -> bool:
+    """Whether the datasite at ``url`` serves this version of the data plane."""
+    import httpx
+
+    try:
+        r = httpx.get(url.rstrip("/") + PING_PATH, timeout=timeout, verify=_verify_option())
+        return r.status_code == 200 and r.json().get("fedmtl_dataplane") == VERSION
+    except Exception:  # noqa: BLE001 - not offered, or not reachable: the syft path decides
+        return False
+
+
+class DataPlaneTransport:
+    """Round calls over the data plane. ``urls``: site -> the datasite's base URL."""
+
+    name = "dataplane"
+
+    def __init__(self, urls: Mapping[str, str], site_specs: Mapping[str, dict], signing_key, *,
+                 timeout: float = 3600.0):
+        import httpx
+
+        self.site_specs = dict(site_specs)
+        self.key = signing_key
+        self._clients = {s: httpx.Client(base_url=u.rstrip("/"), timeout=timeout, verify=_verify_option())
+                         for s, u in urls.items()}
+        self._seq: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def _next_seq(self, site: str) -> int:
+        with self._lock:
+            # wall-clock nanoseconds: still increasing after this process restarts
+            seq = max(self._seq.get(site, 0) + 1, time.time_ns())
+            self._seq[site] = seq
+            self.requests += 1
+            return seq
+
+    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+        spec = self.site_specs[site]
+        env = wire.Envelope(job_id=str(spec["job_id"]), site=site, seq=self._next_seq(site), spec=spec,
+                            message=dict(message))
+        try:
+            body = wire.sign_request(env, self.key)
+            r = self._clients[site].post(ROUND_PATH, content=body,
+                                         headers={"content-type": "application/x-fedmtl"})
+        except Exception as e:  # noqa: BLE001 - a site that fails is a dropout
+            return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    "kind": "Unreachable"}
+        if r.status_code != 200:
+            return {"ok": False, "error": f"HTTP {r.status_code} from {site}'s data plane", "kind": "Unreachable"}
+        try:
+            out = wire.decode(r.content)
+        except wire.WireError as e:
+            return {"ok": False, "error": f"unreadable reply: {e}", "kind": "Unreachable"}
+        return out if isinstance(out, dict) else {"ok": False, "error": "reply is not a table", "kind": "Unreachable"}
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+
+
+__all__ = ["DataPlaneTransport", "load_or_create_key", "offers_dataplane"]
