@@ -216,7 +216,7 @@ def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roste
         release_per_site_metrics=bool(job.per_site_metrics),
         spec_hash=site_spec_hash(spec),
         records=tuple(protocol.job_records(job, n_train)),
-        passes=int(job.rounds) + 1,
+        passes=protocol.last_pass(job),
         eval_passes=protocol.eval_pass_count(job),
         eval_noise_multiplier=float(job.eval_noise_multiplier),
         roster=tuple(roster),

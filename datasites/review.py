@@ -237,21 +237,22 @@ def roster_pins(policy: Policy, roster, *, own_site: str) -> tuple[list[str], li
 
 def _job_shape(r: RequestFacts) -> tuple[PrivacyRecord, list[PrivacyRecord]] | None:
     """(the record of one training round, the job's other records) when the job is
-    ``rounds`` equal training rounds plus its evaluation releases; ``None`` otherwise."""
+    ``rounds`` equal training rounds plus releases (its evaluation passes and, with
+    standard scaling, its statistics pass: Gaussian mechanisms, one step at sample rate 1);
+    ``None`` otherwise. A training round is the record at the job's noise multiplier and
+    steps per round; everything else stays in every candidate job."""
     recs = r.privacy_records()
     if not r.records:
         return (recs[0], []) if recs else None
-    rest = list(recs)
-    others: list[PrivacyRecord] = []
-    if r.eval_passes:
-        release = PrivacyRecord(noise_multiplier=r.eval_noise_multiplier, sample_rate=1.0, steps=1)
-        for _ in range(r.eval_passes):
-            if release in rest:
-                rest.remove(release)
-                others.append(release)
-    if r.rounds < 1 or len(rest) != r.rounds or len(set(rest)) != 1:
+    train = [x for x in recs if x.noise_multiplier == r.noise_multiplier and x.steps == r.steps_per_round]
+    if len(train) > r.rounds:  # a round indistinguishable from a release: keep the releases apart
+        train = [x for x in train if not (x.sample_rate == 1.0 and x.steps == 1)]
+    others = list(recs)
+    for x in train:
+        others.remove(x)
+    if r.rounds < 1 or len(train) != r.rounds or len(set(train)) != 1:
         return None
-    return rest[0], others
+    return train[0], others
 
 
 def _most_rounds(r: RequestFacts, p: Policy, fits) -> tuple[int, float, float] | None:

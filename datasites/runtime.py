@@ -148,13 +148,13 @@ class JobRuntime:
         p = msg.get("pass")
         if isinstance(p, bool) or not isinstance(p, int):
             raise RoundError(f"'pass' must be an int, got {p!r}")
-        last = int(self.job.rounds) + 1
+        last = protocol.last_pass(self.job)
         if p in self.state["completed"]:
             raise PassAlreadyExecutedError(f"pass {p} of job {self.job_id} was already executed; a replay is refused")
         if p > last:
             raise RoundError(
-                f"pass {p} is beyond the approved {self.job.rounds} round(s) (+1 final evaluation) "
-                f"of job {self.job_id}; refused"
+                f"pass {p} is beyond the approved {self.job.rounds} round(s) (+1 final evaluation"
+                f"{', +1 statistics pass' if self.job.stats_pass else ''}) of job {self.job_id}; refused"
             )
         if p < 1 or (self.state["completed"] and p <= max(self.state["completed"])):
             raise RoundError(f"pass {p} is not after the last executed pass; refused")
@@ -199,7 +199,7 @@ class JobRuntime:
         self._save()
         for name in ("payload.npz",):
             self._secret_path(name).unlink(missing_ok=True)
-        if p == int(self.job.rounds) + 1:
+        if p == protocol.last_pass(self.job):
             from fedmtl.datasites import site_ledger
 
             site_ledger.finish_job(self.home, self.spec)
@@ -221,6 +221,24 @@ class JobRuntime:
         weights = weights.astype(np.float32)
         if not np.all(np.isfinite(weights)):
             raise RoundError("weights contain NaN or inf; refused")
+        # the scaling of this pass: none for the statistics pass; the schema's ranges, or
+        # the researcher's mean/std (checked, and pinned to the first pass that used them)
+        if plan.stats:
+            if msg.get("scaling") is not None:
+                raise RoundError(f"pass {p} is the statistics pass; it takes no 'scaling'")
+            self._pass_pre = None
+        else:
+            try:
+                self._pass_pre = protocol.scaling_preprocessor(self.spec, msg.get("scaling"))
+            except ConfigError as e:
+                raise RoundError(f"pass {p}: {e}") from None
+            if self.job.scaling == "standard":
+                used = {"mean": dict(self._pass_pre.mean), "std": dict(self._pass_pre.std)}
+                if self.state.get("scaling") is None:
+                    self.state["scaling"] = used
+                elif self.state["scaling"] != used:
+                    raise RoundError(f"pass {p}: the scaling differs from the one earlier passes of job "
+                                     f"{self.job_id} used; a job scales with one mean/std throughout; refused")
 
         cur = self.state.get("current")
         resumed = cur is not None and cur["pass"] == p and self._secret_path("payload.npz").exists()
@@ -269,7 +287,8 @@ class JobRuntime:
             raise RoundError(f"the records asset is a {type(data).__name__}, not a table")
         schema = protocol.schema_of(self.spec)
         tasks = self.job.task_specs(schema)
-        model, pre = self._model, self._pre
+        model = self._model
+        pre = getattr(self, "_pass_pre", None) or self._pre  # checked in _advertise
         groups = protocol.groups_of(model)
         split = schema.split_column
         df = data
@@ -288,6 +307,13 @@ class JobRuntime:
         report: dict[str, Any] = {"pass": p}
         n = int(len(train_df))
         self._charge(p, n, plan)  # before anything is computed from the records
+        if plan.stats:
+            from fedmtl.privacy.stats_release import noise_statistics, site_statistics
+
+            payload["stats"] = noise_statistics(
+                site_statistics(schema, train_df), schema, noise_multiplier=float(self.job.stats_noise_multiplier),
+            )
+            return payload, report
         if plan.evaluate:
             from fedmtl.privacy.eval_release import noise_statistics
 
@@ -346,7 +372,7 @@ class JobRuntime:
         nothing is computed, when the ledger refuses)."""
         from fedmtl.datasites import site_ledger
 
-        if not (plan.train or plan.evaluate):
+        if not (plan.train or plan.evaluate or plan.stats):
             return
         records = self.job.pass_records(n_train, p)
         if plan.train and not self.job.dp:

@@ -48,8 +48,12 @@ Privacy: one site's participation costs ``rounds`` records of :meth:`steps_per_r
 steps at the *effective* Poisson rate Opacus uses for ``sample_rate`` on that site's
 ``n_train`` records (:func:`fedmtl.privacy.dp.effective_sample_rate`), with the noise
 multiplier :meth:`noise_for_site` (fixed, or calibrated so that all rounds together stay
-within ``target_epsilon``). The datasite runtime trains each round with exactly that
-noise multiplier and sample rate, so what the spec promises is what is charged.
+within ``target_epsilon``), plus one Gaussian release per evaluation pass
+(:meth:`eval_record`) and, with ``scaling = "standard"``, one for the statistics pass
+(:meth:`stats_record`); :meth:`job_records` lists them pass by pass
+(:meth:`n_passes`, :meth:`pass_records`). The datasite runtime trains each round with
+exactly that noise multiplier and sample rate, so what the spec promises is what is
+charged.
 
 This module imports no syft.
 """
@@ -134,11 +138,16 @@ class JobSpec:
     clipping: str = "flat"
     #: None: the fastest correct mode for the clipping (ghost for flat, hooks for per_layer)
     grad_sample_mode: str | None = None
-    scaling: str = "range"
+    #: "standard": a statistics pass first (pass 1), then features standardised with the
+    #: securely aggregated, noised mean/std; "range": by the schema's declared min/max
+    scaling: str = "standard"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     eval_every: int = 0
     eval_noise_multiplier: float = 5.0
+    #: Gaussian noise of the statistics pass (scaling = "standard"), in multiples of its
+    #: sensitivity (fedmtl.privacy.stats_release)
+    stats_noise_multiplier: float = 5.0
     allow_partial: bool = False
     per_site_metrics: bool = False
     seed: int = 0
@@ -168,7 +177,8 @@ class JobSpec:
         for key in ("rounds", "local_steps", "eval_every", "seed"):
             s(self, key, _int(getattr(self, key), key, p))
         for key in ("local_epochs", "sample_rate", "lr", "momentum", "noise_multiplier",
-                    "target_epsilon", "delta", "max_grad_norm", "eval_noise_multiplier"):
+                    "target_epsilon", "delta", "max_grad_norm", "eval_noise_multiplier",
+                    "stats_noise_multiplier"):
             s(self, key, _float(getattr(self, key), key, p))
         for key in ("dp", "allow_partial", "per_site_metrics"):
             _bool(getattr(self, key), key, p)
@@ -211,6 +221,8 @@ class JobSpec:
               ">= 0 (0: evaluate the final model only; N: also every N rounds)")
         check("eval_noise_multiplier", _is_num(self.eval_noise_multiplier) and self.eval_noise_multiplier > 0,
               "> 0 (evaluation statistics are released with Gaussian noise of this multiplier)")
+        check("stats_noise_multiplier", _is_num(self.stats_noise_multiplier) and self.stats_noise_multiplier > 0,
+              "> 0 (the statistics pass of standard scaling is released with Gaussian noise of this multiplier)")
         check("sample_rate", _is_num(self.sample_rate) and 0 < self.sample_rate <= 1, "in (0, 1]")
         check("lr", _is_num(self.lr) and self.lr > 0, "> 0")
         check("momentum", _is_num(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)")
@@ -318,14 +330,15 @@ class JobSpec:
                 f"the sites' feature columns differ ({differ} vs {first!r}); the shared model needs the "
                 "same features (names, types, categories, missing) at every site"
             )
-        if self.scaling == "range":
-            for site in sites[:1]:
-                noscale = [c.name for c in schemas[site].features if c.type == "numeric" and (c.min is None or c.max is None)]
-                if noscale:
-                    p.append(
-                        f"scaling = 'range' needs min and max for every numeric feature; {noscale} declare none "
-                        f"(site {site!r}): use scaling = 'standard'"
-                    )
+        for site in sites[:1]:
+            noscale = [c.name for c in schemas[site].features if c.type == "numeric" and (c.min is None or c.max is None)]
+            if noscale:
+                why = ("scales by them" if self.scaling == "range" else
+                       "releases feature statistics whose noise is calibrated to them")
+                p.append(
+                    f"scaling = {self.scaling!r} needs min and max for every numeric feature (it {why}); "
+                    f"{noscale} declare none (site {site!r}): declare them in the schema"
+                )
         return _dedupe(p)
 
     def validate(self, schemas: Mapping[str, Schema]) -> "JobSpec":
@@ -390,8 +403,8 @@ class JobSpec:
     def noise_for_site(self, n_train: int) -> float:
         """The noise multiplier a site with ``n_train`` records trains with: the fixed
         ``noise_multiplier``, or the smallest one keeping all ``rounds`` rounds, composed
-        with the job's evaluation releases, within ``target_epsilon`` at ``delta``; 0.0
-        without DP."""
+        with the job's evaluation and statistics releases, within ``target_epsilon`` at
+        ``delta``; 0.0 without DP."""
         if not self.dp:
             return 0.0
         if self.noise_multiplier is not None:
@@ -399,7 +412,7 @@ class JobSpec:
         return _calibrated(float(self.target_epsilon), float(self.delta),  # type: ignore[arg-type]
                            self.sample_rate_for_site(n_train),
                            self.rounds * self.steps_per_round(n_train), self.accountant,
-                           prior=tuple(self.eval_records()))
+                           prior=tuple(self.stats_records() + self.eval_records()))
 
     def privacy_records(self, n_train: int, rounds: int | None = None) -> list[PrivacyRecord]:
         """What one site's training costs: one record per round (``rounds`` defaults
@@ -419,16 +432,46 @@ class JobSpec:
             return self.grad_sample_mode
         return "ghost" if self.clipping == "flat" else "hooks"
 
-    # -- passes: R training rounds + 1 final evaluation ------------------------------------
+    # -- passes: [1 statistics pass] + R training rounds + 1 final evaluation ------------
+    #
+    # With scaling = "standard" pass 1 is the statistics pass (it releases noised feature
+    # statistics and trains and evaluates nothing), passes 2..R+1 are the training rounds
+    # and pass R+2 evaluates the final model. With scaling = "range" there is no statistics
+    # pass: passes 1..R train and pass R+1 evaluates. Every count of passes (the ledger's
+    # approved passes, the runtime's last pass, the reviewer's pricing) comes from here.
+    @property
+    def stats_pass(self) -> bool:
+        """Whether the job starts with a statistics pass (``scaling == "standard"``)."""
+        return self.scaling == "standard"
+
+    def n_passes(self) -> int:
+        """Passes of the whole job: the statistics pass (standard scaling), ``rounds``
+        training rounds, the final evaluation."""
+        return int(self.rounds) + 1 + int(self.stats_pass)
+
+    def is_stats_pass(self, pass_no: int) -> bool:
+        return self.stats_pass and pass_no == 1
+
+    def training_round(self, pass_no: int) -> int | None:
+        """The training round (1..rounds) pass ``pass_no`` runs, or ``None``."""
+        r = int(pass_no) - int(self.stats_pass)
+        return r if 1 <= r <= int(self.rounds) else None
+
+    def rounds_before(self, pass_no: int) -> int:
+        """Training rounds completed before pass ``pass_no`` (what the model it evaluates
+        has been trained for)."""
+        return max(0, min(int(self.rounds), int(pass_no) - 1 - int(self.stats_pass)))
+
     def evaluates(self, pass_no: int) -> bool:
-        """Whether pass ``pass_no`` (1..rounds+1) releases evaluation statistics: the final
-        pass always; with ``eval_every = k >= 1`` also passes 1, 1 + k, 1 + 2k, ..."""
-        rounds = int(self.rounds)
+        """Whether pass ``pass_no`` (1..n_passes) releases evaluation statistics: the final
+        pass always; with ``eval_every = k >= 1`` also the passes of training rounds 1,
+        1 + k, 1 + 2k, ... (each evaluates the incoming model). The statistics pass never."""
         every = int(self.eval_every)
-        return pass_no == rounds + 1 or (every >= 1 and (pass_no - 1) % every == 0)
+        r = self.training_round(pass_no)
+        return pass_no == self.n_passes() or (every >= 1 and r is not None and (r - 1) % every == 0)
 
     def eval_passes(self) -> list[int]:
-        return [p for p in range(1, int(self.rounds) + 2) if self.evaluates(p)]
+        return [p for p in range(1, self.n_passes() + 1) if self.evaluates(p)]
 
     def eval_record(self) -> PrivacyRecord:
         """One release of the evaluation statistics: the Gaussian mechanism at
@@ -438,20 +481,30 @@ class JobSpec:
     def eval_records(self) -> list[PrivacyRecord]:
         return [self.eval_record() for _ in self.eval_passes()]
 
+    def stats_record(self) -> PrivacyRecord:
+        """The statistics pass's release: the Gaussian mechanism at
+        ``stats_noise_multiplier`` times its sensitivity (fedmtl.privacy.stats_release)."""
+        return PrivacyRecord(noise_multiplier=float(self.stats_noise_multiplier), sample_rate=1.0, steps=1)
+
+    def stats_records(self) -> list[PrivacyRecord]:
+        return [self.stats_record()] if self.stats_pass else []
+
     def pass_records(self, n_train: int, pass_no: int) -> list[PrivacyRecord]:
-        """What pass ``pass_no`` costs a site, charged before it runs: its training round
-        (passes 1..rounds) and its evaluation release (if it evaluates)."""
-        out = self.privacy_records(n_train, rounds=1) if (self.dp and pass_no <= int(self.rounds)) else []
+        """What pass ``pass_no`` costs a site, charged before it runs: the statistics
+        release (statistics pass), its training round, its evaluation release."""
+        if self.is_stats_pass(pass_no):
+            return [self.stats_record()]
+        out = self.privacy_records(n_train, rounds=1) if (self.dp and self.training_round(pass_no)) else []
         if self.evaluates(pass_no):
             out.append(self.eval_record())
         return out
 
     def job_records(self, n_train: int) -> list[PrivacyRecord]:
         """Everything the job costs a site, pass by pass, in charging order."""
-        return [r for p in range(1, int(self.rounds) + 2) for r in self.pass_records(n_train, p)]
+        return [r for p in range(1, self.n_passes() + 1) for r in self.pass_records(n_train, p)]
 
     def epsilon_for_site(self, n_train: int, rounds: int | None = None) -> float:
-        """Epsilon at ``delta`` of the whole job (training and evaluation) on a site with
+        """Epsilon at ``delta`` of the whole job (statistics, training and evaluation) on a site with
         ``n_train`` records; with ``rounds``, of that many training rounds alone
         (``inf`` without DP)."""
         if not self.dp:

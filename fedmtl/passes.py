@@ -7,6 +7,11 @@ in :class:`fedmtl.datasites.runtime.LocalTransport` for dry runs), collects the 
 into a :class:`fedmtl.privacy.secagg.ServerSession`, and returns only the aggregate:
 masks cancel in the sum and dropped sites' masks are recovered from survivors' shares.
 Both sides use it: the researcher to run jobs, a data owner to dry-run a request.
+
+A standard-scaling job's statistics pass (pass 1) returns ``arrays["stats"]``; turn it into
+the job's mean/std with :func:`fedmtl.protocol.derive_scaling` (``n_sites`` =
+``len(outcome.survivors)``) and give that as ``scaling=`` to every later pass (the
+``advertise`` message carries it; sites refuse a later pass without it).
 """
 
 from __future__ import annotations
@@ -44,12 +49,21 @@ def run_pass(
     weights: np.ndarray,
     model,
     on_stage: Callable[[str], None] | None = None,
+    scaling: Mapping[str, Any] | None = None,
 ) -> PassOutcome:
-    """One pass through the four secure-aggregation stages over ``sites``."""
+    """One pass through the four secure-aggregation stages over ``sites``. ``scaling``:
+    the job's mean/std (standard scaling, every pass after the statistics pass)."""
     from fedmtl.privacy.secagg import ServerSession, TooFewSitesError
 
     any_spec = next(iter(site_specs.values()))
     plan = protocol.plan(any_spec, pass_no, model=model)
+    job = protocol.job_of(any_spec)
+    if job.scaling == "standard" and not plan.stats and scaling is None:
+        raise JobError(
+            f"pass {pass_no} of a standard-scaling job needs scaling= (the mean/std derived from the "
+            "statistics pass with fedmtl.protocol.derive_scaling); nothing was sent"
+        )
+    adv_extra: dict[str, Any] = {"scaling": _plain(scaling)} if (scaling is not None and not plan.stats) else {}
     params = protocol.secagg_params(any_spec, pass_no, attempt, plan)
     server = ServerSession(params)
     dropped: dict[str, str] = {}
@@ -76,7 +90,7 @@ def run_pass(
         return out
 
     try:
-        adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32)})
+        adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32), **adv_extra})
         for s, r in adv.items():
             reports[s] = r.get("report", {})
         keys = server.collect_advertisements([r["message"] for r in adv.values()])
@@ -100,3 +114,8 @@ def run_pass(
         ) from None
     arrays = dict(zip(plan.names, result.arrays))
     return PassOutcome(pass_no, arrays, list(result.survivors), dropped, reports, seconds)
+
+
+def _plain(scaling: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The scaling as plain dicts of floats (what travels in a syft message)."""
+    return {str(k): {str(n): float(v) for n, v in dict(t).items()} for k, t in dict(scaling).items()}

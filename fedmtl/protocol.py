@@ -1,15 +1,22 @@
 """The round protocol both sides compute identically: the researcher's orchestrator and the
 datasite runtime. Pure (no syft).
 
-A job of ``R`` rounds runs ``R + 1`` *passes* through secure aggregation. Pass ``p`` (1-based)
+A job of ``R`` rounds runs ``R + 1`` *passes* through secure aggregation, ``R + 2`` with
+``scaling = "standard"`` (:meth:`fedmtl.jobspec.JobSpec.n_passes`). Pass ``p`` (1-based)
 carries, as one masked vector per site:
 
-- ``update`` (if ``p <= R``): the site's clipped model update, multiplied per group (trunk,
-  each task head) by the site's labelled count for that group;
-- ``counts`` (if ``p <= R``): those counts, one per group, so the sum gives the weighted
-  average per head;
+- ``stats`` (pass 1 of a standard-scaling job, the *statistics pass*, which trains and
+  evaluates nothing): count, sum and sum of squares of every numeric feature of the
+  site's training split, noised (:mod:`fedmtl.privacy.stats_release`). The researcher
+  derives the global mean/std from the sum (:func:`derive_scaling`), keeps them in the
+  job state and sends them as ``scaling`` in the ``advertise`` message of every later
+  pass; each site checks them (:func:`scaling_preprocessor`) and scales with them;
+- ``update`` (training passes): the site's clipped model update, multiplied per group
+  (trunk, each task head) by the site's labelled count for that group;
+- ``counts`` (training passes): those counts, one per group, so the sum gives the
+  weighted average per head;
 - ``metrics`` (if the evaluation schedule says so): the sufficient statistics of every
-  task's metrics for the *incoming* global model on the site's test split. Pass ``R + 1``
+  task's metrics for the *incoming* global model on the site's test split. The last pass
   evaluates the final model and trains nothing.
 
 The site-specific job spec (the syft ``Constant`` the reviewer approves) is a dict::
@@ -40,6 +47,8 @@ class PassPlan:
     evaluate: bool
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    #: the statistics pass of standard scaling (releases ``stats`` only)
+    stats: bool = False
 
 
 def job_of(site_spec: Mapping[str, Any]):
@@ -57,7 +66,9 @@ def tasks_of(site_spec: Mapping[str, Any]):
 
 
 def build_model(site_spec: Mapping[str, Any]):
-    """The job's model (identical initial weights at every party) and preprocessor."""
+    """The job's model (identical initial weights at every party) and the range-scaling
+    preprocessor of the schema (its width is the model's input width under either
+    scaling; a standard-scaling job scales with :func:`scaling_preprocessor`)."""
     from fedmtl.models.preprocessing import Preprocessor
 
     job = job_of(site_spec)
@@ -125,6 +136,46 @@ def eval_pass_count(job) -> int:
     return len(job.eval_passes())
 
 
+def last_pass(job) -> int:
+    """The job's last pass (its final evaluation): :meth:`JobSpec.n_passes`."""
+    return job.n_passes()
+
+
+def derive_scaling(site_spec: Mapping[str, Any], summed_stats: np.ndarray, *, n_sites: int) -> dict[str, dict[str, float]]:
+    """The researcher's global mean/std per numeric feature from the statistics pass's
+    aggregate (``n_sites`` sites contributed): post-processing of the noised sums."""
+    from fedmtl.privacy.stats_release import derive_scaling as derive
+
+    job = job_of(site_spec)
+    return derive(summed_stats, schema_of(site_spec), noise_multiplier=float(job.stats_noise_multiplier),
+                  n_sites=int(n_sites))
+
+
+def scaling_preprocessor(site_spec: Mapping[str, Any], scaling: Any):
+    """The site's preprocessor for a pass: range scaling (``scaling`` must be ``None``),
+    or standard scaling from the researcher's ``scaling`` after
+    :func:`fedmtl.privacy.stats_release.check_scaling`. Raises :class:`ConfigError` with
+    what is wrong."""
+    from fedmtl.models.preprocessing import Preprocessor
+
+    job = job_of(site_spec)
+    schema = schema_of(site_spec)
+    if job.scaling != "standard":
+        if scaling is not None:
+            raise ConfigError(f"this job scales by the declared ranges (scaling = {job.scaling!r}); "
+                              "a pass message may not carry 'scaling'")
+        return Preprocessor(schema)
+    if scaling is None:
+        raise ConfigError("this job uses standard scaling: every pass after the statistics pass must carry "
+                          "'scaling' (the mean/std the researcher derived from pass 1)")
+    from fedmtl.privacy.stats_release import preprocessor
+
+    try:
+        return preprocessor(schema, scaling)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def job_records(job, n_train: int):
     """Every privacy record the job costs a site with ``n_train`` training records, in the
     order the runtime charges them (pass by pass: training round, then evaluation)."""
@@ -133,15 +184,19 @@ def job_records(job, n_train: int):
 
 def plan(site_spec: Mapping[str, Any], pass_no: int, *, model=None) -> PassPlan:
     job = job_of(site_spec)
-    rounds = int(job.rounds)
-    if not 1 <= pass_no <= rounds + 1:
-        raise ConfigError(f"pass {pass_no} is outside this job's 1..{rounds + 1}")
+    last = last_pass(job)
+    if not 1 <= pass_no <= last:
+        raise ConfigError(f"pass {pass_no} is outside this job's 1..{last}")
+    if job.is_stats_pass(pass_no):
+        from fedmtl.privacy.stats_release import size
+
+        return PassPlan(pass_no, False, False, ("stats",), ((size(schema_of(site_spec)),),), stats=True)
     if model is None:
         model, _ = build_model(site_spec)
     tasks = job.task_specs(schema_of(site_spec))
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
-    train = pass_no <= rounds
+    train = job.training_round(pass_no) is not None
     if train:
         from fedmtl.models import vector_size
 
@@ -164,6 +219,12 @@ def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass
     sa = job.secagg
     max_count = int(site_spec["max_count"])
     bound = max(weighted_bound(clip=float(sa.clip), max_count=max_count), float(max_count))
+    if pass_plan.stats:
+        # unit-form statistics are at most max_count per entry, plus the noise (6 sd of
+        # headroom; a value beyond is clipped, which is post-processing)
+        from fedmtl.privacy.stats_release import noise_std
+
+        bound = float(max_count) + 6.0 * noise_std(schema_of(site_spec), float(job.stats_noise_multiplier))
     import warnings
 
     with warnings.catch_warnings():

@@ -21,6 +21,14 @@ A schema is a TOML file::
     missing = false
 
     [[columns]]
+    name = "alt"
+    role = "feature"
+    type = "numeric"
+    min = 0
+    max = 6000
+    transform = "log1p"    # skewed: the model sees log(1 + x) (numeric features only, min > -1)
+
+    [[columns]]
     name = "sex"
     role = "feature"
     type = "categorical"
@@ -44,6 +52,11 @@ records whether the export wrote ``2`` or ``2.0``. Booleans are not categories: 
 ``type = "binary"`` for a 0/1 column. An ``id`` column of type ``categorical`` (text ids)
 needs no ``categories``: any text is allowed.
 
+``transform = "log1p"`` (numeric features only; needs a declared ``min > -1``) makes the
+model see ``ln(1 + x)`` instead of ``x``: the records keep their values and ranges, and
+the preprocessing applies the transform (to the values and to the declared bounds) before
+scaling (:func:`apply_transform`, :mod:`fedmtl.models.preprocessing`).
+
 ``binary`` columns hold 0/1. A ``label`` column of type ``categorical`` is a
 multiclass task, of type ``numeric`` a regression task. Exactly one ``id`` column.
 
@@ -66,6 +79,8 @@ Role = Literal["id", "feature", "label", "split"]
 ColType = Literal["numeric", "categorical", "binary"]
 ROLES: tuple[str, ...] = ("id", "feature", "label", "split")
 TYPES: tuple[str, ...] = ("numeric", "categorical", "binary")
+#: per-column transforms a numeric feature may declare (``transform = "log1p"``)
+TRANSFORMS: tuple[str, ...] = ("log1p",)
 
 _WHOLE_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0+)?")
 
@@ -107,6 +122,8 @@ class Column:
     categories: tuple[str, ...] | None = None
     missing: bool = False
     description: str = ""
+    #: per-column transform applied before scaling (numeric features only): see TRANSFORMS
+    transform: str | None = None
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # the one comparison rule, also for code-built columns
@@ -178,7 +195,7 @@ class Schema:
             )
         cols: list[Column] = []
         seen: dict[str, int] = {}
-        allowed_keys = {"name", "role", "type", "min", "max", "categories", "missing", "description"}
+        allowed_keys = {"name", "role", "type", "min", "max", "categories", "missing", "description", "transform"}
         for i, rc in enumerate(raw_cols, start=1):
             where = f"[[columns]] #{i}"
             if not isinstance(rc, dict):
@@ -232,6 +249,9 @@ class Schema:
                 missing = False
             if role == "id" and missing:
                 problems.append(f"{where}: the id column cannot allow missing values")
+            transform = rc.get("transform")
+            if transform is not None:
+                problems += _transform_problems(where, transform, role, ctype, lo)
             if problems:
                 continue
             cols.append(
@@ -244,6 +264,7 @@ class Schema:
                     categories=tuple(cats) if cats else None,
                     missing=missing,
                     description=str(rc.get("description", "")),
+                    transform=transform,
                 )
             )
         if not problems:
@@ -293,6 +314,36 @@ class Schema:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.dumps(), encoding="utf-8")
+
+
+def _transform_problems(where: str, transform: Any, role: Any, ctype: Any, lo: Any) -> list[str]:
+    """Why ``transform`` does not fit a column (empty when it does)."""
+    if transform not in TRANSFORMS:
+        return [f"{where}: transform {transform!r} is not one of {list(TRANSFORMS)}"]
+    if role != "feature" or ctype != "numeric":
+        return [f"{where}: transform {transform!r} applies to numeric features only (this column is a "
+                f"{ctype} {role}); remove it"]
+    if transform == "log1p":
+        if not isinstance(lo, (int, float)) or isinstance(lo, bool):
+            return [f"{where}: transform 'log1p' needs a declared min > -1 (log1p(x) = ln(1 + x) is defined "
+                    "for x > -1); declare min"]
+        if lo <= -1:
+            return [f"{where}: transform 'log1p' needs min > -1 (log1p(x) = ln(1 + x) is defined for x > -1), "
+                    f"got min {lo}; raise min or remove the transform"]
+    return []
+
+
+def apply_transform(transform: str | None, x):
+    """``transform`` applied to the numeric array (or number) ``x``: the identity for
+    ``None``, ``numpy.log1p`` for ``"log1p"``. The one place a transform is computed
+    (values, declared bounds and predictions all go through it)."""
+    if transform is None:
+        return x
+    if transform == "log1p":
+        import numpy as np
+
+        return np.log1p(x)
+    raise SchemaError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
 
 
 def _category_list(cats: list[Any]) -> tuple[list[str] | None, str]:

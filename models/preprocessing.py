@@ -2,12 +2,20 @@
 
 Features (schema columns with role ``feature``, in schema order) become columns of X:
 
-* numeric: scaled. ``scaling="range"`` uses the schema's declared ``min``/``max``:
-  ``(x - min) / (max - min)``. ``scaling="standard"`` uses a mean and standard
-  deviation computed from *aggregated* per-site sufficient statistics (counts, sums,
-  sums of squares: :meth:`Preprocessor.local_stats`, summed across sites -- also under
-  secure aggregation -- then :meth:`Preprocessor.from_stats`). Statistics never come
-  from pooled raw records.
+* numeric: first the column's declared ``transform`` (``"log1p"``: ``ln(1 + x)``; none:
+  ``x``), then clipped to the transformed declared range (``[t(min), t(max)]``, where
+  declared), then scaled:
+
+  - ``scaling="range"``: by the transformed declared bounds, ``(t - t(min)) / (t(max) -
+    t(min))``;
+  - ``scaling="standard"``: ``(t - mean) / std`` with a mean and standard deviation *of
+    the transformed values*. They come from aggregated per-site sufficient statistics,
+    never from pooled raw records: exact ones (:func:`local_stats` per site, summed with
+    :func:`sum_stats`, then :meth:`Preprocessor.from_stats`: the baselines and
+    simulations that hold every site's table), or, in a federated job, the statistics
+    every site releases with Gaussian noise through secure aggregation
+    (:mod:`fedmtl.privacy.stats_release`), turned into ``mean``/``std`` by the
+    researcher and sent back to every site.
 * binary: 0/1 as is.
 * categorical: one-hot over the schema's categories (declared order).
 * A column whose schema says ``missing = true`` also gets a ``<name>__missing``
@@ -15,8 +23,20 @@ Features (schema columns with role ``feature``, in schema order) become columns 
   mean under standard scaling, the schema minimum under range scaling, "no category" for
   one-hot, 0 for binary.
 
+The statistics API, in the order a user needs it::
+
+    stats = sum_stats([local_stats(schema, df) for df in site_tables])   # exact, per site
+    pre = Preprocessor.from_stats(schema, stats)        # standard scaling from the sums
+    X = pre.transform(df)                               # float32 (n, pre.n_features)
+    pre = Preprocessor(schema, scaling="standard", mean={...}, std={...})  # given mean/std
+    pre = Preprocessor(schema)                          # range scaling (declared bounds)
+
+:func:`transformed_values` is the per-column transform plus clip that all of these use;
+:func:`transformed_bounds` the transformed declared range of a numeric column.
+
 Output column names are in ``feature_names``. Two sites with the same schema (and the
-same summed statistics) produce the same columns in the same order.
+same mean/std) produce the same columns in the same order; the width does not depend on
+the scaling.
 
 Labels: :meth:`Preprocessor.labels` gives ``(Y, mask)``, float32 ``(n, T)`` and bool
 ``(n, T)``, one column per task: 0/1 for binary, the class index for multiclass, the
@@ -33,10 +53,32 @@ import pandas as pd
 import torch
 
 from fedmtl.models.tasks import TaskSpec
-from fedmtl.schema import Column, Schema
+from fedmtl.schema import TRANSFORMS, Column, Schema, apply_transform
 
 SCALINGS = ("range", "standard")
 STAT_KEYS = ("count", "sum", "sumsq")
+
+
+def transformed_bounds(col: Column) -> tuple[float, float] | None:
+    """The declared ``[min, max]`` of numeric column ``col`` after its transform, or
+    ``None`` when it declares no range."""
+    if col.min is None or col.max is None:
+        return None
+    return float(apply_transform(col.transform, float(col.min))), float(apply_transform(col.transform, float(col.max)))
+
+
+def transformed_values(col: Column, x: np.ndarray) -> np.ndarray:
+    """Numeric values ``x`` (float, NaN where missing) of ``col`` as the model sees them
+    before scaling: transformed, then clipped to :func:`transformed_bounds` (records
+    validated against the schema are inside the range already; the clip makes every
+    per-record bound of the statistics release hold whatever arrives)."""
+    x = np.asarray(x, dtype=float)
+    if col.transform == "log1p":
+        # below the domain of log1p: the declared min (which the schema requires > -1)
+        x = np.where(x <= -1.0, float(col.min) if col.min is not None else np.nan, x)
+    t = np.asarray(apply_transform(col.transform, x), dtype=float)
+    b = transformed_bounds(col)
+    return np.clip(t, b[0], b[1]) if b is not None else t
 
 
 def _is_missing(s: pd.Series) -> np.ndarray:
@@ -67,6 +109,9 @@ class Preprocessor:
         self.std = {k: float(v) for k, v in (std or {}).items()}
         problems = []
         for c in self.columns:
+            if c.transform is not None and (c.type != "numeric" or c.transform not in TRANSFORMS):
+                problems.append(f"column {c.name!r}: transform {c.transform!r} needs a numeric feature and one of "
+                                f"{list(TRANSFORMS)}")
             if c.type != "numeric":
                 continue
             if scaling == "range":
@@ -78,6 +123,8 @@ class Preprocessor:
             else:
                 if c.name not in self.mean or c.name not in self.std:
                     problems.append(f"no mean/std for numeric feature {c.name!r}; build with Preprocessor.from_stats")
+                elif not (math.isfinite(self.mean[c.name]) and math.isfinite(self.std[c.name])):
+                    problems.append(f"mean/std of {c.name!r} must be finite, got {self.mean[c.name]}, {self.std[c.name]}")
                 elif not self.std[c.name] > 0:
                     problems.append(f"std of {c.name!r} must be > 0, got {self.std[c.name]}")
         if problems:
@@ -103,7 +150,10 @@ class Preprocessor:
 
     @classmethod
     def from_stats(cls, schema: Schema, stats: Mapping[str, np.ndarray]) -> "Preprocessor":
-        """Standard-scaling preprocessor from summed :meth:`local_stats` of all sites."""
+        """Standard-scaling preprocessor from summed :meth:`local_stats` of all sites (exact
+        statistics: mean and population std of the transformed, clipped values; a std of
+        0 becomes 1). Noised statistics go through
+        :func:`fedmtl.privacy.stats_release.derive_scaling` instead, which clamps them."""
         missing = [k for k in STAT_KEYS if k not in stats]
         if missing:
             raise ValueError(f"stats lack {missing}; expected keys {list(STAT_KEYS)} as from local_stats")
@@ -150,11 +200,12 @@ class Preprocessor:
                 bad = np.isnan(x) & ~miss
                 if bad.any():
                     problems.append(f"column {c.name!r} has {int(bad.sum())} non-numeric value(s)")
+                t = transformed_values(c, x)
                 if self.scaling == "range":
-                    lo, hi = float(c.min), float(c.max)  # type: ignore[arg-type]
-                    z = (x - lo) / (hi - lo) if hi > lo else x - lo
+                    lo, hi = transformed_bounds(c)  # type: ignore[misc] - checked in __init__
+                    z = (t - lo) / (hi - lo) if hi > lo else t - lo
                 else:
-                    z = (x - self.mean[c.name]) / self.std[c.name]
+                    z = (t - self.mean[c.name]) / self.std[c.name]
                 blocks.append(np.where(miss, 0.0, z)[:, None])
             elif c.type == "binary":
                 x = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
@@ -202,14 +253,17 @@ class Preprocessor:
 def local_stats(schema: Schema, df: pd.DataFrame) -> dict[str, np.ndarray]:
     """A site's sufficient statistics for standard scaling: float64 arrays ``count``,
     ``sum``, ``sumsq`` over the non-missing values of each numeric feature (schema
-    order). Sites' results add up elementwise (:func:`sum_stats`), so they can be
-    securely aggregated; :meth:`Preprocessor.from_stats` turns the sum into a
-    preprocessor. Needs no declared ranges."""
+    order), *after* the column's transform and clip (:func:`transformed_values`: the
+    values the preprocessor standardises). Sites' results add up elementwise
+    (:func:`sum_stats`); :meth:`Preprocessor.from_stats` turns the sum into a
+    preprocessor. Exact: for code that holds the tables (baselines, simulations); what a
+    datasite releases is :mod:`fedmtl.privacy.stats_release`. Needs no declared ranges."""
     numeric = [c.name for c in schema.features if c.type == "numeric"]
     Preprocessor._check_columns(df, numeric)
     count, s, ss = np.zeros(len(numeric)), np.zeros(len(numeric)), np.zeros(len(numeric))
     for i, name in enumerate(numeric):
         x = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+        x = transformed_values(schema.column(name), x)
         x = x[~np.isnan(x)]
         count[i], s[i], ss[i] = x.size, x.sum(), (x * x).sum()
     return {"count": count, "sum": s, "sumsq": ss}

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmtl.models import Preprocessor, labels_of, sum_stats, tasks_from_schema
+from fedmtl.errors import SchemaError
+from fedmtl.models import Preprocessor, labels_of, local_stats, sum_stats, tasks_from_schema
+from fedmtl.schema import Schema
 
 
 def test_range_scaling_one_hot_and_missing_indicators(schema, records):
@@ -36,7 +38,8 @@ def test_stats_summed_across_sites_equal_the_pooled_mean_and_std(schema, make_si
     pre = Preprocessor.from_stats(schema, summed)
     # Assert
     assert pre.scaling == "standard"
-    assert pre.mean["age"] == pytest.approx(pooled["age"].mean())
+    # values outside the declared range (the shifted sites' ages above 90) count clipped
+    assert pre.mean["age"] == pytest.approx(pooled["age"].clip(18, 90).mean())
     assert pre.std["bmi"] == pytest.approx(pooled["bmi"].std(ddof=0))
     Xs = [pre.transform(df) for df in sites]
     allX = torch.cat(Xs).numpy()
@@ -142,3 +145,69 @@ def test_stats_need_no_declared_ranges(schema, records):
     age = X[:, pre.feature_names.index("age")].numpy()
     assert abs(age.mean()) < 1e-4
     assert local_stats(bare, records)["count"].tolist() == [len(records), records["bmi"].notna().sum()]
+
+
+# -- per-column transforms -------------------------------------------------------------------
+def _lab_schema(**col):
+    d = {
+        "columns": [
+            {"name": "id", "role": "id", "type": "numeric"},
+            {"name": "lab", "role": "feature", "type": "numeric", "min": 0, "max": 6000, "missing": True, **col},
+            {"name": "y", "role": "label", "type": "binary"},
+        ]
+    }
+    return Schema.from_dict(d)
+
+
+def test_log1p_transform_is_applied_before_scaling_to_values_and_bounds():
+    # Prepare: a skewed lab value with a wide "safe" range
+    sch = _lab_schema(transform="log1p")
+    df = pd.DataFrame({"id": [1, 2, 3, 4], "lab": [0.0, 50.0, 6000.0, None], "y": [0, 1, 0, 1]})
+    # Execute
+    rng = Preprocessor(sch).transform(df)[:, 0].numpy()
+    pre = Preprocessor.from_stats(sch, local_stats(sch, df))
+    std = pre.transform(df)[:, 0].numpy()
+    # Assert: range scaling maps the transformed bounds to 0..1
+    np.testing.assert_allclose(rng[:3], np.log1p([0.0, 50.0, 6000.0]) / np.log1p(6000.0), rtol=1e-6)
+    assert rng[3] == 0.0  # missing: imputed
+    # standard scaling standardises log1p(x), not x
+    t = np.log1p([0.0, 50.0, 6000.0])
+    assert pre.mean["lab"] == pytest.approx(t.mean()) and pre.std["lab"] == pytest.approx(t.std())
+    np.testing.assert_allclose(std[:3], (t - t.mean()) / t.std(), rtol=1e-5)
+
+
+def test_values_are_clipped_to_the_declared_range_before_scaling():
+    sch = _lab_schema()
+    df = pd.DataFrame({"id": [1, 2], "lab": [-5.0, 9000.0], "y": [0, 1]})
+    X = Preprocessor(sch).transform(df)[:, 0].numpy()
+    np.testing.assert_allclose(X, [0.0, 1.0])
+    assert local_stats(sch, df)["sum"][0] == pytest.approx(6000.0)
+
+
+@pytest.mark.parametrize(
+    "col, message",
+    [
+        ({"transform": "log1p", "min": -1}, "needs min > -1"),
+        ({"transform": "log1p", "min": -3.5}, "got min -3.5"),
+        ({"transform": "sqrt"}, "transform 'sqrt' is not one of ['log1p']"),
+    ],
+)
+def test_bad_transforms_are_refused_with_what_to_fix(col, message):
+    with pytest.raises(SchemaError) as e:
+        _lab_schema(**col)
+    assert message in str(e.value)
+
+
+def test_transform_applies_to_numeric_features_only():
+    d = {"columns": [
+        {"name": "id", "role": "id", "type": "numeric"},
+        {"name": "sex", "role": "feature", "type": "categorical", "categories": ["F", "M"], "transform": "log1p"},
+        {"name": "y", "role": "label", "type": "numeric", "min": 0, "max": 9, "transform": "log1p"},
+    ]}
+    with pytest.raises(SchemaError) as e:
+        Schema.from_dict(d)
+    assert "'sex': transform 'log1p' applies to numeric features only" in str(e.value)
+    assert "'y': transform 'log1p' applies to numeric features only" in str(e.value)
+    # a transform survives the schema's round trip (and stays out of schemas without one)
+    sch = _lab_schema(transform="log1p")
+    assert Schema.from_dict(sch.to_dict()) == sch and "transform" not in _lab_schema().to_dict()["columns"][1]

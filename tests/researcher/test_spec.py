@@ -220,10 +220,32 @@ def test_sites_must_agree_on_features_and_labels():
     assert "different categories for 'stage'" in text
 
 
-def test_range_scaling_needs_declared_ranges():
+def test_both_scalings_need_declared_ranges():
+    # range scaling scales by them; standard scaling's statistics release bounds its noise by them
     sch = _schema(age={"name": "age", "role": "feature", "type": "numeric"})
-    assert any("scaling = 'range' needs min and max" in p for p in _spec().problems({"a": sch, "b": sch}))
-    assert _spec(scaling="standard").problems({"a": sch, "b": sch}) == []
+    for scaling in ("range", "standard"):
+        problems = _spec(scaling=scaling).problems({"a": sch, "b": sch})
+        assert any(f"scaling = {scaling!r} needs min and max" in p and "'age'" in p for p in problems), problems
+    assert _spec(scaling="standard").problems({"a": _schema(), "b": _schema()}) == []
+
+
+def test_standard_scaling_adds_a_statistics_pass_priced_everywhere():
+    # Prepare
+    std, rng = _spec(scaling="standard", rounds=3, eval_every=2), _spec(scaling="range", rounds=3, eval_every=2)
+    # Execute / Assert: pass layout
+    assert (std.n_passes(), rng.n_passes()) == (5, 4)
+    assert [std.training_round(p) for p in range(1, 6)] == [None, 1, 2, 3, None]
+    assert [rng.training_round(p) for p in range(1, 5)] == [1, 2, 3, None]
+    assert std.eval_passes() == [2, 4, 5] and rng.eval_passes() == [1, 3, 4]  # same rounds evaluated
+    assert std.pass_records(500, 1) == [std.stats_record()]
+    # every record of the range job plus the statistics release, and the epsilon grows by it
+    recs = std.job_records(500)
+    assert len(recs) == len(rng.job_records(500)) + 1 and recs[0] == std.stats_record()
+    assert std.epsilon_for_site(500) > rng.epsilon_for_site(500)
+    # target_epsilon calibrates the training noise with the statistics release included
+    cal = _spec(scaling="standard", noise_multiplier=None, target_epsilon=3.0)
+    assert cal.epsilon_for_site(800) <= 3.0 + 1e-6
+    assert cal.noise_for_site(800) > _spec(scaling="range", noise_multiplier=None, target_epsilon=3.0).noise_for_site(800)
 
 
 def test_no_connected_sites():
@@ -303,9 +325,10 @@ def test_target_epsilon_is_calibrated_over_all_rounds():
     assert len(records) == 5 and all(r == records[0] for r in records)
     assert records[0] == PrivacyRecord(noise_multiplier=sigma, sample_rate=0.02, steps=50)
     assert 2.0 - 0.05 < eps <= 2.0
-    # the target covers training AND the final evaluation release
-    assert spec.job_records(n) == [*records, spec.eval_record()]
-    assert eps == pytest.approx(epsilon_of([*records, spec.eval_record()], delta=1e-5))
+    # the target covers the statistics release (standard scaling), training AND the final
+    # evaluation release, in charging order
+    assert spec.job_records(n) == [spec.stats_record(), *records, spec.eval_record()]
+    assert eps == pytest.approx(epsilon_of([spec.stats_record(), *records, spec.eval_record()], delta=1e-5))
     # one round alone costs less; more rounds at the same target need more noise
     assert spec.epsilon_for_site(n, rounds=1) < eps
     assert _spec(noise_multiplier=None, target_epsilon=2.0, rounds=10, sample_rate=0.02).noise_for_site(n) > sigma
@@ -343,9 +366,10 @@ def test_client_config_keys_are_train_local_parameters():
 
 
 def test_passes_charge_training_then_evaluation_in_order():
-    # Prepare: 3 rounds, final evaluation only (the default) and every 2 rounds
-    final_only = _spec(noise_multiplier=1.0, rounds=3)
-    every2 = _spec(noise_multiplier=1.0, rounds=3, eval_every=2)
+    # Prepare: 3 rounds, final evaluation only (the default) and every 2 rounds; range
+    # scaling (no statistics pass: see the standard-scaling test above)
+    final_only = _spec(noise_multiplier=1.0, rounds=3, scaling="range")
+    every2 = _spec(noise_multiplier=1.0, rounds=3, eval_every=2, scaling="range")
     # Execute / Assert
     assert final_only.eval_passes() == [4]
     assert every2.eval_passes() == [1, 3, 4]
