@@ -215,6 +215,17 @@ class JobResult:
         (``{}`` if none); see :meth:`metrics_table` for the metric names."""
         return dict(self.metrics[-1]["pooled"]) if self.metrics else {}
 
+    def site_final_metrics(self, metric: str = "auroc") -> dict[str, dict[str, float]]:
+        """Per site, ``{task: value}`` of ``metric`` from the last evaluation that released
+        per-site metrics (noised and charged, like the pooled ones); ``{}`` when no
+        evaluation did (the job's ``per_site_metrics`` is off, or a site's policy does not
+        allow them). Each site's value is the global model on that site's own test split."""
+        for entry in reversed(self.metrics):
+            sites = entry.get("sites")
+            if sites:
+                return {s: {t: float(m[metric]) for t, m in tm.items() if metric in m} for s, tm in sites.items()}
+        return {}
+
     def summary(self) -> str:
         """A few lines: the rounds, each task's final AUROC and Brier score (or MAE), the
         epsilon spent per site. Never the spec, the schema or the weights."""

@@ -118,6 +118,18 @@ def test_metrics_table():
     assert _result().final_metrics()["alt"] == {"mae": 2.0}
 
 
+def test_site_final_metrics_are_the_last_released_per_site_values():
+    # Execute
+    r = _result()
+    # Assert: round 2 released st-mary's diabetes AUROC; MAE is asked for by name
+    assert r.site_final_metrics() == {"st-mary": {"diabetes": 0.65}}
+    assert r.site_final_metrics("mae") == {"st-mary": {}}
+    bare = _result()
+    for entry in bare.metrics:
+        entry.pop("sites", None)
+    assert bare.site_final_metrics() == {}
+
+
 def test_inconsistent_parts_are_refused():
     with pytest.raises(ValueError, match="parameters"):
         _result(global_vector=np.zeros(5, dtype=np.float32))
