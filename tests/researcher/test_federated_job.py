@@ -56,9 +56,40 @@ def _spec(**kw):
         lr=0.5,
         noise_multiplier=1.0,
         secagg={"threshold": 2, "clip": 1.0},
+        scaling="range",  # passes 1..3 train; standard scaling (a statistics pass first) has its own test
     )
     base.update(kw)
     return JobSpec(**base)
+
+
+@pytest.mark.integration
+def test_standard_scaling_job_releases_statistics_first_and_sites_scale_with_them(three_sites, tmp_path):
+    # Prepare
+    session = _session(three_sites)
+    spec = _spec(name="std", rounds=1, scaling="standard")
+    job = session.submit(spec, out=tmp_path / "job")
+    # Execute
+    result = job.run(progress=False)
+    # Assert: every site approved the 3 passes (statistics, 1 round, final evaluation) and ran them
+    assert {v["status"] for v in job.status().values()} == {"approved"}
+    assert spec.n_passes() == 3 and result.rounds_done == 1 and [r["round"] for r in result.metrics] == [1]
+    scaling = job.state["scaling"]
+    assert set(scaling["mean"]) == {c.name for c in session.schemas["st-mary"].features if c.type == "numeric"}
+    for h in three_sites:
+        payload = np.load(h.home / "jobs" / job.job_id / "test-hook" / "pass-1.npz")
+        assert list(payload) == ["stats"]  # the statistics pass released nothing else
+        import json
+
+        state = json.loads((h.home / "jobs" / job.job_id / "state.json").read_text())
+        assert state["completed"] == [1, 2, 3] and state["scaling"] == scaling, h.name
+    # the ledger charged the statistics release with the rest: what the job promised
+    spend = job.spend()
+    for site, view in spend.items():
+        (dataset, eps), = view["epsilon_spent"].items()
+        assert eps == pytest.approx(result.epsilon[site], rel=0.05)
+    assert result.preprocessor["scaling"] == "standard"
+    pred = result.predict(session.mock("st-mary"))
+    assert np.all((pred["diabetes_5y"] >= 0) & (pred["diabetes_5y"] <= 1))
 
 
 @pytest.mark.integration
