@@ -54,6 +54,23 @@ class PassAlreadyExecutedError(RoundError):
     """The pass was completed (and charged) at this site; it never runs twice."""
 
 
+#: preprocessed splits of running jobs: (home, job, split, records id, scaling, tasks) ->
+#: (the records object, (X, Y, M)); see JobRuntime._tensors
+_TENSORS: dict[tuple, tuple] = {}
+_TENSOR_SLOTS = 8
+
+
+def _scaling_key(pre) -> str:
+    return json.dumps(pre.to_dict(), sort_keys=True, default=str)
+
+
+def drop_tensors(home: Path, job_id: str) -> None:
+    """Forget the preprocessed records of ``job_id`` (its last pass completed)."""
+    with _LOCK:
+        for k in [k for k in _TENSORS if k[0] == str(home) and k[1] == job_id]:
+            _TENSORS.pop(k, None)
+
+
 def register_home(site: str, home: Path) -> None:
     _HOMES[site] = Path(home)
 
@@ -202,6 +219,7 @@ class JobRuntime:
         if p == protocol.last_pass(self.job):
             from fedmtl.datasites import site_ledger
 
+            drop_tensors(self.home, self.job_id)
             site_ledger.finish_job(self.home, self.spec)
 
     # -- stage 1: train / evaluate ---------------------------------------------
@@ -322,9 +340,9 @@ class JobRuntime:
             if len(test_df):
                 import torch
 
+                Xt, Y, M = self._tensors(data, "test", test_df, pre, tasks)
                 with torch.no_grad():
-                    pred = model.predict(pre.transform(test_df))
-                Y, M = pre.labels(test_df, tasks)
+                    pred = model.predict(Xt)
                 protocol.update_metrics(tm, pred, Y, M, tasks)
             payload["metrics"] = noise_statistics(
                 protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS,
@@ -334,8 +352,7 @@ class JobRuntime:
                 # the same noised, charged statistics, for this site alone
                 report["site_metrics"] = protocol.compute_metrics(payload["metrics"], tasks)
         if plan.train:
-            X = pre.transform(train_df)
-            Y, M = pre.labels(train_df, tasks)
+            X, Y, M = self._tensors(data, "train", train_df, pre, tasks)
             vector_to_model(model, start)
             res = train_local(
                 model=model,
@@ -366,6 +383,23 @@ class JobRuntime:
             report.update({"epsilon_round": res.epsilon, "noise_multiplier": res.noise_multiplier,
                            "steps": res.steps})
         return payload, report
+
+    def _tensors(self, data, part: str, df, pre, tasks):
+        """(X, Y, M) of one split, preprocessed once per job: kept in this process's memory
+        while the same records object (the data plane holds it for the server's lifetime)
+        and the same scaling come back, dropped when the job's last pass completes."""
+        key = (str(self.home), self.job_id, part, id(data), _scaling_key(pre), tuple(t.name for t in tasks))
+        with _LOCK:
+            hit = _TENSORS.get(key)
+            if hit is not None and hit[0] is data:
+                return hit[1]
+        X = pre.transform(df)
+        Y, M = pre.labels(df, tasks)
+        with _LOCK:
+            _TENSORS[key] = (data, (X, Y, M))
+            while len(_TENSORS) > _TENSOR_SLOTS:
+                _TENSORS.pop(next(iter(_TENSORS)))
+        return X, Y, M
 
     def _charge(self, p: int, n_train: int, plan: protocol.PassPlan) -> None:
         """Charge the pass's privacy records to the ledger before it runs (raises, and

@@ -174,12 +174,17 @@ def test_researcher_logs_in_over_https_with_the_ca_pinned_and_is_refused_without
             assert [d.name for d in datasets] == ["riverside-records"]
             mock = datasets[0].assets[0].mock  # a body of some size, through the proxy
         assert list(mock.columns) == Schema.load(f.schema).names
+        # the round data plane answers through the same proxy and certificate
+        from fedmtl.researcher.dataplane_client import offers_dataplane
+
+        assert offers_dataplane(url)
 
         # without it (the system's CAs only), certificate verification refuses the server
         monkeypatch.delenv("REQUESTS_CA_BUNDLE")
         with pytest.raises(DatasiteError) as err:
             syftio.login(url, RESEARCHER, RESEARCHER_PW)
         assert "SSLError" in str(err.value) and "CERTIFICATE_VERIFY_FAILED" in str(err.value), str(err.value)
+        assert not offers_dataplane(url)  # nor is the data plane reached without the CA
     finally:
         if proc is not None:
             proc.terminate()
