@@ -105,11 +105,15 @@ def run_local_passes(job, data: Mapping[str, Any], *, passes: int) -> dict[str, 
             transport = LocalTransport(data, specs)
             weights = model_to_vector(job.model).astype(np.float64)
             metrics = {}
-            for p in range(1, min(passes, int(job.spec.rounds) + 1) + 1):
+            scaling = None
+            for p in range(1, min(passes, protocol.last_pass(job.spec)) + 1):
                 outcome = run_pass(transport=transport, site_specs=specs, sites=job.sites, pass_no=p,
-                                   attempt=0, weights=weights, model=job.model)
+                                   attempt=0, weights=weights, model=job.model, scaling=scaling)
                 if outcome.dropped:
                     raise JobError("dry run failed: " + "; ".join(f"{s}: {w}" for s, w in outcome.dropped.items()))
+                if "stats" in outcome.arrays:  # standard scaling: every later pass needs it
+                    scaling = protocol.derive_scaling(specs[job.sites[0]], outcome.arrays["stats"],
+                                                      n_sites=len(outcome.survivors))
                 if "metrics" in outcome.arrays:
                     metrics[p] = protocol.compute_metrics(outcome.arrays["metrics"], job._tasks())
         finally:

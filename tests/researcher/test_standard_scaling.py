@@ -174,3 +174,12 @@ def test_statistics_are_charged_before_they_are_computed(sites, tmp_path, monkey
     monkeypatch.setattr(site_ledger, "charge_round", refuse)
     out = transport.call("site1", msg)
     assert not out["ok"] and "budget exhausted" in out["error"] and events == ["charge"]
+
+
+def test_a_dry_run_beyond_the_statistics_pass_uses_the_derived_scaling(sites, tmp_path):
+    # the dry run of `fedmtl train` runs two passes: the statistics pass, then a training
+    # pass that needs the scaling derived from it
+    session = Session(sites)
+    job = Job.create(session, _spec(), out=tmp_path / "job")
+    out = job.dry_run(passes=2)
+    assert out["ok"] is True
