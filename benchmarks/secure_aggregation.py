@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-import fedmtl.privacy.secagg as secagg
+import fedmtl.privacy.secagg_common as secagg_common
+import fedmtl.privacy.secagg_site as secagg_site
 from fedmtl.privacy.keys import SigningKey, keystream
 from fedmtl.privacy.quantization import QuantizationConfig, dequantize_sum, quantize
 from fedmtl.privacy.secagg import (
@@ -123,7 +124,7 @@ def _one_round_stage34(params, identities, inputs) -> dict:
     deliveries = server.collect_shares([ss.share_keys(keys) for ss in sessions.values()])
     # attribution: time inside the quantiser and inside the mask keystream calls
     spent = {"quantize_s": 0.0, "mask_keystream_s": 0.0}
-    real_q, real_ks = secagg.quantize_into, secagg.keystream
+    real_q, real_ks = secagg_site.quantize_into, secagg_common.keystream
 
     def timed(fn, key):
         def wrapper(*a, **kw):
@@ -135,7 +136,8 @@ def _one_round_stage34(params, identities, inputs) -> dict:
 
         return wrapper
 
-    secagg.quantize_into, secagg.keystream = timed(real_q, "quantize_s"), timed(real_ks, "mask_keystream_s")
+    secagg_site.quantize_into = timed(real_q, "quantize_s")
+    secagg_common.keystream = timed(real_ks, "mask_keystream_s")
     try:
         t_sites = 0.0
         masked = []
@@ -153,7 +155,7 @@ def _one_round_stage34(params, identities, inputs) -> dict:
         result = server.unmask(reveals)
         t_server += time.perf_counter() - t0
     finally:
-        secagg.quantize_into, secagg.keystream = real_q, real_ks
+        secagg_site.quantize_into, secagg_common.keystream = real_q, real_ks
     return {
         "sites_masked_input_s": t_sites,
         "server_s": t_server,
@@ -180,24 +182,25 @@ def bench_all_party(n: int, d: int, repeat: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     inputs = {s: [rng.uniform(-1, 1, d).astype(np.float32)] for s in identities}
     plain = np.sum([inputs[s][0].astype(np.float64) for s in params.sites], axis=0)
-    new = secagg.quantize_into
+    new = secagg_site.quantize_into
 
     def reference(values, config, out, *, rng=None):
-        # the previous call site: ``y = quantize(vector, ...)``, a fresh array (out unused)
-        return quantize_reference(values, config, rng=rng)
+        # the previous quantiser (full-length temporaries, numpy Generator) into the slice
+        out[...] = quantize_reference(values, config, rng=rng)
+        return out
 
     quantisers = {"reference": reference, "new": new}
     runs: dict[str, list[dict]] = {k: [] for k in quantisers}
     try:
         for i in range(repeat + 1):  # the first pass of each is a warm-up
             for k, fn in quantisers.items():  # interleaved: same background for both
-                secagg.quantize_into = fn
+                secagg_site.quantize_into = fn
                 r = _one_round_stage34(params, identities, inputs)
                 r["max_abs_error_vs_plain"] = float(np.abs(r.pop("result") - plain).max())
                 if i:
                     runs[k].append(r)
     finally:
-        secagg.quantize_into = new
+        secagg_site.quantize_into = new
     out = {"n": n, "d": d, "ring_bits": params.quantization.bits, "repeat": repeat}
     for k, rs in runs.items():
         best = min(rs, key=lambda r: r["all_party_s"])

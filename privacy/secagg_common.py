@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -108,6 +109,10 @@ def _field(msg: Mapping, name: str, kind: type | tuple[type, ...]) -> Any:
 # --------------------------------------------------------------------------- parameters
 
 
+#: SecAggParams digests by object id (each entry is dropped when its object is collected)
+_DIGESTS: dict[int, bytes] = {}
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     """Public parameters of one round, identical at every party (part of the job spec).
@@ -163,6 +168,7 @@ class SecAggParams:
                 f"quantization.num_sites={self.quantization.num_sites} < {n} sites: "
                 "the sum could overflow Z_(2^k)"
             )
+        self.digest()
 
     @property
     def sites(self) -> list[str]:
@@ -204,7 +210,14 @@ class SecAggParams:
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical parameters; bound into every signature, key and AAD."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).digest()
+        # bound into every key, share and signature: computed once per object (the fields
+        # are frozen), kept beside the object rather than in it (__dict__ holds the fields)
+        found = _DIGESTS.get(id(self))
+        if found is None:
+            found = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).digest()
+            _DIGESTS[id(self)] = found
+            weakref.finalize(self, _DIGESTS.pop, id(self), None)
+        return found
 
     def for_round(self, round: int) -> "SecAggParams":
         """The same parameters for another round."""
@@ -289,16 +302,31 @@ def _verify_adverts(p: SecAggParams, adverts: list) -> dict[str, tuple[bytes, by
     return dict(sorted(out.items()))
 
 
-def _flatten(arrays: Sequence[np.ndarray], shapes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+def _checked_inputs(arrays: Sequence[np.ndarray], shapes: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+    """The input arrays as flat float32/float64 vectors (views where possible, no
+    concatenated copy), after checking them against the agreed shapes and for NaN/inf."""
     if isinstance(arrays, np.ndarray):
         raise TypeError("pass a list of arrays (one per shape in params.shapes), not one array")
     arrays = [np.asarray(a) for a in arrays]
     got = tuple(a.shape for a in arrays)
     if got != shapes:
         raise ValueError(f"input shapes {got} differ from the agreed shapes {shapes}")
-    flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in arrays])
-    if not np.all(np.isfinite(flat)):
-        raise ValueError("input contains NaN or inf; nothing was sent")
-    return flat
+    out = []
+    for a in arrays:
+        if a.dtype != np.float64 and a.dtype != np.float32:
+            a = a.astype(np.float64)
+        if not _all_finite(a):
+            raise ValueError("input contains NaN or inf; nothing was sent")
+        out.append(a.reshape(-1))
+    return out
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or inf in the float array ``a``: one sum (NaN/inf make it non-finite), and
+    the exact element check only when the sum is not finite (it may have overflowed)."""
+    if a.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(a, axis=None)):
+            return True
+    return bool(np.isfinite(a).all())

@@ -27,10 +27,10 @@ from fedmtl.privacy.secagg_common import (
     TooFewSitesError,
     UnmaskRefusedError,
     _b64,
+    _checked_inputs,
     _decode,
     _encode,
     _field,
-    _flatten,
     _share_key,
     _unb64,
     _verify_adverts,
@@ -209,7 +209,7 @@ class SiteSession:
         cts = _field(delivery, "ciphertexts", dict)
         if set(cts) != set(u2) - {self.site_id}:
             raise MessageError("the delivery's ciphertexts do not match u2 (one per peer expected)")
-        vector = _flatten(arrays, p.shapes)  # validate input before touching state
+        inputs = _checked_inputs(arrays, p.shapes)  # validate input before touching state
         c_sk = AgreementKey.from_bytes(st.c_sk)
         received = {}
         for sender in sorted(cts):
@@ -225,8 +225,12 @@ class SiteSession:
                     raise MessageError(f"share from {sender!r} is not for this site's point/threshold")
             received[sender] = (b_share, s_share)
 
-        # vector is this call's own float64 copy: encode into its buffer (no new array)
-        y = quantize_into(vector, p.quantization, vector.view(p.quantization.dtype)[: vector.size], rng=rng)
+        # encode each input straight into its slice of the ring vector (no float64 copy)
+        y = np.empty(p.size, dtype=p.quantization.dtype)
+        o = 0
+        for x in inputs:
+            quantize_into(x, p.quantization, y[o : o + x.size], rng=rng)
+            o += x.size
         y += p.mask(st.b_seed)
         s_sk = AgreementKey.from_bytes(st.s_sk)
         for peer in u2:

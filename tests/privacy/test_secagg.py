@@ -390,3 +390,61 @@ def test_serialised_state_needs_the_right_identity(five_sites):
         SiteSession.from_bytes(blob, identity=identities["site1"])
     restored = SiteSession.from_bytes(blob, identity=identities["site0"])
     assert restored.stage == Stage.ADVERTISE_KEYS and restored.params == params
+
+
+# ----------------------------------------------------------------- inputs and parameters, fast paths
+
+
+def test_inputs_of_any_real_dtype_sum_like_float64(make_params):
+    # Prepare: the same values as float32, float64, int and a non-contiguous view
+    params, identities = make_params(3, 2, shapes=((4, 3), (6,)), bound=100.0)
+    base = np.arange(12, dtype=np.float64).reshape(3, 4).T - 5.0  # a transposed (strided) view
+    inputs = {
+        "site0": [base, np.linspace(-2, 2, 6)],
+        "site1": [base.astype(np.float32), np.arange(6)],  # ints become floats
+        "site2": [np.ascontiguousarray(base), np.linspace(-2, 2, 6).astype(np.float32)],
+    }
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs)
+    # Assert: every site's input counted as its float64 value
+    want = [sum(np.asarray(inputs[s][i], dtype=np.float64) for s in params.sites) for i in range(2)]
+    for got, w in zip(result.arrays, want):
+        np.testing.assert_allclose(got, w, atol=3 * 2**-16, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_one_non_finite_value_is_refused_in_either_array(five_sites, bad):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share()
+    for which in (0, 1):
+        arrays = [a.copy() for a in inputs["site0"]]
+        arrays[which].flat[-1] = bad
+        with pytest.raises(ValueError, match="NaN or inf; nothing was sent"):
+            rnd.sites["site0"].masked_input(rnd.deliveries["site0"], arrays)
+    # the refusals touched no state: the site still sends its real input
+    rnd.sites["site0"].masked_input(rnd.deliveries["site0"], inputs["site0"])
+
+
+def test_finite_values_whose_sum_overflows_are_accepted(make_params):
+    # Prepare: values near the float64 maximum (their sum overflows; each is finite)
+    params, identities = make_params(2, 2, shapes=((2,),), bound=1.0)
+    big = np.array([1.5e308, 1.5e308])
+    inputs = {"site0": [big], "site1": [np.zeros(2)]}
+    # Execute: the values are clipped to the bound, not refused
+    result = run_local_round(params, identities=identities, inputs=inputs)
+    # Assert
+    np.testing.assert_allclose(result.arrays[0], [1.0, 1.0], atol=2 * 2**-16)
+
+
+def test_parameter_digest_is_computed_once_and_matches_the_canonical_form(make_params):
+    import copy
+    import hashlib
+    import json
+
+    params, _ = make_params(3, 2)
+    want = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode()).digest()
+    assert params.digest() == want
+    assert params.digest() is params.digest()
+    assert copy.deepcopy(params).digest() == want
+    assert params.for_round(1).digest() != want
+    assert SecAggParams(**{**params.__dict__, "job_id": "job-2"}).digest() != want
