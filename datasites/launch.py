@@ -350,14 +350,17 @@ def launch(
             warnings=found,
             database=database_url(home),
         )
-        if not cfg.get("setup_complete") and not in_process:
-            # the first setup logs in with syft: import it while the server starts
-            import threading
-
-            threading.Thread(target=syftio.import_syft, name="fedmtl-import-syft", daemon=True).start()
+        payload: _Background | None = None
+        if not cfg.get("setup_complete"):
+            if not in_process:
+                # the first setup logs in with syft: import it while the server starts
+                threading.Thread(target=syftio.import_syft, name="fedmtl-import-syft", daemon=True).start()
+            if df is not None and sch is not None:
+                # and the mock and description need only the records: make them meanwhile
+                payload = _Background(upload_payload, home, df, sch, cfg.get("split") or split_info)
         _start(handle, in_process=in_process, ready_timeout=ready_timeout)
         if not cfg.get("setup_complete"):
-            _first_setup(handle, df, sch, cfg.get("split") or split_info)
+            _first_setup(handle, df, sch, cfg.get("split") or split_info, payload=payload)
             home_mod.write_config(home, {**cfg, "setup_complete": True})
         return handle
     except BaseException:
@@ -569,20 +572,49 @@ def split_note(split_info: dict[str, Any]) -> str:
             "its metrics are optimistic.")
 
 
-def _first_setup(handle: DatasiteHandle, df, schema: Schema | None, split_info: dict[str, Any]) -> None:
+class _Background:
+    """``fn(*args)`` run in a daemon thread; :meth:`result` waits and returns it (or raises
+    what it raised)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: tuple[bool, Any] | None = None
+
+        def run() -> None:
+            try:
+                self._out = (True, fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to result()
+                self._out = (False, e)
+
+        self._thread = threading.Thread(target=run, name="fedmtl-launch-prepare", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        assert self._out is not None
+        ok, value = self._out
+        if not ok:
+            raise value
+        return value
+
+
+@dataclass(frozen=True)
+class UploadPayload:
+    """What a first launch publishes, computed from the records alone (no syft, no server)."""
+
+    meta: dict[str, Any]
+    description: str
+    data: Any  # the private asset, as syft stores it
+    mock: Any
+
+
+def upload_payload(home: Path, df, schema: Schema, split_info: dict[str, Any]) -> UploadPayload:
+    """The dataset's metadata, description, private asset and mock for ``home``'s first
+    launch. Writes nothing; needs the home's identity keys."""
     from fedmtl.datasites.mock import make_mock
     from fedmtl.datasites.records import describe_dataset
 
-    if df is None or schema is None:
-        raise DatasiteError(
-            f"{handle.home} was created but its dataset was never uploaded; "
-            "relaunch with --records and --schema"
-        )
-    sy = syftio.import_syft()
-    client = handle.login_admin()
-    public = identity.load_public(handle.home)
+    public = identity.load_public(home)
     meta = dataset_meta(schema, df, public, split_info)
-    home_mod.write_json_atomic(handle.home / "dataset_meta.json", meta)
     mock = make_mock(df, schema, seed=0)
     description = (
         describe_dataset(schema, df)
@@ -591,6 +623,29 @@ def _first_setup(handle: DatasiteHandle, df, schema: Schema | None, split_info: 
         + json.dumps(meta, indent=1, sort_keys=True)
         + "\n```\n"
     )
+    return UploadPayload(meta=meta, description=description, data=_plain(df), mock=_plain(mock))
+
+
+def _first_setup(
+    handle: DatasiteHandle,
+    df,
+    schema: Schema | None,
+    split_info: dict[str, Any],
+    *,
+    payload: _Background | None = None,
+) -> None:
+    if df is None or schema is None:
+        raise DatasiteError(
+            f"{handle.home} was created but its dataset was never uploaded; "
+            "relaunch with --records and --schema"
+        )
+    sy = syftio.import_syft()
+    client = handle.login_admin()
+    made: UploadPayload = (
+        payload.result() if payload is not None else upload_payload(handle.home, df, schema, split_info)
+    )
+    home_mod.write_json_atomic(handle.home / "dataset_meta.json", made.meta)
+    description = made.description
     with syftio.quiet():
         syftio.check(client.settings.allow_guest_signup(enable=False), "disabling guest sign-up")
         ds = sy.Dataset(name=handle.dataset, description=description)
@@ -598,8 +653,8 @@ def _first_setup(handle: DatasiteHandle, df, schema: Schema | None, split_info: 
             sy.Asset(
                 name=ASSET_NAME,
                 description="Patient records (private); the mock is synthetic",
-                data=_plain(df),
-                mock=_plain(mock),
+                data=made.data,
+                mock=made.mock,
             )
         )
         syftio.check(client.upload_dataset(ds), "uploading the dataset")

@@ -61,17 +61,20 @@ def make_mock(
     out = pd.DataFrame({name: s(rng, n) for name, s in samplers.items()})
     compare = [c.name for c in schema.columns if c.role not in ("id", "split")]
     if compare and n:
-        real = set(_row_keys(df[compare]))
+        real = _RowSet(df[compare])
+        clash = real.contains(out[compare])
         for _ in range(_MAX_REDRAWS):
-            clash = np.array([k in real for k in _row_keys(out[compare])], dtype=bool)
             if not clash.any():
                 break
-            k = int(clash.sum())
+            where = np.flatnonzero(clash)
             for name in compare:
-                redrawn = samplers[name](rng, k)
+                redrawn = samplers[name](rng, len(where))
                 col = out[name].copy()
-                col.iloc[np.flatnonzero(clash)] = redrawn.to_numpy()
+                col.iloc[where] = redrawn.to_numpy()
                 out[name] = col
+            # only the redrawn rows can have changed
+            clash = np.zeros(n, dtype=bool)
+            clash[where] = real.contains(out[compare].iloc[where])
         else:
             raise MockError(
                 f"could not draw {n} mock rows unlike every real row after {_MAX_REDRAWS} "
@@ -90,8 +93,7 @@ def make_mock(
 def real_row_overlap(mock: pd.DataFrame, df: pd.DataFrame, schema: Schema) -> int:
     """How many mock rows equal a real row on every non-id, non-split column."""
     compare = [c.name for c in schema.columns if c.role not in ("id", "split")]
-    real = set(_row_keys(df[compare]))
-    return sum(k in real for k in _row_keys(mock[compare]))
+    return int(_RowSet(df[compare]).contains(mock[compare]).sum())
 
 
 # -- samplers -------------------------------------------------------------------------
@@ -184,15 +186,90 @@ def _fresh_ids(real: pd.Series, n: int, rng: np.random.Generator) -> pd.Series:
     return pd.Series(np.array(ids, dtype=object)[order], dtype=object)
 
 
-def _row_keys(frame: pd.DataFrame) -> list[tuple]:
-    """One hashable key per row; NaN/None as None, so missing equals missing."""
-    cols = []
-    for name in frame.columns:
-        s = frame[name]
-        if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
-            vals = [None if (v is None or (isinstance(v, float) and math.isnan(v))) else str(v) for v in s.astype("object")]
-        else:
-            arr = s.to_numpy(dtype=float)
-            vals = [None if math.isnan(v) else float(v) for v in arr]
-        cols.append(vals)
-    return list(zip(*cols)) if cols else [() for _ in range(len(frame))]
+class _RowSet:
+    """The rows of a frame as a set, for "is this row one of them?" asked of many rows at once.
+
+    Rows are compared value by value: text and categories as text (``str``), numbers as
+    floats (-0.0 equal to 0.0), every missing value (None, NaN) equal to every other, column by column
+    as vectors: each column becomes integer codes into the real column's distinct values
+    (-1 missing, -2 a value the real column never has), rows are hashed on their codes,
+    and a hash match is confirmed by comparing the codes, so the answer is exact."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.columns = list(frame.columns)
+        self._vocab: list[tuple[str, pd.Index]] = []
+        codes = []
+        for name in self.columns:
+            kind, vals, na = _keyed(frame[name])
+            uniq = pd.unique(vals[~na])
+            index = pd.Index(uniq, dtype=object if kind == "text" else "float64")
+            self._vocab.append((kind, index))
+            codes.append(self._codes(kind, index, vals, na))
+        real = np.column_stack(codes) if codes else np.zeros((len(frame), 0), np.int64)
+        hashes = _hash_rows(real)
+        order = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[order]  # sorted; rows with one hash are adjacent in _real
+        self._real = real[order]
+
+    @staticmethod
+    def _codes(kind: str, index: pd.Index, vals: np.ndarray, na: np.ndarray) -> np.ndarray:
+        out = np.full(len(vals), -1, dtype=np.int64)
+        if (~na).any():
+            found = index.get_indexer(vals[~na]).astype(np.int64)
+            found[found < 0] = -2
+            out[~na] = found
+        return out
+
+    def contains(self, frame: pd.DataFrame) -> np.ndarray:
+        """One bool per row of ``frame`` (same columns): does it equal some row of the set?"""
+        n = len(frame)
+        codes = []
+        for name, (kind, index) in zip(self.columns, self._vocab):
+            k, vals, na = _keyed(frame[name])
+            if k != kind:  # text never equals a number; missing equals missing
+                codes.append(np.where(na, -1, -2).astype(np.int64))
+            else:
+                codes.append(self._codes(kind, index, vals, na))
+        mat = np.column_stack(codes) if codes else np.zeros((n, 0), np.int64)
+        hashes = _hash_rows(mat)
+        lo = np.searchsorted(self._hashes, hashes, side="left")
+        hi = np.searchsorted(self._hashes, hashes, side="right")
+        out = np.zeros(n, dtype=bool)
+        for i in np.flatnonzero((hi > lo) & ~(mat == -2).any(axis=1)).tolist():
+            # confirm the hash match value by value
+            out[i] = bool((self._real[lo[i]:hi[i]] == mat[i]).all(axis=1).any())
+        return out
+
+
+def _keyed(s: pd.Series) -> tuple[str, np.ndarray, np.ndarray]:
+    """A column as rows are compared: ``(kind, values, missing)``; kind ``"text"``
+    (values as str) or ``"number"`` (float64, -0.0 as 0.0)."""
+    if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
+        obj = s.astype("object").to_numpy()
+        na = np.fromiter(
+            (v is None or (isinstance(v, float) and math.isnan(v)) for v in obj), dtype=bool, count=len(obj)
+        ) if s.dtype == object else s.isna().to_numpy()
+        vals = np.empty(len(obj), dtype=object)
+        vals[~na] = [str(v) for v in obj[~na]] if s.dtype == object else _category_strings(s)[~na]
+        return "text", vals, na
+    arr = s.to_numpy(dtype=float)
+    na = np.isnan(arr)
+    return "number", arr + 0.0, na
+
+
+def _category_strings(s: pd.Series) -> np.ndarray:
+    """Each cell of a categorical column as ``str(category)`` (missing cells: None)."""
+    cats = np.array([str(c) for c in s.cat.categories] + [None], dtype=object)
+    return cats[s.cat.codes.to_numpy()]  # code -1 (missing) picks the trailing None
+
+
+def _hash_rows(codes: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of an integer matrix (equal rows, equal hashes)."""
+    h = np.full(len(codes), 0x9E3779B97F4A7C15, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(codes.shape[1]):
+            h ^= codes[:, j].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) + (h << np.uint64(6)) + (
+                h >> np.uint64(2)
+            )
+            h *= np.uint64(0xFF51AFD7ED558CCD)
+    return h

@@ -384,10 +384,15 @@ def _strata(s: pd.Series, col: Column) -> np.ndarray:
 
 
 def range_warnings(df: pd.DataFrame, schema: Schema) -> list[str]:
-    """One message per numeric feature whose declared range is far wider than its values:
-    the observed span covers under 5% of the declared span, or the declared max is over
-    10 times the observed max. Features are scaled by the declared range (``scaling =
-    "range"``), so such a feature is squeezed into a sliver of [0, 1]."""
+    """One message per numeric feature whose declared range is far wider than its values,
+    compared as the model sees them (after the column's ``transform``): the observed span
+    covers under 5% of the declared span, or the declared max is over 10 times the
+    observed max. Under ``scaling = "range"`` such a feature is squeezed into a sliver of
+    [0, 1]; under ``scaling = "standard"`` (the default) the noise of the released feature
+    statistics grows with the declared range, so its mean/std come out noisy. A
+    right-skewed column without a transform is told about ``transform = "log1p"``."""
+    from fedmtl.schema import apply_transform
+
     out: list[str] = []
     for c in schema.features:
         if c.type != "numeric" or c.name not in df or (c.min is None and c.max is None):
@@ -396,22 +401,31 @@ def range_warnings(df: pd.DataFrame, schema: Schema) -> list[str]:
         x = x[np.isfinite(x)]
         if x.empty:
             continue
-        lo, hi = float(x.min()), float(x.max())
+        t = pd.Series(np.asarray(apply_transform(c.transform, x.clip(lower=c.min).to_numpy(dtype=float))))
+        tmin = None if c.min is None else float(apply_transform(c.transform, float(c.min)))
+        tmax = None if c.max is None else float(apply_transform(c.transform, float(c.max)))
+        lo, hi = float(t.min()), float(t.max())
+        how = f" after {c.transform}" if c.transform else ""
         why = ""
-        if c.min is not None and c.max is not None and c.max > c.min:
-            share = (hi - lo) / (c.max - c.min)
+        if tmin is not None and tmax is not None and tmax > tmin:
+            share = (hi - lo) / (tmax - tmin)
             if share * RANGE_SPAN_FACTOR < 1.0:
-                why = f"the values cover {share:.1%} of the declared span"
-        if not why and c.max is not None and hi > 0 and c.max > RANGE_MAX_FACTOR * hi:
-            why = f"the declared max is {c.max / hi:.0f} times the largest value"
+                why = f"the values cover {share:.1%} of the declared span{how}"
+        if not why and tmax is not None and hi > 0 and tmax > RANGE_MAX_FACTOR * hi:
+            why = f"the declared max is {tmax / hi:.0f} times the largest value{how}"
         if why:
             declared = f"[{'' if c.min is None else _fmt(c.min)}, {'' if c.max is None else _fmt(c.max)}]"
+            skewed = (c.transform is None and c.min is not None and c.min > -1 and len(x) > 2
+                      and float(x.skew()) > 1.0)
+            hint = (f" The values are right-skewed (skewness {float(x.skew()):.1f}): transform = \"log1p\" "
+                    "in the schema often fits such a column." if skewed else "")
             out.append(
                 f"column {c.name!r}: declared range {declared} is far wider than the data "
-                f"(observed {lo:.4g} .. {hi:.4g}; {why}). Features are scaled by the declared range, "
-                f"so this one varies only within a sliver of [0, 1]: poorly conditioned training "
-                f"(the model barely sees it). Declare the plausible range in the schema; see "
-                f"docs/schema.md (Ranges)"
+                f"(observed {float(x.min()):.4g} .. {float(x.max()):.4g}; {why}). With scaling = 'range' "
+                f"the feature varies only within a sliver of [0, 1] (poorly conditioned training); with "
+                f"scaling = 'standard' (the default) the noise of the released feature statistics grows "
+                f"with the declared range, so its mean and std come out noisy. Declare the plausible range "
+                f"in the schema; see docs/schema.md (Ranges).{hint}"
             )
     return out
 
@@ -435,6 +449,13 @@ def _read_csv(data: bytes) -> tuple[pd.DataFrame | None, list[int], list[str]]:
         )
     if not text.strip():
         return None, [], ["the file holds only blank space: export a header row and one row per patient"]
+    if not any(ch in text for ch in _CSV_SPECIAL):
+        return _read_plain_csv(text)
+    return _read_csv_module(text)
+
+
+def _read_csv_module(text: str) -> tuple[pd.DataFrame | None, list[int], list[str]]:
+    """Parse CSV text with ``csv.reader`` (quotes, any line end): text cells, line numbers."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[list[str]] = []
     linenos: list[int] = []
@@ -475,6 +496,62 @@ def _read_csv(data: bytes) -> tuple[pd.DataFrame | None, list[int], list[str]]:
     return frame, linenos, problems
 
 
+#: Characters that make the csv module's parse differ from a split on commas and newlines
+#: (quotes, other line ends, NUL): a file with any of them is read with ``csv.reader``.
+_CSV_SPECIAL = ('"', "\r", "\x00")
+
+
+def _read_plain_csv(text: str) -> tuple[pd.DataFrame | None, list[int], list[str]]:
+    """:func:`_read_csv` for text without quotes, carriage returns or NUL characters.
+
+    Without them every physical line is one record and its fields are the line split on
+    commas, exactly what ``csv.reader`` yields; this is the same parse done with a few
+    whole-file operations (1M rows in about a second instead of seven)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line end
+    n_commas = np.fromiter((ln.count(",") for ln in lines), dtype=np.int64, count=len(lines))
+    # csv.reader's blank line: no field, or one field of spaces only
+    blank = n_commas == 0
+    if blank.any():
+        idx = np.flatnonzero(blank)
+        blank[idx] = [not lines[i].strip() for i in idx]
+    nonblank = np.flatnonzero(~blank)
+    if nonblank.size == 0:
+        return None, [], ["the file has no header row"]
+    first = int(nonblank[0])
+    header = [f.strip() for f in lines[first].split(",")]
+    width = len(header)
+    body = nonblank[1:]
+    fields = n_commas[body] + 1
+    good = body[fields == width]
+    problems: list[str] = []
+    bad = body[fields != width]
+    if bad.size:
+        ragged: dict[int, list[int]] = {}
+        for i, k in zip(bad.tolist(), (n_commas[bad] + 1).tolist()):
+            ragged.setdefault(k, []).append(i + 1)
+        for n_fields, rows in sorted(ragged.items()):
+            problems.append(
+                f"malformed CSV: {len(rows)} row(s) have {n_fields} field(s) but the header "
+                f"(row {first + 1}) has {width}: {_rowlist(rows)}; "
+                "check for unquoted commas or missing cells"
+            )
+    linenos = (good + 1).tolist()
+    if not linenos:
+        return pd.DataFrame(columns=header), [], problems
+    if good.size == len(lines) - first - 1:  # no blank or ragged line after the header
+        cells = text[len(lines[first]) + 1 + sum(len(ln) + 1 for ln in lines[:first]):]
+        cells = cells[:-1] if cells.endswith("\n") else cells
+        flat = cells.replace("\n", ",").split(",")
+    else:
+        flat = ",".join([lines[i] for i in good.tolist()]).split(",")
+    grid = np.empty(len(flat), dtype=object)
+    grid[:] = flat
+    frame = pd.DataFrame(grid.reshape(len(linenos), width), columns=header, dtype=object)
+    return frame, linenos, problems
+
+
 def _read_parquet(path: Path) -> tuple[pd.DataFrame | None, list[int], list[str]]:
     try:
         frame = pd.read_parquet(path)
@@ -491,9 +568,10 @@ def _check_column(raw: pd.Series, col: Column, rows: np.ndarray) -> tuple[pd.Ser
     """Type one column and list its problems (type, category, range, missing)."""
     problems: list[str] = []
     where = f"column {col.name!r}"
-    is_na = missing_mask(raw)
+    cells = _distinct_text(raw)
+    is_na = missing_mask(raw, _cells=cells)
     if col.type in ("numeric", "binary"):
-        values, bad = _to_float(raw, is_na)
+        values, bad = _to_float(raw, is_na, cells)
         if bad.any():
             problems.append(
                 f"{where} ({col.type}): {int(bad.sum())} value(s) are not numbers, e.g. "
@@ -537,9 +615,15 @@ def _check_column(raw: pd.Series, col: Column, rows: np.ndarray) -> tuple[pd.Ser
     else:
         # one comparison rule (fedmtl.schema.category_key): text, whole numbers as
         # integers, so a code exported as 2 or 2.0 is the category "2"
-        text = pd.Series(
-            [None if m else _category_text(v) for v, m in zip(raw, is_na)], dtype=object, name=col.name
-        )
+        if cells is not None:  # each distinct cell text once
+            codes, uniques = cells
+            text_u = np.empty(len(uniques), dtype=object)
+            text_u[:] = [None if u.strip().lower() in NA_TOKENS else _category_text(u) for u in uniques]
+            text = pd.Series(text_u[codes], dtype=object, name=col.name)
+        else:
+            text = pd.Series(
+                [None if m else _category_text(v) for v, m in zip(raw, is_na)], dtype=object, name=col.name
+            )
         cats = set(col.categories or ())
         if col.role == "id" and col.categories is None:
             unknown = np.zeros(len(text), dtype=bool)  # text ids: any text
@@ -585,13 +669,27 @@ def _check_duplicates(ids: pd.Series, rows: np.ndarray, name: str) -> list[str]:
 
 
 def _all_text(raw: pd.Series) -> bool:
-    return raw.dtype == object and bool(raw.map(type).eq(str).all())
+    return raw.dtype == object and pd.api.types.infer_dtype(raw, skipna=False) in ("string", "empty")
 
 
-def missing_mask(raw: pd.Series) -> np.ndarray:
+def _distinct_text(raw: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a column of text cells, ``(codes, uniques)`` with ``raw == uniques[codes]``
+    (each distinct text once, so per-cell checks run once per distinct value); else None."""
+    if not _all_text(raw):
+        return None
+    codes, uniques = pd.factorize(raw.to_numpy(dtype=object), use_na_sentinel=False)
+    return codes.astype(np.intp, copy=False), np.asarray(uniques, dtype=object)
+
+
+def missing_mask(raw: pd.Series, *, _cells: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Which cells of an export column are missing (None, NaN, or an NA token such as "NA")."""
-    if _all_text(raw):  # CSV cells: a missing cell is an NA token
-        return raw.str.strip().str.lower().isin(NA_TOKENS).to_numpy()
+    cells = _cells if _cells is not None else _distinct_text(raw)
+    if cells is not None:  # CSV cells: a missing cell is an NA token
+        codes, uniques = cells
+        na_u = np.array([u.strip().lower() in NA_TOKENS for u in uniques], dtype=bool)
+        return na_u[codes]
+    if raw.dtype != object and raw.dtype.kind in "biufcmM":  # typed (Parquet) column
+        return pd.isna(raw).to_numpy(dtype=bool)
     mask = np.zeros(len(raw), dtype=bool)
     for i, v in enumerate(raw):
         if v is None or v is pd.NA or v is pd.NaT:
@@ -603,14 +701,21 @@ def missing_mask(raw: pd.Series) -> np.ndarray:
     return mask
 
 
-def _to_float(raw: pd.Series, is_na: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _to_float(
+    raw: pd.Series, is_na: np.ndarray, cells: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Values as float64 and a mask of non-missing cells that are not numbers."""
     if raw.dtype.kind in "biuf":  # typed Parquet column
         values = raw.to_numpy(dtype=float, na_value=np.nan)
         return values, np.zeros(len(raw), dtype=bool)
-    if _all_text(raw):
-        values = pd.to_numeric(raw.str.strip().where(~is_na, None), errors="coerce")
-        values = values.to_numpy(dtype=float, na_value=np.nan)
+    if cells is None and _all_text(raw):
+        cells = _distinct_text(raw)
+    if cells is not None:  # parse each distinct text once
+        codes, uniques = cells
+        na_u = np.array([u.strip().lower() in NA_TOKENS for u in uniques], dtype=bool)
+        stripped = pd.Series([None if m else u.strip() for u, m in zip(uniques, na_u)], dtype=object)
+        values_u = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        values = values_u[codes]
         bad = ~is_na & np.isnan(values)
         return values, bad
     values = np.full(len(raw), np.nan)

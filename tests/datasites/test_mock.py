@@ -137,3 +137,60 @@ def test_small_schema_mock_all_kinds_validates(write_file, small_schema, small_c
     assert set(back["stage"].dropna()) <= {"a", "b", "c"}
     assert back["los"].dropna().between(0, 365).all()
     assert back["bmi"].isna().any() and back["bmi"].notna().any()
+
+
+# -- the vectorised real-row check against row tuples ------------------------------------
+
+
+def _row_tuples(frame: pd.DataFrame) -> list[tuple]:
+    """Reference keys: text as str, numbers as float, missing (None/NaN) as None."""
+    import math
+
+    cols = []
+    for name in frame.columns:
+        s = frame[name]
+        if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object:
+            cols.append([None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                         for v in s.astype("object")])
+        else:
+            cols.append([None if math.isnan(v) else float(v) for v in s.to_numpy(dtype=float)])
+    return list(zip(*cols)) if cols else [() for _ in range(len(frame))]
+
+
+def _small_frame(rng: np.random.Generator, n: int, *, text_as: str = "category") -> pd.DataFrame:
+    num = rng.choice([0.0, -0.0, 1.5, np.nan, 2.0], n)
+    flag = rng.choice([0.0, 1.0, np.nan], n)
+    text = rng.choice(np.array(["a", "b", None], dtype=object), n)
+    out = pd.DataFrame({"num": num, "flag": flag, "text": text})
+    if text_as == "category":
+        out["text"] = pd.Categorical(out["text"], categories=["a", "b", "c"])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_real_row_check_equals_row_tuples(seed):
+    # Prepare: few distinct values so that many rows collide; -0.0 and 0.0, NaN and None
+    from fedmtl.datasites.mock import _RowSet
+
+    rng = np.random.default_rng(seed)
+    real = _small_frame(rng, 60, text_as="category")
+    other = _small_frame(rng, 200, text_as="object")
+    other.loc[other.index[::7], "text"] = np.nan  # NaN in a text column is missing too
+    other.loc[other.index[::11], "text"] = "z"  # a value no real row has
+    # Execute
+    got = _RowSet(real).contains(other)
+    # Assert
+    keys = set(_row_tuples(real))
+    want = np.array([k in keys for k in _row_tuples(other)])
+    assert got.tolist() == want.tolist()
+    assert want.any() and not want.all()  # the case is not trivial
+
+
+def test_real_row_check_text_never_equals_number_but_missing_equals_missing():
+    from fedmtl.datasites.mock import _RowSet
+
+    real = pd.DataFrame({"v": [1.0, np.nan]})
+    other = pd.DataFrame({"v": pd.Series(["1.0", None, "1"], dtype=object)})
+    assert _RowSet(real).contains(other).tolist() == [False, True, False]
+    # no columns: every row is the empty row
+    assert _RowSet(real[[]]).contains(other[[]]).tolist() == [True, True, True]
