@@ -49,15 +49,16 @@ def _say(msg: str) -> None:
 #: and local-only training.
 ROUNDS = 5
 RECIPE_DP = {"local_epochs": 2.0, "sample_rate": 0.05, "lr": 4.0, "momentum": 0.0, "max_grad_norm": 1.0}
-RECIPE_NODP = {"local_epochs": 4.0, "sample_rate": 0.05, "lr": 0.2, "momentum": 0.9, "max_grad_norm": 1.0}
+RECIPE_NODP = {"local_epochs": 2.0, "sample_rate": 0.05, "lr": 0.2, "momentum": 0.9, "max_grad_norm": 1.0}
 #: seeds of every row: the main job's seed and the next ones
 N_SEEDS = 3
 
 
 def recipe_spec(name: str, tasks: list[str], *, rounds: int = ROUNDS, epsilon: float | None, seed: int = 0,
-                n_sites: int = 3):
-    """The demo's job spec: ``RECIPE_DP`` at ``epsilon`` per site (training and the final
-    evaluation release together), or ``RECIPE_NODP`` when ``epsilon`` is None."""
+                n_sites: int = 3, **overrides):
+    """The demo's job spec: ``RECIPE_DP`` at ``epsilon`` per site (training, the scaling
+    statistics and the final evaluation release together), or ``RECIPE_NODP`` when
+    ``epsilon`` is None; ``overrides`` replace JobSpec fields."""
     from fedmtl.jobspec import JobSpec
 
     privacy = {"target_epsilon": float(epsilon)} if epsilon else {"dp": False}
@@ -68,8 +69,7 @@ def recipe_spec(name: str, tasks: list[str], *, rounds: int = ROUNDS, epsilon: f
         rounds=rounds,
         secagg={"threshold": n_sites // 2 + 1, "clip": 1.0},
         seed=seed,
-        **recipe,
-        **privacy,
+        **{**recipe, **privacy, **overrides},
     )
 
 
@@ -82,13 +82,16 @@ def run_demo(
     sites: int = 3,
     rounds: int = ROUNDS,
     epsilon: float = 3.0,
-    sweep: tuple[float, ...] = (1.0, 3.0, 8.0),
+    sweep: tuple[float, ...] = (1.5, 3.0, 8.0),
     quick: bool = False,
     seed: int = 0,
     workers: int = 2,
+    n_seeds: int = N_SEEDS,
     log: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
-    """Run the demo; returns the report dict (also written to ``OUT/report``)."""
+    """Run the demo; returns the report dict (also written to ``OUT/report``). Every
+    comparison row runs ``n_seeds`` seeds (``seed``, ``seed + 1``, ...; one with ``quick``)
+    in ``workers`` processes."""
     from fedmtl.datasites import admin, site_ledger
     from fedmtl.datasites.cohort import prepare
     from fedmtl.datasites.launch import free_port, launch
@@ -100,13 +103,17 @@ def run_demo(
     t_start = time.perf_counter()
     out = Path(out).resolve()
     _fresh_out(out)
-    seeds = [seed] if quick else [seed + k for k in range(N_SEEDS)]
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        from fedmtl.errors import ConfigError
+
+        raise ConfigError(f"the number of seeds must be a whole number >= 1, got {n_seeds!r}")
+    seeds = [seed] if quick else [seed + k for k in range(n_seeds)]
     if quick:
-        rounds, sweep = min(rounds, 2), tuple(sorted({1.0, epsilon}))
+        rounds, sweep = min(rounds, 2), tuple(sorted({1.5, epsilon}))
     command = "fedmtl demo " + " ".join(
         shlex.quote(a) for a in (["--out", str(out), "--sites", str(sites), "--rounds", str(rounds),
-                                  "--epsilon", str(epsilon), "--sweep", ",".join(f"{e:g}" for e in sweep)]
-                                 + (["--quick"] if quick else []))
+                                  "--epsilon", str(epsilon), "--sweep", ",".join(f"{e:g}" for e in sweep),
+                                  "--seeds", str(len(seeds))] + (["--quick"] if quick else []))
     )
     log(f"[1/5] preparing the NAFLD cohort for {sites} hospitals ...")
     files = prepare(out / "cohort", sites=sites, seed=seed)
@@ -307,8 +314,14 @@ def _comparisons(cohort: Path, names: list[str], tasks: list[str], *, rounds: in
     n_trains = [int(report_n) for report_n in _train_sizes(cohort, names)]
     dp = recipe_spec("mtl-dp", tasks, rounds=rounds, epsilon=epsilon, n_sites=n_sites)
     nodp = recipe_spec("mtl-nodp", tasks, rounds=rounds, epsilon=None, n_sites=n_sites)
-    eps_task = split_epsilon(recipe_spec("single", tasks[:1], rounds=rounds, epsilon=epsilon, n_sites=n_sites),
-                             epsilon, len(tasks), n_trains)
+    # single-task jobs: T jobs share the budget of one multi-task job. Each releases its own
+    # scaling statistics and evaluation, so each release gets sqrt(T) times the noise (T of
+    # them cost what one costs the multi-task job), and training splits what is left
+    # (RDP composition of all T jobs within epsilon at every site)
+    single_kw = {"eval_noise_multiplier": dp.eval_noise_multiplier * len(tasks) ** 0.5,
+                 "stats_noise_multiplier": dp.stats_noise_multiplier * len(tasks) ** 0.5}
+    eps_task = split_epsilon(recipe_spec("single", tasks[:1], rounds=rounds, epsilon=epsilon, n_sites=n_sites,
+                                         **single_kw), epsilon, len(tasks), n_trains)
     pre = main.preprocessor
     work: list[tuple[str, str, Any, int]] = []  # (row, kind, spec, seed)
     for s in seeds[1:]:
@@ -317,7 +330,8 @@ def _comparisons(cohort: Path, names: list[str], tasks: list[str], *, rounds: in
         work.append(("federated_mtl_nodp", "federated", nodp, s))
         for t in tasks:
             work.append((f"single:{t}", "federated",
-                         recipe_spec(f"single-{t}", [t], rounds=rounds, epsilon=eps_task, n_sites=n_sites), s))
+                         recipe_spec(f"single-{t}", [t], rounds=rounds, epsilon=eps_task, n_sites=n_sites,
+                                     **single_kw), s))
         for m, sp in (("pooled_mtl", dp), ("pooled_mtl_dp", dp), ("local_mtl", dp), ("local_mtl_dp", dp)):
             work.append((m, m, nodp if not m.endswith("_dp") else sp, s))
     for e in sweep:
@@ -656,7 +670,8 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         np.atleast_1d(axes)[0].set_ylabel("observed rate", fontsize=8)
-        np.atleast_1d(axes)[0].legend(fontsize=6, loc="upper left")
+        if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
+            np.atleast_1d(axes)[0].legend(fontsize=6, loc="upper left")
         fig.suptitle("Reliability on the pooled test splits (10 bins; seed " + str(report.get("seed", 0)) + ")",
                      fontsize=10)
         out["reliability"] = _png(fig)

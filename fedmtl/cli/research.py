@@ -104,9 +104,10 @@ def cmd_job_price(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmtl.researcher.demo import hospital_table, markdown_table, run_demo, targets_table
 
-    sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else (1.0, args.epsilon, 8.0)
+    sweep = tuple(float(x) for x in args.sweep.split(",")) if args.sweep else (1.5, args.epsilon, 8.0)
     report = run_demo(out=args.out, sites=args.sites, rounds=args.rounds, epsilon=args.epsilon,
-                      sweep=tuple(sorted(set(sweep))), quick=args.quick, seed=args.seed, workers=args.workers)
+                      sweep=tuple(sorted(set(sweep))), quick=args.quick, seed=args.seed, workers=args.workers,
+                      n_seeds=args.seeds)
     _say()
     _say("Mean AUROC (± sd over seeds) on all hospitals' test splits:")
     _say(markdown_table(report))
@@ -151,10 +152,13 @@ def _add_parsers(sub) -> None:
                     help="folder for the cohort, the datasite homes and the report (default demo-out; replaced)")
     de.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     de.add_argument("--rounds", type=int, default=5, help="federated rounds of each job (default 5)")
+    de.add_argument("--seeds", type=int, default=3,
+                    help="seeds of every comparison row, from --seed on (default 3; --quick: 1)")
     de.add_argument("--workers", type=int, default=2,
                     help="worker processes for the comparison runs (default 2)")
     de.add_argument("--epsilon", type=float, default=3.0, help="epsilon per site of the main job")
-    de.add_argument("--sweep", default="", help="epsilons compared, e.g. 1,3,8")
+    de.add_argument("--sweep", default="", help="epsilons compared (default 1.5,E,8; below about 1.2 "
+                    "the job's two releases alone spend the budget)")
     de.add_argument("--quick", action="store_true", help="a fast run (2 rounds, one seed)")
     de.add_argument("--seed", type=int, default=0, help="seed of the cohort and the training (default 0)")
     de.set_defaults(func=cmd_demo)

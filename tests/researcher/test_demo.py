@@ -42,9 +42,15 @@ def test_quick_demo_writes_report_and_stops_sites(tmp_path):
     fed = report["federated"]["final_auroc"]
     assert all(0.3 < fed[t] < 1.0 for t in tasks)
     comp = report["comparisons"]
-    for key in ("pooled_mtl", "pooled_mtl_dp", "local_mtl", "federated_mtl_nodp", "federated_single_task"):
+    for key in ("federated", "pooled_mtl", "pooled_mtl_dp", "local_mtl", "local_mtl_dp", "federated_mtl_nodp",
+                "federated_single_task"):
         assert all(comp[key]["final_auroc"][t] is not None for t in tasks), key
-    assert {"1.0", "3.0"} <= set(comp["epsilon_sweep"])
+        assert comp[key]["summary"]["sklearn_gap"] <= 0.002, key  # one evaluator, checked against sklearn
+    assert comp["federated"]["sources"] == ["datasites"]  # --quick: one seed, the datasite run
+    assert {"1.5", "3.0"} <= set(comp["epsilon_sweep"])
+    assert set(report["per_hospital"]) == set(report["sites"])
+    assert all(r["gain_dp_vs_local"] is not None for r in report["per_hospital"].values())
+    assert {t["target"] for t in report["targets"]} >= {"federated DP >= pooled DP (same epsilon)"}
     assert all(abs(e - 3.0) < 0.05 for e in report["federated"]["epsilon"].values())
     assert all(a["verified"] for a in report["audit"].values())
     assert (out / "report" / "audit" / "st-mary" / "report.html").exists()
@@ -58,8 +64,8 @@ def test_quick_demo_writes_report_and_stops_sites(tmp_path):
          f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", (out / "report" / "report.html").as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
-    assert 'id="results"' in dom and dom.count("<img") >= 2
-    assert "federated multi-task, DP (datasites)" in dom
+    assert 'id="results"' in dom and 'id="hospitals"' in dom and dom.count("<img") >= 3
+    assert "federated multi-task, DP [datasites]" in dom
 
 
 def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
