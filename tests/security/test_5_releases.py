@@ -37,6 +37,7 @@ class Recorder(SyftTransport):
     def __init__(self, session, func_name: str, *, homes: dict, job_id: str, eval_passes: set[int]):
         super().__init__(session, func_name)
         self.homes, self.job_id, self.eval_passes = homes, job_id, eval_passes
+        self.stats_passes: set[int] = set()
         self.replies: list[tuple[str, str, int | None, dict]] = []
         self.uncharged: list[str] = []
         self._lock = threading.Lock()
@@ -47,7 +48,9 @@ class Recorder(SyftTransport):
         with self._lock:
             self.replies.append((site, stage, p, reply))
             if stage == "masked_input" and reply.get("ok") and p in self.eval_passes:
-                need = sum(1 for q in self.eval_passes if q <= p)
+                # every full-sample release up to this pass: the statistics pass of
+                # standard scaling (if any) and each evaluation release
+                need = sum(1 for q in self.eval_passes if q <= p) + sum(1 for q in self.stats_passes if q <= p)
                 have = _eval_charges(self.homes[site], self.job_id)
                 if have < need:
                     self.uncharged.append(
@@ -66,10 +69,12 @@ def finished_job(federation):
     status = job.wait_for_review(timeout=K.DECISION_TIMEOUT)
     assert {v["status"] for v in status.values()} == {"approved"}, f"the legit job was not approved: {status}"
     spec = next(iter(job.site_specs.values()))
-    passes = range(1, int(job.spec.rounds) + 2)
-    eval_passes = {p for p in passes if K.protocol().plan(spec, p, model=job.model).evaluate}
+    passes = range(1, K.protocol().last_pass(job.spec) + 1)
+    plans = {p: K.protocol().plan(spec, p, model=job.model) for p in passes}
+    eval_passes = {p for p in passes if plans[p].evaluate}
     recorder = Recorder(session, job.state["func_name"], homes={n: h.home for n, h in federation.handles.items()},
                         job_id=job.job_id, eval_passes=eval_passes)
+    recorder.stats_passes = {p for p in passes if getattr(plans[p], "stats", False)}
     result = job.run(progress=False, transport=recorder)
     return job, recorder, result, eval_passes
 
@@ -116,5 +121,6 @@ def test_every_ledger_charges_the_final_evaluation(finished_job, federation):
             f"{name}'s ledger charged job {job.job_id} no evaluation release (no record at sample_rate "
             f"1.0); charged records: {[r.to_dict() for r in st.records]}"
         )
-        assert sum(r.steps for r in evals) >= len(eval_passes), (name, [r.to_dict() for r in evals])
+        stats = 1 if job.spec.stats_pass else 0
+        assert sum(r.steps for r in evals) >= len(eval_passes) + stats, (name, [r.to_dict() for r in evals])
         assert led.request_status(job.job_id) == "finished", name
