@@ -69,7 +69,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_spec(schema, *, rounds: int, seed: int):
+def make_spec(schema, *, rounds: int, seed: int, sample_rate: float = 0.02):
     from fedmtl.jobspec import JobSpec
 
     return JobSpec(
@@ -77,7 +77,7 @@ def make_spec(schema, *, rounds: int, seed: int):
         tasks=[{"label": c.name} for c in schema.labels],
         rounds=rounds,
         local_steps=10,
-        sample_rate=0.02,
+        sample_rate=sample_rate,  # 0.02; lower for a site so large that its batch would pass the policy's cap
         lr=0.5,
         noise_multiplier=1.0,
         secagg={"threshold": 2, "clip": 1.0},
@@ -186,6 +186,9 @@ class Federation:
         from fedmtl.researcher.session import Session
 
         policy = site_ledger.default_policy(self.schema, min_sites=2)
+        # the sites share this machine: each datasite process trains with its share of the
+        # cores (datasites/server.py apply_thread_limit), as the in-process path uses them all
+        os.environ["FEDMTL_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.files)))
         for f in self.files:  # one after another: the machine is shared
             t0 = time.perf_counter()
             h = launch(home=self.tmp / "homes" / f.name, name=f.name, records=f.records, schema=f.schema,
@@ -239,7 +242,22 @@ def timed_pass(transport, site_specs, sites, p, weights, model) -> dict[str, Any
     return {"wall": wall, **{k: out.seconds.get(k, 0.0) for k in STAGES}}
 
 
-def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = False) -> dict[str, Any]:
+def enlarge(f, schema, n_rows: int, folder: Path, *, seed: int):
+    """``f``'s hospital resampled to ``n_rows`` records (fresh ids; the split kept per row)."""
+    import dataclasses
+
+    from fedmtl.datasites.records import load_records
+
+    df = load_records(f.records, schema)
+    big = df.sample(n=n_rows, replace=True, random_state=seed).reset_index(drop=True)
+    big[schema.id_column] = np.arange(1, n_rows + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{f.name}.csv"
+    big.to_csv(path, index=False)
+    return dataclasses.replace(f, records=path, n_patients=n_rows)
+
+
+def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = False, big: int = 0) -> dict[str, Any]:
     from fedmtl import protocol
     from fedmtl.datasites.cohort import prepare
     from fedmtl.datasites.records import load_records
@@ -248,8 +266,11 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = Fa
 
     files = prepare(tmp / "cohort", sites=n, seed=seed)
     schema = Schema.load(files[0].schema)
+    if big:
+        files = [enlarge(files[0], schema, big, tmp / "big", seed=seed), *files[1:]]
     records = {f.name: load_records(f.records, schema) for f in files}
-    spec = make_spec(schema, rounds=rounds, seed=seed)
+    spec = make_spec(schema, rounds=rounds, seed=seed,
+                     sample_rate=min(0.02, 2048 / max(len(df) for df in records.values())))
     local = LocalPipeline(spec, schema, records, tmp)
     model, _ = protocol.build_model(next(iter(local.site_specs.values())))
     weights = model_to_vector(model)
@@ -284,6 +305,7 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = Fa
     n_train = {s: int((df[schema.split_column] == "train").sum()) for s, df in records.items()}
     return {
         "sites": n,
+        "big_site_records": big or None,
         "site_names": list(records),
         "n_train": n_train,
         "parameters": int(weights.size),
@@ -329,20 +351,25 @@ def summarise(passes: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
 
 
+def _label(r: dict[str, Any]) -> str:
+    big = r.get("big_site_records")
+    return f"{r['sites']}" + (f" (1x{big // 1000}k)" if big else "")
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\nseconds per round (median of warm passes; pass 1 = cold, apart)")
-    head = f"{'sites':>5} {'what':<10} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'unmask':>7} {'srv unm':>8} {'pass 1':>7}"
+    head = f"{'sites':>9} {'what':<10} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'unmask':>7} {'srv unm':>8} {'pass 1':>7}"
     print(head)
     for r in rows:
         s = r["summary"]
         for who in s["paths"]:
-            print(f"{r['sites']:>5} {who:<10} {s[who + '_wall']:>7.3f} " + " ".join(
+            print(f"{_label(r):>9} {who:<10} {s[who + '_wall']:>7.3f} " + " ".join(
                 f"{s[f'{who}_{k}']:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))
             ) + f" {s['cold_pass1'][who + '_wall']:>7.3f}")
         for who, o in s["stage_overhead_s"].items():
-            print(f"{r['sites']:>5} {'ovh ' + who:<10} {s[f'overhead_{who}_s']:>7.3f} " + " ".join(
+            print(f"{_label(r):>9} {'ovh ' + who:<10} {s[f'overhead_{who}_s']:>7.3f} " + " ".join(
                 f"{o[k]:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))) + f" {'':>7}")
-        print(f"{r['sites']:>5} {'train':<10} {s['train_sum']:>7.3f}   (sum over sites; slowest site "
+        print(f"{_label(r):>9} {'train':<10} {s['train_sum']:>7.3f}   (sum over sites; slowest site "
               f"{s['train_max']:.3f}, DP-SGD steps alone {s['train_steps_sum']:.3f})"
               f"{'':>1} pass 1: {s['cold_pass1']['train_sum']:.3f}")
     print("\nratios (same run): X/local = platform cost of the same pipeline over transport X; X/train = whole round over DP training alone")
@@ -350,7 +377,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         s = r["summary"]
         parts = [f"{w}/local x{s[f'ratio_{w}_over_local']:.2f} ({s[f'overhead_{w}_s']:+.3f} s/round)"
                  for w in s["paths"] if w != "local"]
-        print(f"{r['sites']:>5} sites: " + "  ".join(parts) + f"  local/train x{s['ratio_local_over_train']:.2f}  "
+        print(f"{_label(r):>9} sites: " + "  ".join(parts) + f"  local/train x{s['ratio_local_over_train']:.2f}  "
               f"(launch {statistics.mean(r['launch_seconds']):.1f} s/site, submit {r['submit_seconds']:.1f} s, "
               f"approval {r['approve_seconds']:.1f} s)")
 
@@ -362,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="passes measured per site count (default 3; quick 2); pass 1 is cold")
     ap.add_argument("--seed", type=int, default=0, help="cohort and job seed")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--big", type=int, default=0,
+                    help="also run 3 sites of which one holds this many records (resampled), e.g. 1000000")
+    ap.add_argument("--no-syft", action="store_true",
+                    help="skip the syft-code-call path (data plane and in-process only)")
     args = ap.parse_args(argv)
     sites = args.sites or ([3] if args.quick else [3, 5])
     rounds = args.rounds or (2 if args.quick else 3)
@@ -373,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t_start = time.perf_counter()
     rows = []
-    for n in sites:
-        _log(f"{n} sites, {rounds} passes")
+    configs = [(n, 0) for n in sites] + ([(3, args.big)] if args.big else [])
+    for n, big in configs:
+        _log(f"{n} sites{f' (one with {big} records)' if big else ''}, {rounds} passes")
         with tempfile.TemporaryDirectory(prefix=f"fedmtl-bench-{n}-") as tmp:
-            rows.append(bench_sites(n, rounds=rounds, seed=args.seed, tmp=Path(tmp)))
+            rows.append(bench_sites(n, rounds=rounds, seed=args.seed, tmp=Path(tmp), big=big,
+                                    no_syft=args.no_syft or n > 5 or bool(big)))
     total = time.perf_counter() - t_start
     print_table(rows)
     report = {

@@ -174,6 +174,25 @@ def refuse_guests(worker) -> None:
     worker.handle_api_call_with_unsigned_result = gated
 
 
+THREADS_ENV = "FEDMTL_TORCH_THREADS"
+
+
+def apply_thread_limit() -> int | None:
+    """CPU threads for training in this datasite process: ``FEDMTL_TORCH_THREADS`` when
+    set (several datasites sharing one machine: give each its share of the cores, or
+    their thread pools oversubscribe it), else torch's default (every core)."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        logging.getLogger("fedmtl.datasite").warning("%s=%r is not a positive integer; ignored", THREADS_ENV, raw)
+        return None
+    import torch
+
+    torch.set_num_threads(int(raw))
+    return int(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedmtl.datasites.server")
     parser.add_argument("--home", required=True, type=Path)
@@ -186,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app, worker = build_app(home)
+    apply_thread_limit()
     from fedmtl.datasites import reviewer_thread
 
     reviewer_thread.start_background(home, worker)

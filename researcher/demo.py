@@ -25,6 +25,7 @@ import base64
 import html
 import io
 import json
+import os
 import secrets
 import shlex
 import shutil
@@ -134,6 +135,9 @@ def run_demo(
                               "recipe": {"rounds": rounds, "dp": RECIPE_DP, "no_dp": RECIPE_NODP}}
     try:
         log(f"[2/5] launching {sites} datasites (real syft servers on loopback) ...")
+        # the datasites share this machine: each trains with its share of the cores
+        # (datasites/server.py apply_thread_limit), so their thread pools do not oversubscribe it
+        os.environ.setdefault("FEDMTL_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // sites)))
         password = secrets.token_urlsafe(16)
         for f in files:
             h = launch(home=out / "sites" / f.name, name=f.name, records=f.records, schema=f.schema,
