@@ -2,7 +2,8 @@
 
     python benchmarks/federated_round.py [--quick] [--sites 3 5] [--rounds N]
 
-For each site count ``n`` (default 3 and 5) it prepares the demo cohort split over ``n``
+For each site count ``n`` (default 3 and 10; with ``--big N`` also 3 sites of which one
+holds N records) it prepares the demo cohort split over ``n``
 hospitals (:func:`fedmtl.datasites.cohort.prepare`), and measures, pass by pass and
 interleaved so that the machine's load hits all three alike:
 
@@ -18,6 +19,10 @@ interleaved so that the machine's load hits all three alike:
   :class:`~fedmtl.researcher.job.LocalTransport`, through the four secure-aggregation stages
   of :func:`~fedmtl.researcher.job.run_pass`, on the *real* records, with throw-away homes
   as in ``Job.dry_run`` (so no ledger);
+* ``dataplane`` -- the same pass through the same datasites, for a second approved job of
+  the same spec, over the datasites' round data plane
+  (:class:`~fedmtl.researcher.dataplane_client.DataPlaneTransport`); each datasite process
+  trains with ``cores // n`` torch threads (``FEDMTL_TORCH_THREADS``);
 * ``syft``   -- the same pass through ``n`` real datasites on loopback
   (:func:`fedmtl.datasites.launch.launch`, one server process each, launched one after
   another), a job submitted with ``Session.job(...).submit()`` and approved by the sites'
@@ -385,7 +390,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 sites, 2 passes: a smoke run")
-    ap.add_argument("--sites", type=int, nargs="+", help="site counts (default 3 5; quick 3)")
+    ap.add_argument("--sites", type=int, nargs="+", help="site counts (default 3 10; quick 3); above 5 sites the syft-code-call path is skipped")
     ap.add_argument("--rounds", type=int, help="passes measured per site count (default 3; quick 2); pass 1 is cold")
     ap.add_argument("--seed", type=int, default=0, help="cohort and job seed")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-syft", action="store_true",
                     help="skip the syft-code-call path (data plane and in-process only)")
     args = ap.parse_args(argv)
-    sites = args.sites or ([3] if args.quick else [3, 5])
+    sites = args.sites or ([3] if args.quick else [3, 10])
     rounds = args.rounds or (2 if args.quick else 3)
     if rounds < 1 or any(n < 2 for n in sites):
         ap.error("--rounds must be >= 1 and every --sites >= 2")
