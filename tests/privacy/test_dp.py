@@ -89,6 +89,26 @@ def test_same_seed_same_weights_and_grad_sample_modes_agree():
     assert np.abs(model_to_vector(m2) - vecs["hooks"]).max() > 1e-3
 
 
+def test_lean_ghost_first_pass_gives_opacus_gradients(monkeypatch):
+    """ghost_backward's first pass goes toward the inputs only; the clipped, noised steps
+    equal those of Opacus' own two-pass backward (clipping active: large errors)."""
+    import fedmtl.privacy.dp as dp
+
+    X, Y, mask = _data(300)
+    Y[:, 2] = Y[:, 2] * 50.0  # per-sample gradients well above the clipping norm
+    kw = dict(X=X, Y=Y, mask=mask, tasks=TASKS, steps=6, sample_rate=0.2, lr=0.3, noise_multiplier=0.7,
+              max_grad_norm=0.5, seed=11, grad_sample_mode="ghost")
+    vecs = {}
+    for lean in (True, False):
+        monkeypatch.setattr(dp, "GHOST_FIRST_PASS_TO_INPUTS", lean)
+        m = _model()
+        train_local(model=m, **kw)
+        vecs[lean] = model_to_vector(m)
+        assert all(p.grad is None for p in m.parameters())
+    np.testing.assert_allclose(vecs[True], vecs[False], atol=1e-6)
+    assert np.abs(vecs[True] - model_to_vector(_model())).max() > 1e-3  # it did train
+
+
 def _one_full_batch_step(clipping, max_grad_norm=0.5):
     # q = 1: every sample in the one batch; a huge regression error makes every
     # per-sample gradient much larger than the clipping norm; noise negligible.

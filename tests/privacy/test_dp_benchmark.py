@@ -18,7 +18,7 @@ def bench():
     return mod
 
 
-@pytest.mark.parametrize("mode", ["nonprivate", "dp_hooks", "dp_ghost"])
+@pytest.mark.parametrize("mode", ["nonprivate", "dp_hooks", "dp_ghost", "dp_ghost_opacus"])
 def test_worker_reports_throughput_and_memory(bench, mode):
     # Execute
     row = bench.worker(size="demo", mode=mode, n=256, batch=32, steps=3, threads=1, seed=0)
