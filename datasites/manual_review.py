@@ -399,16 +399,22 @@ def dry_run_site(spec: Mapping[str, Any], mock, *, passes: int = 1) -> DryRunRes
         specs = {n: {**spec, "site": n, "roster": keys, "job_id": job_id} for n in names.values()}
         try:
             any_spec = next(iter(specs.values()))
-            rounds = int(protocol.job_of(any_spec).rounds)
             model, _ = protocol.build_model(any_spec)
             weights = model_to_vector(model)
             transport = LocalTransport({n: mock for n in names.values()}, specs)
             report: dict[str, Any] = {}
             metrics: dict[str, Any] = {}
             done = 0
-            for p in range(1, min(passes, rounds + 1) + 1):
+            job = protocol.job_of(any_spec)
+            # a standard-scaling job releases statistics in pass 1: the dry run goes on
+            # through its first training pass, with the scaling derived from them
+            extra = 1 if getattr(job, "stats_pass", False) else 0
+            scaling = None
+            for p in range(1, min(passes + extra, protocol.last_pass(job)) + 1):
                 out = run_pass(transport=transport, site_specs=specs, sites=list(names.values()), pass_no=p,
-                               attempt=0, weights=weights, model=model)
+                               attempt=0, weights=weights, model=model, scaling=scaling)
+                if "stats" in out.arrays and not out.dropped:
+                    scaling = protocol.derive_scaling(any_spec, out.arrays["stats"], n_sites=len(out.survivors))
                 if out.dropped:
                     why = "; ".join(f"{w}" for w in out.dropped.values())
                     return DryRunResult(ran=True, ok=False, message=f"pass {p} failed: {why}")

@@ -381,7 +381,8 @@ def test_person_lists_shows_denies_and_approves(two_sites, tmp_path, capsys):
     assert '"local_steps": 3' in out and '"diabetes_5y"' in out  # the parameters
     assert "epsilon of this job:" in out and "dataset budget left before it:" in out
     assert "review.approval: this datasite approves every request by hand" in out
-    assert "OK: pass 1 ran through secure aggregation with 2 simulated site(s)" in out  # the dry run
+    # the dry run: the statistics pass (standard scaling) and the first training pass
+    assert "OK: passes 1..2 ran through secure aggregation with 2 simulated site(s)" in out
     assert "epsilon_round:" in out and "n_train:" not in out  # no per-site figures in replies
 
     rc, out, err = _review(capsys, river.home, "--show", job.job_id, "--json", "--no-dry-run")

@@ -64,8 +64,11 @@ def _spec(**kw):
 
 @pytest.mark.integration
 def test_standard_scaling_job_releases_statistics_first_and_sites_scale_with_them(three_sites, tmp_path):
-    # Prepare
-    session = _session(three_sites)
+    # Prepare: a researcher of its own, so that the spend views of this module's jobs stay apart
+    email = "std@uni.example"
+    for h in three_sites:
+        admin.add_researcher(home=h.home, email=email, password=PW)
+    session = Session.connect([{"url": h.url, "email": email, "password": PW} for h in three_sites])
     spec = _spec(name="std", rounds=1, scaling="standard")
     job = session.submit(spec, out=tmp_path / "job")
     # Execute
