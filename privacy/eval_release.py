@@ -124,7 +124,9 @@ def metric_scales(tasks: Sequence[TaskSpec], *, n_bins: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _check_noise_multiplier(noise_multiplier: float) -> float:
+def check_noise_multiplier(noise_multiplier: float, *, released: str = "evaluation statistics") -> float:
+    """``noise_multiplier`` as a float, or ValueError naming what would be ``released``
+    without the noise a Gaussian-mechanism release needs."""
     if (
         isinstance(noise_multiplier, bool)
         or not isinstance(noise_multiplier, (int, float, np.integer, np.floating))
@@ -133,7 +135,7 @@ def _check_noise_multiplier(noise_multiplier: float) -> float:
     ):
         raise ValueError(
             f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
-            "releasing evaluation statistics without noise is not differentially private"
+            f"releasing {released} without noise is not differentially private"
         )
     return float(noise_multiplier)
 
@@ -153,7 +155,7 @@ def noise_statistics(
     only in tests. Raises ``ValueError`` for a bad ``noise_multiplier`` or a ``vec`` of
     the wrong shape or with non-finite entries (nothing is noised or returned then).
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
+    sigma = check_noise_multiplier(noise_multiplier)
     w = metric_scales(tasks, n_bins=n_bins)
     x = np.asarray(vec, dtype=np.float64)
     if x.shape != w.shape:
@@ -169,7 +171,7 @@ def noise_statistics(
 def privacy_record(noise_multiplier: float) -> PrivacyRecord:
     """What one :func:`noise_statistics` release costs: the Gaussian mechanism with
     noise multiplier ``sigma``, i.e. one step at sample rate 1 (RDP ``alpha/(2 sigma^2)``)."""
-    return PrivacyRecord(noise_multiplier=_check_noise_multiplier(noise_multiplier), sample_rate=1.0, steps=1)
+    return PrivacyRecord(noise_multiplier=check_noise_multiplier(noise_multiplier), sample_rate=1.0, steps=1)
 
 
 __all__ = [

@@ -104,17 +104,9 @@ def site_statistics(schema: Schema, df) -> np.ndarray:
 
 
 def _check_noise_multiplier(noise_multiplier: Any) -> float:
-    if (
-        isinstance(noise_multiplier, bool)
-        or not isinstance(noise_multiplier, numbers.Real)
-        or not math.isfinite(float(noise_multiplier))
-        or float(noise_multiplier) <= 0
-    ):
-        raise ValueError(
-            f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
-            "releasing feature statistics without noise is not differentially private"
-        )
-    return float(noise_multiplier)
+    from fedmtl.privacy.eval_release import check_noise_multiplier
+
+    return check_noise_multiplier(noise_multiplier, released="feature statistics")
 
 
 def noise_std(schema: Schema, noise_multiplier: float) -> float:
