@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import pstats
-import shutil
 import signal
 import socket
 import statistics
@@ -49,24 +47,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchkit import layout_installed, machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "control_commands.json"
-SUBPACKAGES = ("models", "privacy", "datasites", "researcher")
 COMMANDS = ("launch", "add-researcher", "status", "stop", "status-stopped", "audit", "relaunch", "help")
 RESEARCHER_PW = "bench-researcher-password"
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _layout(src: Path, dst: Path) -> Path:
-    """``src`` (a checkout) laid out as pyproject installs it: dst/fedmtl/{*,models,...}."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(src / "fedmtl", dst / "fedmtl", ignore=ignore)
-    for d in SUBPACKAGES:
-        shutil.copytree(src / d, dst / "fedmtl" / d, ignore=ignore)
-    return dst
 
 
 def _git_archive(ref: str, dst: Path) -> str:
@@ -246,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmtl-control-") as tmp:
         tmp = Path(tmp)
         sha = _git_archive(args.before_ref, tmp / "before-src")
-        variants = [Variant("before", _layout(tmp / "before-src", tmp / "before-tree"), tmp / "before-work"),
-                    Variant("after", _layout(REPO, tmp / "after-tree"), tmp / "after-work")]
+        variants = [Variant("before", layout_installed(tmp / "before-src", tmp / "before-tree"), tmp / "before-work"),
+                    Variant("after", layout_installed(REPO, tmp / "after-tree"), tmp / "after-work")]
         for v in variants:
             v.work.mkdir()
             v.check_source()
@@ -288,13 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "before": {"ref": args.before_ref, "commit": sha, "source": "git archive of the commit, laid out as installed"},
         "after": {"source": "the working tree, laid out as installed",
                   "modified_tracked_files": [line[3:] for line in dirty if line.strip()]},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_before": [round(x, 2) for x in load0],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(load0),
         "total_seconds": round(total, 1),
         "notes": [
             "seconds = wall time of one `python -m fedmtl.cli ...` process, from spawn to exit (as a shell runs it)",

@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchkit import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "idle_cpu.json"
 RESEARCHER, RESEARCHER_PW = "idle@uni.example", "idle-bench-password"
@@ -175,13 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "idle_0_requests": idle0,
             "idle_after_requests": idle_n,
             "target_pct_of_one_core": 1.0,
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "loadavg_before": [round(x, 2) for x in load0],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            },
+            "machine": machine_info(load0),
             "notes": [
                 "CPU = utime + stime of the server process (all its threads) from /proc, over the window",
                 "requests: plain functions bound to the records asset, submitted with the raw syft "

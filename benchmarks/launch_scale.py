@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,9 +43,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchkit import layout_installed, machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "launch_scale.json"
-SUBPACKAGES = ("models", "privacy", "datasites", "researcher")
 BEFORE_REF = "6f4ae82"  # the last commit with the per-cell validation and the tuple-set mock check
 BEFORE_FILES = ("datasites/records.py", "datasites/mock.py", "datasites/launch.py")
 
@@ -142,18 +142,10 @@ def worker(spec: dict) -> dict:
 # -- the two versions ------------------------------------------------------------------
 
 
-def _layout(src: Path, dst: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(src / "fedmtl", dst / "fedmtl", ignore=ignore)
-    for d in SUBPACKAGES:
-        shutil.copytree(src / d, dst / "fedmtl" / d, ignore=ignore)
-    return dst
-
-
 def _before_tree(ref: str, dst: Path) -> str:
     """This working tree laid out as installed, with BEFORE_FILES as committed at ``ref``."""
     sha = subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    _layout(REPO, dst)
+    layout_installed(REPO, dst)
     for rel in BEFORE_FILES:
         old = subprocess.run(["git", "show", f"{sha}:{rel}"], cwd=REPO, capture_output=True, check=True).stdout
         (dst / "fedmtl" / rel).write_bytes(old)
@@ -191,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fedmtl-launch-scale-"))
     try:
         sha = _before_tree(args.before_ref, tmp / "before")
-        trees = {"before": tmp / "before", "after": _layout(REPO, tmp / "after")}
+        trees = {"before": tmp / "before", "after": layout_installed(REPO, tmp / "after")}
         t0 = time.perf_counter()
         records, schema, demo_records, demo_schema = make_export(tmp / "export", rows)
         _log(f"export: {rows:,} records, {records.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
@@ -235,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                        "same_records": same_records, "same_mock": same_mock},
             "demo": {"records": len(open(demo_records).readlines()) - 1, "runs": demo,
                      "best_launch_s": demo_best},
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "loadavg_before": [round(x, 2) for x in load0],
-                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            },
+            "machine": machine_info(load0),
             "notes": [
                 "each version runs in its own fresh process per export, from its own copy of the source",
                 "launch_s: launch() until it returns (validate, create the home, start the server, upload); "
