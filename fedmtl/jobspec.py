@@ -12,10 +12,10 @@ Files: :meth:`JobSpec.save` / :meth:`JobSpec.load` read and write ``.toml``, ``.
 ``model``, ``strategy`` and ``secagg`` are tables::
 
     name = "nafld-5y"
-    rounds = 3
-    local_epochs = 1.0
+    rounds = 5
+    local_epochs = 2.0
     sample_rate = 0.05
-    lr = 0.1
+    lr = 4.0
     target_epsilon = 4.0
     delta = 1e-5
     max_grad_norm = 1.0
@@ -39,6 +39,12 @@ Files: :meth:`JobSpec.save` / :meth:`JobSpec.load` read and write ``.toml``, ``.
 :meth:`JobSpec.spec_hash` is the sha256 of the canonical JSON of :meth:`JobSpec.to_dict`
 (sorted keys, no whitespace, ``None`` values dropped), so the same spec has the same hash
 whichever file format it came from.
+
+Defaults that depend on the privacy mode: ``lr``, ``momentum``, ``local_epochs`` and
+``max_grad_norm`` left out take :data:`RECIPES` ``["dp"]`` (lr 4, no momentum, 2 local
+epochs: DP-SGD's clipped, noised steps want a large step) or ``["no_dp"]`` (lr 0.2,
+momentum 0.9, 2 local epochs), the recipe chosen by experiment (docs/models.md, "Recipe"). A spec written to a file holds the
+resolved values, so its hash does not depend on these defaults.
 
 Construction checks everything that needs no schema and raises :class:`JobSpecError`
 (a :class:`~fedmtl.errors.ConfigError`) listing every problem; :meth:`JobSpec.validate`
@@ -96,6 +102,7 @@ from fedmtl.schema import Schema
 __all__ = [
     "CLIPPINGS",
     "OPTIMIZERS",
+    "RECIPES",
     "SCALINGS",
     "JobSpec",
     "JobSpecError",
@@ -107,13 +114,23 @@ __all__ = [
 ]
 
 # -- the job spec ---------------------------------------------------------------------------
+#: The defaults of ``lr``, ``momentum``, ``local_epochs`` and ``max_grad_norm`` by privacy
+#: mode (a field left out takes the value of the spec's mode; without DP nothing is
+#: clipped); the evidence is in docs/models.md, "Recipe".
+RECIPES: dict[str, dict[str, float]] = {
+    "dp": {"lr": 4.0, "momentum": 0.0, "local_epochs": 2.0, "max_grad_norm": 1.0},
+    "no_dp": {"lr": 0.2, "momentum": 0.9, "local_epochs": 2.0, "max_grad_norm": 1.0},
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A federated multi-task DP training job (see the module docs).
 
     ``tasks``, ``model``, ``strategy`` and ``secagg`` accept the config objects or plain
-    mappings. Give at most one of ``local_epochs`` and ``local_steps`` (neither means one
-    local epoch); with ``dp`` give exactly one of ``noise_multiplier`` and
+    mappings. Give at most one of ``local_epochs`` and ``local_steps`` (neither means the
+    mode's default, :data:`RECIPES`); ``lr`` and ``momentum`` left out take the mode's
+    default too; with ``dp`` give exactly one of ``noise_multiplier`` and
     ``target_epsilon`` (the latter: per site, for all rounds of the job, at ``delta``).
     Use :func:`dataclasses.replace` to derive a changed spec (it is re-checked).
     """
@@ -122,19 +139,23 @@ class JobSpec:
     tasks: tuple[TaskConfig, ...]
     sites: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
-    rounds: int = 3
+    rounds: int = 5
+    #: None (and no local_steps): RECIPES[mode]["local_epochs"]
     local_epochs: float | None = None
     local_steps: int | None = None
     sample_rate: float = 0.05
-    lr: float = 0.1
-    momentum: float = 0.0
+    #: None: RECIPES[mode]["lr"] (4.0 with DP, 0.2 without)
+    lr: float | None = None
+    #: None: RECIPES[mode]["momentum"] (0.0 with DP, 0.9 without)
+    momentum: float | None = None
     optimizer: str = "sgd"
     dp: bool = True
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "rdp"
-    max_grad_norm: float = 1.0
+    #: None: RECIPES[mode]["max_grad_norm"] (1.0)
+    max_grad_norm: float | None = None
     clipping: str = "flat"
     #: None: the fastest correct mode for the clipping (ghost for flat, hooks for per_layer)
     grad_sample_mode: str | None = None
@@ -182,8 +203,12 @@ class JobSpec:
             s(self, key, _float(getattr(self, key), key, p))
         for key in ("dp", "allow_partial", "per_site_metrics"):
             _bool(getattr(self, key), key, p)
+        recipe = RECIPES["no_dp" if self.dp is False else "dp"]
         if self.local_epochs is None and self.local_steps is None:
-            s(self, "local_epochs", 1.0)
+            s(self, "local_epochs", recipe["local_epochs"])
+        for key in ("lr", "momentum", "max_grad_norm"):
+            if getattr(self, key) is None:
+                s(self, key, recipe[key])
         p += self._static_problems()
         if p:
             raise JobSpecError(_dedupe(p), source=f"job spec {self.name!r}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedmtl.errors import ConfigError
-from fedmtl.jobspec import JobSpec, JobSpecError, StrategyConfig, TaskConfig
+from fedmtl.jobspec import RECIPES, JobSpec, JobSpecError, StrategyConfig, TaskConfig
 from fedmtl.models import model_to_vector
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.dp import effective_sample_rate, train_local
@@ -55,8 +55,35 @@ def test_defaults_and_nested_mappings_are_coerced():
     assert spec.model.widths == (16, 8) and spec.model.trunk == "mlp" and spec.model.dropout == 0.0
     assert spec.strategy == StrategyConfig(name="fedprox", mu=0.01, server_lr=1.0)
     assert spec.secagg.threshold == 3 and isinstance(spec.secagg.threshold, int)
-    assert spec.local_epochs == 1.0 and spec.local_steps is None
+    assert spec.local_epochs == 2.0 and spec.local_steps is None
     assert spec.client_config()["fedprox_mu"] == 0.01
+
+
+@pytest.mark.parametrize("privacy, expected", [
+    ({"noise_multiplier": 1.1}, RECIPES["dp"]),
+    ({"noise_multiplier": None, "target_epsilon": 3.0}, RECIPES["dp"]),
+    ({"dp": False, "noise_multiplier": None}, RECIPES["no_dp"]),
+])
+def test_recipe_defaults_follow_the_privacy_mode(privacy, expected):
+    # Execute
+    spec = _spec(**privacy)
+    # Assert: the recipe of the spec's privacy mode (docs/models.md, "Recipe")
+    assert (spec.lr, spec.momentum, spec.local_epochs, spec.max_grad_norm) == (
+        expected["lr"], expected["momentum"], expected["local_epochs"], expected["max_grad_norm"])
+    assert spec.rounds == 5 and spec.client_config()["lr"] == expected["lr"]
+
+
+def test_given_recipe_values_are_kept_and_a_saved_spec_pins_the_defaults(tmp_path):
+    # Prepare
+    given = _spec(dp=False, noise_multiplier=None, lr=0.05, momentum=0.0, local_steps=7)
+    defaulted = _spec()
+    # Execute
+    defaulted.save(tmp_path / "job.toml")
+    loaded = JobSpec.load(tmp_path / "job.toml")
+    # Assert: what was given stays; a file holds the resolved values, so its hash does not move
+    assert (given.lr, given.momentum, given.local_steps, given.local_epochs) == (0.05, 0.0, 7, None)
+    assert f"lr = {RECIPES['dp']['lr']}" in (tmp_path / "job.toml").read_text()
+    assert loaded == defaulted and loaded.spec_hash() == defaulted.spec_hash()
 
 
 def test_keyword_only_construction():
@@ -286,7 +313,7 @@ def test_build_model_is_deterministic():
 # -- privacy planning ------------------------------------------------------------------------------
 def test_steps_follow_opacus_effective_sample_rate():
     # n=30, sample_rate 0.05: batch round(1.5)=2, 15 batches, q = 1/15, one epoch = 15 steps
-    spec = _spec(sample_rate=0.05)
+    spec = _spec(sample_rate=0.05, local_epochs=1.0)
     assert spec.sample_rate_for_site(30) == effective_sample_rate(0.05, 30)[0] == pytest.approx(1 / 15)
     assert spec.steps_per_round(30) == 15
     assert _spec(local_epochs=2.5).steps_per_round(1000) == 50
@@ -315,7 +342,7 @@ def test_spec_agrees_with_train_local():
 
 def test_target_epsilon_is_calibrated_over_all_rounds():
     # Prepare
-    spec = _spec(noise_multiplier=None, target_epsilon=2.0, rounds=5, sample_rate=0.02)
+    spec = _spec(noise_multiplier=None, target_epsilon=2.0, rounds=5, sample_rate=0.02, local_epochs=1.0)
     n = 2000
     # Execute
     sigma = spec.noise_for_site(n)
@@ -331,7 +358,7 @@ def test_target_epsilon_is_calibrated_over_all_rounds():
     assert eps == pytest.approx(epsilon_of([spec.stats_record(), *records, spec.eval_record()], delta=1e-5))
     # one round alone costs less; more rounds at the same target need more noise
     assert spec.epsilon_for_site(n, rounds=1) < eps
-    assert _spec(noise_multiplier=None, target_epsilon=2.0, rounds=10, sample_rate=0.02).noise_for_site(n) > sigma
+    assert _spec(noise_multiplier=None, target_epsilon=2.0, rounds=10, sample_rate=0.02, local_epochs=1.0).noise_for_site(n) > sigma
 
 
 def test_fixed_noise_and_no_dp_epsilon():
