@@ -34,6 +34,7 @@ SPEC = JobSpec(
     model={"widths": [8]},
     noise_multiplier=1.0,
     strategy="fedper",
+    rounds=3,
 )
 DF = pd.DataFrame({"id": [1, 2, 3, 4], "age": [20.0, 40.0, 60.0, 80.0], "sex": ["F", "M", "M", "F"],
                    "diabetes": [0, 1, None, 1], "stage": ["F0", None, "F2", "F1"], "alt": [10.0, 20.0, None, 40.0]})
