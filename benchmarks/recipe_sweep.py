@@ -8,7 +8,13 @@ on all hospitals' test splits, and per hospital):
 - ``fed``: the federated job, simulated in process with the real round code and secure
   aggregation (``fedmtl.researcher.simulate``);
 - ``pooled``: one party holding every hospital's training records, the same recipe and
-  the same DP accounting (``fedmtl.researcher.baselines``, ``pooled_mtl_dp``).
+  the same DP accounting (``fedmtl.researcher.baselines``, ``pooled_mtl_dp``);
+- ``local``: each hospital alone without DP, the demo's non-private recipe
+  (``local_mtl``), the per-hospital bar of the comparison;
+- ``finetune``: the federated job, then each hospital fine-tunes the federated model on its
+  own training split without DP (``fedmtl.researcher.personalise``; a model that stays at
+  the hospital: ``ft_epochs``, ``ft_lr``, ``ft_momentum`` in the configuration, default
+  ``personalise.FINETUNE``), measured on its own test split.
 
 A configuration may also set ``nm`` (a fixed noise multiplier instead of the epsilon
 target: ``nm = 0.01`` keeps the clipping and removes the noise, the ceiling of a recipe).
@@ -16,7 +22,7 @@ DP noise is drawn fresh on every run, so one seed moves by about +-0.005: compar
 over several seeds.
 
 Run: ``python benchmarks/recipe_sweep.py --grid '[{}, {"lr": 0.3, "momentum": 0.9}]'
-[--mode fed pooled] [--seeds 0 1 2]``; appends each configuration's summary to
+[--mode fed pooled local finetune] [--seeds 0 1 2]``; appends each configuration's summary to
 ``benchmarks/results/recipe_sweep.json`` (``--out`` to change) as it finishes.
 """
 
@@ -26,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -36,10 +43,10 @@ from benchkit import machine_info
 RESULTS = Path(__file__).parent / "results" / "recipe_sweep.json"
 
 
-def _spec(tasks, cfg: dict, *, epsilon: float, seed: int):
+def _spec(tasks, cfg: dict, *, epsilon: float | None, seed: int):
     from fedmtl.researcher import demo
 
-    cfg = dict(cfg)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("ft_")}
     nm = cfg.pop("nm", None)
     rounds = cfg.pop("rounds", demo.ROUNDS)
     spec = demo.recipe_spec("sweep", tasks, epsilon=epsilon, seed=seed, rounds=rounds, **cfg)
@@ -54,6 +61,7 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
 
     from fedmtl.models.preprocessing import Preprocessor
     from fedmtl.researcher.baselines import Evaluator, prepare_demo, run_baselines, summarise
+    from fedmtl.researcher.personalise import finetune_sites
     from fedmtl.researcher.simulate import simulate
 
     torch.set_num_threads(1)
@@ -67,22 +75,28 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
     for cfg in grid:
         for mode in modes:
             t0 = time.perf_counter()
-            if mode == "fed":
+            if mode in ("fed", "finetune"):
                 evals = []
                 for seed in seeds:
                     spec = _spec(tasks, cfg, epsilon=epsilon, seed=seed)
                     res = simulate(spec, data, schema)
-                    evals.append(ev.model(res.model(), Preprocessor.from_dict(res.preprocessor)))
+                    pre = Preprocessor.from_dict(res.preprocessor)
+                    if mode == "fed":
+                        evals.append(ev.model(res.model(), pre))
+                        continue
+                    ft = {k[3:]: float(v) for k, v in cfg.items() if k.startswith("ft_")}
+                    evals.append(ev.models(finetune_sites(res, sites, seed=seed, **ft), pre))
                 summary = summarise(evals)
             else:
-                spec = _spec(tasks, cfg, epsilon=epsilon, seed=seeds[0])
-                rep = run_baselines(schema, sites, spec, seeds=seeds, methods=["pooled_mtl_dp"], evaluator=ev)
-                entry = rep["results"]["pooled_mtl_dp"]
+                method = "pooled_mtl_dp" if mode == "pooled" else "local_mtl"
+                spec = _spec(tasks, cfg, epsilon=epsilon if mode == "pooled" else None, seed=seeds[0])
+                rep = run_baselines(schema, sites, spec, seeds=seeds, methods=[method], evaluator=ev)
+                entry = rep["results"][method]
                 if "error" in entry:
                     raise RuntimeError(f"{cfg}: {entry['error']}")
                 summary = entry["summary"]
             row = {
-                "config": cfg, "mode": mode, "epsilon": epsilon, "seeds": seeds,
+                "config": cfg, "mode": mode, "epsilon": None if mode == "local" else epsilon, "seeds": seeds,
                 "noise_multiplier": spec.noise_for_site(len(sites[0].train)) if spec.dp else 0.0,
                 "mean_auroc": round(summary["task_mean"]["mean"], 4),
                 "sd": round(summary["task_mean"]["sd"], 4),
@@ -92,7 +106,7 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
             done.append(row)
             print(json.dumps(row), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"command": "python benchmarks/recipe_sweep.py " + " ".join(sys.argv[1:]),
+            out.write_text(json.dumps({"command": "python benchmarks/recipe_sweep.py " + shlex.join(sys.argv[1:]),
                                        "machine": machine_info(load_before), "runs": done}, indent=1) + "\n")
     return done
 
@@ -100,7 +114,7 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", required=True, help="JSON list of JobSpec overrides (plus 'nm', 'rounds')")
-    ap.add_argument("--mode", nargs="+", choices=["fed", "pooled"], default=["fed"])
+    ap.add_argument("--mode", nargs="+", choices=["fed", "pooled", "local", "finetune"], default=["fed"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     datasite._add_peers_parser(dsub)
     datasite._add_proxy_parser(dsub)
     datasite._add_schema_parser(dsub)
+    datasite._add_personalise_parser(dsub)
 
     review._add_audit_parser(sub)
 

@@ -277,6 +277,91 @@ def _add_proxy_parser(dsub) -> None:
     px.set_defaults(func=cmd_datasite_proxy_config)
 
 
+def cmd_datasite_personalise(args: argparse.Namespace) -> int:
+    from fedmtl.errors import ConfigError
+    from fedmtl.fsutil import atomic_write_bytes
+    from fedmtl.researcher.baselines import load_sites
+    from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table
+    from fedmtl.researcher.result import JobResult
+    from fedmtl.schema import Schema
+
+    result = JobResult.load(args.result)
+    trained_on = result.schema
+    schema_path = args.schema
+    if schema_path is None:
+        if trained_on.split_column is None:
+            raise ConfigError("the federated model's schema has no split column: give --schema with the split "
+                              "column of your export (the comparison needs a held-out test split)")
+        if args.out is None:
+            raise ConfigError("give --out DIR (where the comparison and the fine-tuned model go)")
+    if schema_path is not None:
+        mine = Schema.load(schema_path)
+        ours = {c.name: c for c in mine.features}
+        theirs = {c.name: c for c in trained_on.features}
+        if ours != theirs:
+            diff = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs.get(n))
+            raise ConfigError(f"{schema_path}: its feature columns differ from those the federated model was trained "
+                              f"on ({', '.join(diff)}); use the schema your datasite was launched with")
+    else:
+        schema_path = Path(args.out) / "schema.toml"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        trained_on.save(schema_path)
+    try:
+        _, (site,) = load_sites([(args.site, args.records, schema_path)])
+        kw = {"epochs": args.epochs, "lr": args.lr}
+        cmp = compare_at_site(result, site, seed=args.seed, local=not args.no_local,
+                              finetune_kw={k: v for k, v in kw.items() if v is not None})
+    except FedMTLError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{args.records}: {e}") from e
+    tuned = cmp.pop("models")["finetuned"]
+    _say(f"{args.site}: {cmp['n_train']} training and {cmp['n_test']} test records; fine-tuned "
+         f"{cmp['finetune']['epochs']:g} epochs at lr {cmp['finetune']['lr']:g} (defaults {FINETUNE}), no DP")
+    _say("AUROC on your own test split:")
+    _say(comparison_table(cmp))
+    g = cmp["gain_finetuned_vs_local"]
+    if g is not None:
+        _say(f"federated and fine-tuned here vs training alone: {g:+.3f} mean AUROC")
+    if args.out is not None:
+        import dataclasses
+
+        from fedmtl.models.flat import model_to_vector
+
+        out = Path(args.out)
+        # the federated job's metrics and epsilon do not describe this model (trained on these
+        # records without DP): the copy carries neither
+        dataclasses.replace(result, global_vector=model_to_vector(tuned), site_heads={}, metrics=[],
+                            epsilon={}).save(out / "model")
+        atomic_write_bytes(out / "comparison.json", (json.dumps(cmp, indent=2) + "\n").encode("utf-8"))
+        _say(f"wrote {out / 'comparison.json'} and the fine-tuned model to {out / 'model'} "
+             "(JobResult.load(...).predict(records)); it was trained on your records without DP: keep it here")
+    return 0
+
+
+def _add_personalise_parser(dsub) -> None:
+    pe = dsub.add_parser(
+        "personalise", help="fine-tune the federated model on your own records; compare with training alone",
+        description="Run by a hospital on its own export, no datasite needed: fine-tunes the federated model "
+        "(a job result folder the researcher shares) on the export's training split without DP, trains a "
+        "model on that split alone for comparison, and measures the federated, fine-tuned and local-only "
+        "models on the export's test split. The fine-tuned model is trained on your records without DP: "
+        "it stays with you. See docs/models.md, 'Personalisation at the hospital'.",
+    )
+    pe.add_argument("--result", required=True, type=Path, help="the federated job's result folder (result.json, "
+                    "weights.npz)")
+    pe.add_argument("--records", required=True, type=Path, help="your export (CSV or Parquet), with labels and "
+                    "the split column")
+    pe.add_argument("--schema", type=Path, help="your records schema (default: the one the model was trained on)")
+    pe.add_argument("--site", default="this-hospital", help="your site's name, for the report")
+    pe.add_argument("--out", type=Path, help="write comparison.json and the fine-tuned model (model/) here")
+    pe.add_argument("--epochs", type=float, help="fine-tuning passes over the training split (default 5)")
+    pe.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
+    pe.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning and the local-only model")
+    pe.add_argument("--no-local", action="store_true", help="skip training the local-only comparison model")
+    pe.set_defaults(func=cmd_datasite_personalise)
+
+
 def _add_control_parsers(dsub) -> None:
     """launch, stop, status, add-researcher."""
     home_help = "the datasite's home folder"

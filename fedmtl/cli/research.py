@@ -152,8 +152,8 @@ def _add_parsers(sub) -> None:
                     help="folder for the cohort, the datasite homes and the report (default demo-out; replaced)")
     de.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     de.add_argument("--rounds", type=int, default=5, help="federated rounds of each job (default 5)")
-    de.add_argument("--seeds", type=int, default=3,
-                    help="seeds of every comparison row, from --seed on (default 3; --quick: 1)")
+    de.add_argument("--seeds", type=int, default=5,  # fedmtl.researcher.demo.N_SEEDS
+                    help="seeds of every comparison row, from --seed on (default 5; --quick: 1)")
     de.add_argument("--workers", type=int, default=2,
                     help="worker processes for the comparison runs (default 2)")
     de.add_argument("--epsilon", type=float, default=3.0, help="epsilon per site of the main job")

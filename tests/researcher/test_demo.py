@@ -50,6 +50,9 @@ def test_quick_demo_writes_report_and_stops_sites(tmp_path):
     assert {"1.5", "3.0"} <= set(comp["epsilon_sweep"])
     assert set(report["per_hospital"]) == set(report["sites"])
     assert all(r["gain_dp_vs_local"] is not None for r in report["per_hospital"].values())
+    # each hospital fine-tuned the datasite job's model at home, measured on its own test split
+    assert comp["federated_finetuned"]["sources"] == ["datasites"]
+    assert all(r["gain_finetuned_vs_local"] is not None for r in report["per_hospital"].values())
     assert {t["target"] for t in report["targets"]} >= {"federated DP >= pooled DP (same epsilon)"}
     assert all(abs(e - 3.0) < 0.05 for e in report["federated"]["epsilon"].values())
     assert all(a["verified"] for a in report["audit"].values())

@@ -40,6 +40,7 @@ def _report() -> dict:
         "pooled_mtl_dp": _row([(0.74, 0.75, 0.73)] * 3),
         "local_mtl": _row([(0.74, 0.765, 0.70)] * 3),
         "local_mtl_dp": _row([(0.70, 0.72, 0.66)] * 3),
+        "federated_finetuned": _row([(0.76, 0.77, 0.71)] * 3),
     }
     comp["federated"]["sources"] = ["datasites", "simulated", "simulated"]
     rep = {"tasks": TASKS, "seed": 0, "seeds": [0, 1, 2], "command": "fedmtl demo",
@@ -81,6 +82,11 @@ def test_per_hospital_gain_and_targets_are_computed_from_the_rows():
     assert met["multi-task DP >= budget-matched single-task DP"] is True
     assert met["big (largest): federated DP >= local-only no DP - 0.01"] is True
     assert met["small: federated DP >= local-only no DP"] is True
+    # fine-tuned at the hospital: its own targets, beside (not instead of) the federated model's
+    assert hosp["big"]["gain_finetuned_vs_local"] == pytest.approx(0.77 - 0.765)
+    assert hosp["small"]["gain_finetuned_vs_local"] == pytest.approx(0.71 - 0.70)
+    assert met["big (largest): federated DP fine-tuned at the hospital >= local-only no DP - 0.01"] is True
+    assert met["small: federated DP fine-tuned at the hospital >= local-only no DP"] is True
     assert met["report AUROC within 0.002 of scikit-learn"] is True
 
 
@@ -95,6 +101,7 @@ def test_targets_say_no_when_a_target_is_missed():
     # Assert
     assert met["federated DP >= pooled DP (same epsilon)"] is False
     assert met["small: federated DP >= local-only no DP"] is False
+    assert met["small: federated DP fine-tuned at the hospital >= local-only no DP"] is False
 
 
 def test_tables_show_mean_and_sd_over_seeds_and_the_sources(tmp_path):
@@ -107,7 +114,7 @@ def test_tables_show_mean_and_sd_over_seeds_and_the_sources(tmp_path):
     # Assert
     fed = next(line for line in md.splitlines() if line.startswith("| federated multi-task, DP"))
     assert "[datasites, simulated]" in fed and "0.750 ± 0.010" in fed
-    assert "| big | 900 |" in hosp and "-0.005" in hosp
+    assert "| big | 900 |" in hosp and "-0.005" in hosp and "+0.005" in hosp  # federated DP / fine-tuned gains
     html = path.read_text()
     assert 'id="hospitals"' in html and 'id="targets"' in html and 'id="calibration"' in html
     assert (tmp_path / "results.md").read_text().startswith("| method | mean over tasks |")
