@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedmtl.schema import Schema
 
@@ -56,6 +57,15 @@ def make_records(n: int, seed: int = 0, shift: float = 0.0) -> pd.DataFrame:
     df.loc[rng.random(n) < 0.1, "bmi"] = np.nan
     df.loc[rng.random(n) < 0.1, "smoker"] = np.nan
     return df
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Train on one torch thread (small models: threads only add overhead), then restore."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fedmtl.cli import main
 from fedmtl.jobspec import JobSpec
@@ -18,13 +17,7 @@ from fedmtl.researcher.baselines import SiteData
 from fedmtl.researcher.personalise import compare_at_site, finetune_sites, local_only_spec
 from fedmtl.researcher.result import JobResult
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _result(schema) -> JobResult:
