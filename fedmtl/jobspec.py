@@ -43,8 +43,9 @@ whichever file format it came from.
 Defaults that depend on the privacy mode: ``lr``, ``momentum``, ``local_epochs`` and
 ``max_grad_norm`` left out take :data:`RECIPES` ``["dp"]`` (lr 4, no momentum, 2 local
 epochs: DP-SGD's clipped, noised steps want a large step) or ``["no_dp"]`` (lr 0.2,
-momentum 0.9, 2 local epochs), the recipe chosen by experiment (docs/models.md, "Recipe"). A spec written to a file holds the
-resolved values, so its hash does not depend on these defaults.
+momentum 0.9, 2 local epochs), the recipe chosen by experiment (docs/models.md,
+"Recipe"). A spec written to a file holds the resolved values, so its hash does not
+depend on these defaults.
 
 Construction checks everything that needs no schema and raises :class:`JobSpecError`
 (a :class:`~fedmtl.errors.ConfigError`) listing every problem; :meth:`JobSpec.validate`
@@ -129,8 +130,8 @@ class JobSpec:
 
     ``tasks``, ``model``, ``strategy`` and ``secagg`` accept the config objects or plain
     mappings. Give at most one of ``local_epochs`` and ``local_steps`` (neither means the
-    mode's default, :data:`RECIPES`); ``lr`` and ``momentum`` left out take the mode's
-    default too; with ``dp`` give exactly one of ``noise_multiplier`` and
+    mode's default, :data:`RECIPES`); ``lr``, ``momentum`` and ``max_grad_norm`` left out
+    take the mode's default too; with ``dp`` give exactly one of ``noise_multiplier`` and
     ``target_epsilon`` (the latter: per site, for all rounds of the job, at ``delta``).
     Use :func:`dataclasses.replace` to derive a changed spec (it is re-checked).
     """

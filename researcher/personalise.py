@@ -48,21 +48,20 @@ def finetune(model, pre, train, tasks, *, epochs: float = FINETUNE["epochs"], lr
 def local_only_spec(spec):
     """``spec`` as one hospital training alone without DP: the non-private recipe
     (:data:`fedmtl.jobspec.RECIPES` ``["no_dp"]``), the job's model, rounds and sampling."""
-    r = RECIPES["no_dp"]
-    return dataclasses.replace(spec, dp=False, noise_multiplier=None, target_epsilon=None, local_steps=None,
-                               local_epochs=r["local_epochs"], lr=r["lr"], momentum=r["momentum"],
-                               max_grad_norm=r["max_grad_norm"])
+    from fedmtl.researcher.baselines import without_dp
+
+    return dataclasses.replace(without_dp(spec), local_steps=None, **RECIPES["no_dp"])
 
 
 def compare_at_site(result, site, *, seed: int = 0, local: bool = True,
-                    finetune_kw: Mapping[str, float] | None = None) -> dict[str, Any]:
+                    finetune_kw: Mapping[str, float] | None = None) -> tuple[dict[str, Any], Any]:
     """Measure, on ``site``'s test split (a :class:`~fedmtl.researcher.baselines.SiteData`
     of one hospital's records), the federated model of ``result``, that model fine-tuned on
     ``site``'s training split, and (``local``) a model trained on that split alone.
 
-    Returns ``{"site", "n_train", "n_test", "finetune", "rows": {row: {"auroc": {task:
-    value}, "mean": value}}, "gain_finetuned_vs_local", "gain_federated_vs_local"}`` and,
-    under ``"models"``, the fine-tuned model (not JSON)."""
+    Returns the comparison, JSON-able: ``{"site", "n_train", "n_test", "finetune", "rows":
+    {row: {"auroc": {task: value}, "mean": value}}, "gain_finetuned_vs_local",
+    "gain_federated_vs_local"}``, and the fine-tuned model."""
     from fedmtl.models.preprocessing import Preprocessor
     from fedmtl.researcher.baselines import Evaluator, train_like_job
 
@@ -95,8 +94,7 @@ def compare_at_site(result, site, *, seed: int = 0, local: bool = True,
     return {"site": site.name, "n_train": len(site.train), "n_test": len(site.test), "finetune": kw,
             "rows": rows,
             "gain_finetuned_vs_local": gain("federated, fine-tuned here", "local-only, no DP"),
-            "gain_federated_vs_local": gain("federated", "local-only, no DP"),
-            "models": {"finetuned": tuned}}
+            "gain_federated_vs_local": gain("federated", "local-only, no DP")}, tuned
 
 
 def finetune_sites(result, sites: Sequence, *, seed: int = 0, **finetune_kw: float) -> dict[str, Any]:

@@ -278,44 +278,38 @@ def _add_proxy_parser(dsub) -> None:
 
 
 def cmd_datasite_personalise(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.records import load_records
     from fedmtl.errors import ConfigError
     from fedmtl.fsutil import atomic_write_bytes
-    from fedmtl.researcher.baselines import load_sites
+    from fedmtl.researcher.baselines import split_sites
     from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table
     from fedmtl.researcher.result import JobResult
     from fedmtl.schema import Schema
 
     result = JobResult.load(args.result)
     trained_on = result.schema
-    schema_path = args.schema
-    if schema_path is None:
-        if trained_on.split_column is None:
-            raise ConfigError("the federated model's schema has no split column: give --schema with the split "
-                              "column of your export (the comparison needs a held-out test split)")
-        if args.out is None:
-            raise ConfigError("give --out DIR (where the comparison and the fine-tuned model go)")
-    if schema_path is not None:
-        mine = Schema.load(schema_path)
-        ours = {c.name: c for c in mine.features}
+    schema = trained_on
+    if args.schema is not None:
+        schema = Schema.load(args.schema)
+        ours = {c.name: c for c in schema.features}
         theirs = {c.name: c for c in trained_on.features}
         if ours != theirs:
             diff = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs.get(n))
-            raise ConfigError(f"{schema_path}: its feature columns differ from those the federated model was trained "
+            raise ConfigError(f"{args.schema}: its feature columns differ from those the federated model was trained "
                               f"on ({', '.join(diff)}); use the schema your datasite was launched with")
-    else:
-        schema_path = Path(args.out) / "schema.toml"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        trained_on.save(schema_path)
+    if schema.split_column is None:
+        where = args.schema or "the federated model's schema"
+        raise ConfigError(f"{where} has no split column: give --schema with the split column of your export "
+                          "(the comparison needs a held-out test split)")
     try:
-        _, (site,) = load_sites([(args.site, args.records, schema_path)])
+        (site,) = split_sites({args.site: load_records(args.records, schema)}, schema)
         kw = {"epochs": args.epochs, "lr": args.lr}
-        cmp = compare_at_site(result, site, seed=args.seed, local=not args.no_local,
-                              finetune_kw={k: v for k, v in kw.items() if v is not None})
+        cmp, tuned = compare_at_site(result, site, seed=args.seed, local=not args.no_local,
+                                     finetune_kw={k: v for k, v in kw.items() if v is not None})
     except FedMTLError:
         raise
     except ValueError as e:
         raise ConfigError(f"{args.records}: {e}") from e
-    tuned = cmp.pop("models")["finetuned"]
     _say(f"{args.site}: {cmp['n_train']} training and {cmp['n_test']} test records; fine-tuned "
          f"{cmp['finetune']['epochs']:g} epochs at lr {cmp['finetune']['lr']:g} (defaults {FINETUNE}), no DP")
     _say("AUROC on your own test split:")

@@ -36,7 +36,7 @@ def test_finetuning_learns_the_site_and_leaves_the_federated_model_alone(schema,
     df = make_site_records(600, seed=3)
     site = SiteData("h1", df[df["split"] == "train"], df[df["split"] == "test"])
     # Execute
-    cmp = compare_at_site(result, site, seed=0)
+    cmp, tuned_here = compare_at_site(result, site, seed=0)
     # Assert: three models on the site's own test split; the fine-tuned one learnt the signal
     rows = cmp["rows"]
     assert set(rows) == {"federated", "federated, fine-tuned here", "local-only, no DP"}
@@ -46,6 +46,7 @@ def test_finetuning_learns_the_site_and_leaves_the_federated_model_alone(schema,
         rows["federated, fine-tuned here"]["mean"] - rows["local-only, no DP"]["mean"])
     assert cmp["n_train"] == len(site.train) and cmp["n_test"] == len(site.test)
     np.testing.assert_array_equal(result.global_vector, before)  # fine-tuning works on a copy
+    assert not np.array_equal(model_to_vector(tuned_here), before)
     # the local-only comparison trains without DP, with the non-private recipe
     loc = local_only_spec(result.spec)
     assert loc.dp is False and (loc.lr, loc.momentum) == (0.2, 0.9) and loc.model == result.spec.model
