@@ -32,7 +32,7 @@ The platform overhead of a round is ``syft - local`` (same code, only the transp
 datasite around it differ); ``syft - train_sum`` is everything a federated round costs on
 top of the training itself. Per stage, the seconds are the wall time of the concurrent
 requests of that stage (``PassOutcome.seconds``): ``advertise`` includes the training (and
-the evaluation), ``share_keys``/``masked_input``/``unmask`` are the other three requests,
+the evaluation), ``share_keys``/``masked_input``/``consistency``/``unmask`` are the other four requests,
 ``unmask_server`` the researcher's own unmasking. Pass 1 is reported apart (cold: first
 calls, imports, first evaluation of the datasite); the round figures are the median of
 passes 2..N (warm). Every pass trains and evaluates (``eval_every = 1``).
@@ -59,7 +59,7 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results" / "federated_round.json"
 EMAIL = "bench@uni.example"
 PASSWORD = "bench-researcher-pw-1"
-STAGES = ("advertise", "share_keys", "masked_input", "unmask", "unmask_server")
+STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask", "unmask_server")
 _STREAMS = (sys.stdout, sys.stderr)
 
 
@@ -74,7 +74,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_spec(schema, *, rounds: int, seed: int, sample_rate: float = 0.02):
+def make_spec(schema, *, n_sites: int, rounds: int, seed: int, sample_rate: float = 0.02):
     from fedmtl.jobspec import JobSpec
 
     return JobSpec(
@@ -85,7 +85,7 @@ def make_spec(schema, *, rounds: int, seed: int, sample_rate: float = 0.02):
         sample_rate=sample_rate,  # 0.02; lower for a site so large that its batch would pass the policy's cap
         lr=0.5,
         noise_multiplier=1.0,
-        secagg={"threshold": 2, "clip": 1.0},
+        secagg={"threshold": n_sites // 2 + 1, "clip": 1.0},  # t > n/2: what the datasites approve
         scaling="range",
         seed=seed,
     )
@@ -274,7 +274,7 @@ def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = Fa
     if big:
         files = [enlarge(files[0], schema, big, tmp / "big", seed=seed), *files[1:]]
     records = {f.name: load_records(f.records, schema) for f in files}
-    spec = make_spec(schema, rounds=rounds, seed=seed,
+    spec = make_spec(schema, n_sites=len(files), rounds=rounds, seed=seed,
                      sample_rate=min(0.02, 2048 / max(len(df) for df in records.values())))
     local = LocalPipeline(spec, schema, records, tmp)
     model, _ = protocol.build_model(next(iter(local.site_specs.values())))
@@ -363,17 +363,18 @@ def _label(r: dict[str, Any]) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\nseconds per round (median of warm passes; pass 1 = cold, apart)")
-    head = f"{'sites':>9} {'what':<10} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'unmask':>7} {'srv unm':>8} {'pass 1':>7}"
+    head = (f"{'sites':>9} {'what':<10} {'round':>7} {'advert.':>8} {'share':>7} {'masked':>7} {'consist':>7} "
+            f"{'unmask':>7} {'srv unm':>8} {'pass 1':>7}")
     print(head)
     for r in rows:
         s = r["summary"]
         for who in s["paths"]:
             print(f"{_label(r):>9} {who:<10} {s[who + '_wall']:>7.3f} " + " ".join(
-                f"{s[f'{who}_{k}']:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))
+                f"{s[f'{who}_{k}']:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 7, 8))
             ) + f" {s['cold_pass1'][who + '_wall']:>7.3f}")
         for who, o in s["stage_overhead_s"].items():
             print(f"{_label(r):>9} {'ovh ' + who:<10} {s[f'overhead_{who}_s']:>7.3f} " + " ".join(
-                f"{o[k]:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 8))) + f" {'':>7}")
+                f"{o[k]:>{w}.3f}" for k, w in zip(STAGES, (8, 7, 7, 7, 7, 8))) + f" {'':>7}")
         print(f"{_label(r):>9} {'train':<10} {s['train_sum']:>7.3f}   (sum over sites; slowest site "
               f"{s['train_max']:.3f}, DP-SGD steps alone {s['train_steps_sum']:.3f})"
               f"{'':>1} pass 1: {s['cold_pass1']['train_sum']:.3f}")
@@ -434,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "total_seconds": round(total, 1),
         "spec": {"local_steps": 10, "sample_rate": 0.02, "noise_multiplier": 1.0, "lr": 0.5,
-                 "tasks": "every label column of the cohort schema", "secagg": {"threshold": 2, "clip": 1.0},
+                 "tasks": "every label column of the cohort schema", "secagg": {"threshold": "floor(n/2) + 1", "clip": 1.0},
                  "eval_every": 1},
         "notes": [
-            "syft = one pass (all four secure-aggregation stages) through real datasites on loopback, one server process per site",
+            "syft = one pass (all five secure-aggregation stages) through real datasites on loopback, one server process per site",
             "local = the same pass with the datasite runtime in this process (LocalTransport, throw-away homes, no ledger)",
             "train_sum = preprocessing + train_local for every site, one after another, in this process (in a worker thread, as the runtime runs in the other paths); train_max = the slowest site",
             "round figures = median of passes 2..N; pass 1 (cold) under cold_pass1",

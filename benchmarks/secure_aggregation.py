@@ -13,8 +13,9 @@ verbatim) against :func:`fedmtl.privacy.quantization.quantize` (AES-CTR keystrea
 randomness, chunked in place), next to the floor it cannot beat: the AES-CTR keystream for
 the same number of values (one ring element each, as :meth:`SecAggParams.mask` draws it).
 And the all-party compute of the masked-input stage and the unmasking (every site's
-``masked_input`` + the server's ``collect_masked_inputs`` and ``unmask``; stages 1-2 and
-the sites' share reveal are setup, not timed) for n = 10, d = 1M, once with each quantiser.
+``masked_input`` + the server's ``collect_masked_inputs``, ``collect_consistency`` and
+``unmask``; stages 1-2, the sites' consistency signatures and share reveal are timed apart)
+for n = 10, d = 1M, once with each quantiser.
 
 Writes benchmarks/results/secure_aggregation.json.
 """
@@ -117,7 +118,8 @@ def bench_quantize(d: int, n: int, repeat: int, seed: int = 0) -> dict:
 
 def _one_round_stage34(params, identities, inputs) -> dict:
     """Set up stages 1-2 untimed; time every site's masked_input and the server's
-    collect_masked_inputs + unmask (the sites' share reveal is timed separately)."""
+    collect_masked_inputs + collect_consistency + unmask (the sites' consistency
+    signatures and share reveal are timed separately)."""
     sessions = {s: SiteSession(params, site_id=s, identity=identities[s]) for s in params.sites}
     server = ServerSession(params)
     keys = server.collect_advertisements([ss.advertise_keys() for ss in sessions.values()])
@@ -146,8 +148,14 @@ def _one_round_stage34(params, identities, inputs) -> dict:
             masked.append(ss.masked_input(deliveries[s], inputs[s]))
             t_sites += time.perf_counter() - t0
         t0 = time.perf_counter()
-        request = server.collect_masked_inputs(masked)
+        check = server.collect_masked_inputs(masked)
         t_server = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        signed = [ss.consistency_check(check) for ss in sessions.values()]
+        t_sign = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        request = server.collect_consistency(signed)
+        t_server += time.perf_counter() - t0
         t0 = time.perf_counter()
         reveals = [ss.unmask(request) for ss in sessions.values()]
         t_reveal = time.perf_counter() - t0
@@ -160,6 +168,7 @@ def _one_round_stage34(params, identities, inputs) -> dict:
         "sites_masked_input_s": t_sites,
         "server_s": t_server,
         "sites_reveal_s": t_reveal,
+        "sites_consistency_s": t_sign,
         "all_party_s": t_sites + t_server,
         **spent,
         "result": result.arrays[0],
@@ -210,6 +219,7 @@ def bench_all_party(n: int, d: int, repeat: int, seed: int = 0) -> dict:
             "sites_masked_input_s_at_min": best["sites_masked_input_s"],
             "server_s_at_min": best["server_s"],
             "sites_reveal_s_at_min": best["sites_reveal_s"],
+            "sites_consistency_s_at_min": best["sites_consistency_s"],
             "quantize_s_at_min": best["quantize_s"],
             "mask_keystream_s_at_min": best["mask_keystream_s"],
             "max_abs_error_vs_plain": max(r["max_abs_error_vs_plain"] for r in rs),

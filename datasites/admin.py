@@ -10,9 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmtl.datasites import control, identity, syftio
 from fedmtl.datasites import home as home_mod
-from fedmtl.datasites import syftio
+from fedmtl.datasites.accounts import register_researcher, server_view
 from fedmtl.errors import DatasiteError
+
+__all__ = ["DatasiteStatus", "add_researcher", "admin_client", "register_researcher", "server_view", "status",
+           "stop"]
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD = 10
@@ -39,8 +43,6 @@ def add_researcher(
     if len(password or "") < MIN_PASSWORD:
         raise DatasiteError(f"the researcher's password must have at least {MIN_PASSWORD} characters")
     if home_mod.running(Path(home)) is not None:
-        from fedmtl.datasites import control
-
         try:  # the server's owner-only control socket: no syft import, no login
             if control.call(Path(home), "add_researcher", email=email, password=password, name=name,
                             institution=institution) is not None:
@@ -48,26 +50,6 @@ def add_researcher(
         except RuntimeError as e:
             raise DatasiteError(f"could not register {email}: {e}") from None
     register_researcher(admin_client(home), email=email, password=password, name=name, institution=institution)
-
-
-def register_researcher(client, *, email: str, password: str, name: str | None = None,
-                        institution: str = "") -> None:
-    """Create a researcher account with an admin (or the server's root) client."""
-    with syftio.quiet():
-        existing = [u.email for u in client.users.get_all()]
-        if email in existing:
-            raise DatasiteError(f"a user {email} already exists on this datasite")
-        try:
-            result = client.users.create(
-                name=name or email.split("@")[0],
-                email=email,
-                password=password,
-                password_verify=password,
-                institution=institution or None,
-            )
-        except Exception as e:  # noqa: BLE001 - syft raises its own exception types
-            raise DatasiteError(f"could not register {email}: {e}") from None
-    syftio.check(result, f"registering {email}")
 
 
 def stop(home: str | Path, timeout: float = 15.0) -> bool:
@@ -163,16 +145,12 @@ def status(home: str | Path) -> DatasiteStatus:
     info = home_mod.running(home)
     st = DatasiteStatus(name=cfg["name"], home=str(home), running=info is not None)
     try:
-        from fedmtl.datasites import identity
-
         st.fingerprint = identity.load_public(home).fingerprint
     except (OSError, ValueError, KeyError):
         pass  # an incomplete home (first launch failed): nothing to pin yet
     if info is None:
         return st
     st.url = info.url
-    from fedmtl.datasites import control
-
     try:  # the server's owner-only control socket: no syft import, no login
         reply = control.call(home, "status")
     except RuntimeError:
@@ -184,17 +162,3 @@ def status(home: str | Path) -> DatasiteStatus:
     for key, value in server_view(admin_client(home), admin_email=cfg["admin_email"]).items():
         setattr(st, key, value)
     return st
-
-
-def server_view(client, *, admin_email: str) -> dict[str, Any]:
-    """Datasets, researchers and pending requests, read with an admin (or root) client."""
-    with syftio.quiet():
-        return {
-            "datasets": [d.name for d in client.datasets.get_all()],
-            "researchers": sorted(u.email for u in client.users.get_all() if u.email != admin_email),
-            "pending_requests": [
-                {"id": str(r.id), "code": getattr(r.code, "service_func_name", "?"),
-                 "requester": getattr(r, "requesting_user_email", "?")}
-                for r in client.requests.get_all() if r.status.name == "PENDING"
-            ],
-        }

@@ -212,7 +212,8 @@ def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roste
         steps_per_round=int(job.steps_per_round(n_train)),
         delta=float(job.delta),
         n_sites=len(roster),
-        secagg_threshold=int(job.secagg.threshold),
+        # given, or a majority of the roster: what every party of the job will use
+        secagg_threshold=int(job.threshold_for(len(roster))),
         release_per_site_metrics=bool(job.per_site_metrics),
         spec_hash=site_spec_hash(spec),
         records=tuple(protocol.job_records(job, n_train)),

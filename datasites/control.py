@@ -8,8 +8,9 @@ connection: a JSON line ``{"op": ..., ...}``, answered by a JSON line ``{"ok": t
 or ``{"ok": false, "error": ...}``.
 
 Operations: ``status`` (datasets, researchers, pending requests) and ``add_researcher``
-(email, password, name, institution). :mod:`fedmtl.datasites.admin` uses the socket when it
-answers and falls back to a syft login otherwise (an older server, a foreign home).
+(email, password, name, institution), both run by :mod:`fedmtl.datasites.accounts` with the
+server's root client. :mod:`fedmtl.datasites.admin` uses the socket when it answers and falls
+back to a syft login otherwise (an older server, a foreign home).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
+
+from fedmtl.datasites import accounts
 
 SOCKET = "control.sock"
 #: where the socket is when HOME's path is too long for a Unix socket (108 bytes on Linux)
@@ -47,8 +51,6 @@ def _bind_path(home: Path) -> Path:
     (Path(home) / POINTER).unlink(missing_ok=True)
     if len(str(path)) <= MAX_SOCKET_PATH:
         return path
-    import tempfile
-
     short = Path(tempfile.mkdtemp(prefix="fedmtl-ctl-")) / "s"  # a fresh 0700 folder
     pointer = Path(home) / POINTER
     pointer.write_text(str(short), encoding="utf-8")
@@ -135,8 +137,6 @@ def _read_line(conn: socket.socket) -> bytes:
 
 
 def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, Any]]]:
-    from fedmtl.datasites import admin
-
     lock = threading.Lock()
     state: dict[str, Any] = {}
 
@@ -147,13 +147,13 @@ def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, A
 
     def status() -> dict[str, Any]:
         with lock:
-            return admin.server_view(client(), admin_email=admin_email)
+            return accounts.server_view(client(), admin_email=admin_email)
 
     def add_researcher(*, email: str, password: str, name: str | None = None,
                        institution: str = "") -> dict[str, Any]:
         with lock:
-            admin.register_researcher(client(), email=email, password=password, name=name,
-                                      institution=institution)
+            accounts.register_researcher(client(), email=email, password=password, name=name,
+                                         institution=institution)
             return {"email": email}
 
     return {"status": status, "add_researcher": add_researcher}

@@ -22,7 +22,8 @@ One file per datasite, TOML (or YAML with the same structure)::
     [training]
     allowed_tasks = ["diabetes_5y", "fibrosis_stage"]   # label columns
     min_sites = 3                 # fewest participating sites (secure aggregation)
-    min_secagg_threshold = 2      # smallest Shamir threshold t a job may use
+    min_secagg_threshold = 2      # smallest Shamir threshold t a job may use; review
+                                  # also always requires t > n/2 of the job's roster
     max_rounds = 50
     max_local_epochs = 5
 
@@ -40,6 +41,10 @@ One file per datasite, TOML (or YAML with the same structure)::
     max_batch_size = 4096         # largest expected batch (sample_rate x records)
     max_width = 1024              # largest hidden layer
     max_layers = 8                # most hidden layers
+    max_abs_weight = 1000.0       # largest |weight| a researcher may send for a pass; checked
+                                  # before any record is read (trained demo models stay below 3)
+    max_concurrent_jobs_per_researcher = 2   # one researcher's jobs training or evaluating
+                                  # here at once (running or queued); one more is refused
 
     [[templates]]
     name = "fedmtl.round.v1"
@@ -86,6 +91,8 @@ APPROVAL_MODES: tuple[str, ...] = ("auto", "manual")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 CLIPPINGS: tuple[str, ...] = ("flat", "per_layer")  # fedmtl.privacy.dp clipping modes
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: the largest ``limits.max_abs_weight`` a policy may set: float32's largest finite value
+MAX_ABS_WEIGHT_CEILING = 3.4e38
 #: a datasite name (fedmtl.datasites.launch checks new sites against the same rule)
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -171,6 +178,8 @@ class Policy:
     max_batch_size: int = 4096
     max_width: int = 1024
     max_layers: int = 8
+    max_abs_weight: float = 1000.0
+    max_concurrent_jobs_per_researcher: int = 2
     # [[peers]]
     peers: tuple[Peer, ...] = ()
 
@@ -362,6 +371,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "max_batch_size",
         "max_width",
         "max_layers",
+        "max_concurrent_jobs_per_researcher",
+        "max_abs_weight",
     ),
 }
 _ARRAYS: tuple[str, ...] = ("templates", "peers")  # [[templates]], [[peers]]
@@ -379,6 +390,7 @@ _FLOAT_FIELDS: tuple[str, ...] = (
     "max_secagg_clip",
     "min_secagg_clip",
     "max_sample_rate",
+    "max_abs_weight",
 )
 
 
@@ -502,6 +514,7 @@ def _validate_limits(p: Policy, key: Callable[[str], str]) -> list[str]:
         ("max_batch_size", 1),
         ("max_width", 1),
         ("max_layers", 1),
+        ("max_concurrent_jobs_per_researcher", 1),
     ):
         v = getattr(p, name)
         if not (_is_int(v) and v >= lo):
@@ -514,6 +527,11 @@ def _validate_limits(p: Policy, key: Callable[[str], str]) -> list[str]:
         problems.append(
             f"{key('min_secagg_clip')}: {p.min_secagg_clip:g} is larger than "
             f"{key('max_secagg_clip')} {p.max_secagg_clip:g}; no job could use it"
+        )
+    if not (_is_number(p.max_abs_weight) and 0 < p.max_abs_weight <= MAX_ABS_WEIGHT_CEILING):
+        problems.append(
+            f"{key('max_abs_weight')}: must be a number in (0, {MAX_ABS_WEIGHT_CEILING:g}] (the largest "
+            f"|weight| a researcher may send; 1000 is far above any trained model's), got {p.max_abs_weight!r}"
         )
     if not (_is_number(p.max_sample_rate) and 0 < p.max_sample_rate <= 1):
         problems.append(f"{key('max_sample_rate')}: must be a number in (0, 1], got {p.max_sample_rate!r}")

@@ -400,6 +400,17 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
             f"training.min_secagg_threshold: secagg threshold {r.secagg_threshold} must be between "
             f"{p.min_secagg_threshold} and the number of sites {n_sites}"
         )
+    # a fixed rule on top of the policy's floor: t > n/2 of the whole roster, so no two
+    # disjoint groups of t sites exist and a server that lies about dropouts cannot
+    # collect both kinds of share of one site
+    n_roster = len(r.roster) if r.roster else r.n_sites
+    in_range = p.min_secagg_threshold <= r.secagg_threshold <= n_sites
+    if in_range and 2 * r.secagg_threshold <= n_roster:
+        denials.append(
+            f"training.min_secagg_threshold: secagg threshold {r.secagg_threshold} is not more than half of "
+            f"the {n_roster} sites in the roster; a server that lies about dropouts could unmask one "
+            f"site's update; set secagg.threshold >= {n_roster // 2 + 1} (floor(n/2) + 1)"
+        )
     if r.eval_passes > p.max_eval_passes:
         denials.append(
             f"limits.max_eval_passes: the job releases evaluation statistics in {r.eval_passes} passes; "

@@ -9,7 +9,9 @@ Each call handles one secure-aggregation stage of one pass (see
                  keep the payload in the home; return the signed key advertisement
     share_keys   return this site's encrypted Shamir shares
     masked_input return the masked, quantised payload (never the payload itself)
-    unmask       reveal the shares the protocol allows; the pass is complete
+    consistency  sign the survivor set the researcher names (one per pass and attempt)
+    unmask       reveal the shares the protocol allows, only against t signatures
+                 over that same survivor set; the pass is complete
 
 Per-job secrets (secure-aggregation keys, the unmasked payload, personalised heads) live
 in ``HOME/jobs/<job_id>/`` (0700 folder, 0600 files) and never leave the home. syft 0.9.5
@@ -27,20 +29,24 @@ import json
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from fedmtl import protocol
 from fedmtl.datasites.home import write_json_atomic
+from fedmtl.datasites.policy import Policy
 from fedmtl.errors import ConfigError, FedMTLError
+from fedmtl.models.metrics import finite_predictions
+from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
+from fedmtl.privacy.dp import effective_sample_rate, noise_only_update, train_local
 
 log = logging.getLogger("fedmtl.runtime")
 
 #: site name -> home, registered by the server process(es) living in this interpreter
 _HOMES: dict[str, Path] = {}
-_LOCK = threading.RLock()
 TEST_HOOK_ENV = "FEDMTL_TEST_HOOKS"
 #: a throw-away home of a researcher's dry run (no ledger); never in a datasite's home
 DRY_RUN_MARKER = "DRY_RUN_HOME"
@@ -58,6 +64,132 @@ class PassAlreadyExecutedError(RoundError):
 #: (the records object, (X, Y, M)); see JobRuntime._tensors
 _TENSORS: dict[tuple, tuple] = {}
 _TENSOR_SLOTS = 8
+#: guards _TENSORS only: held to look up, insert or drop an entry, never while computing
+_TENSORS_LOCK = threading.Lock()
+
+# -- fair sharing of one datasite between jobs -------------------------------------------
+# No lock spans jobs. Each job's round calls run one at a time under the job's own lock
+# (its state file is read, changed and written by one call at a time); the stages that read
+# the records (training, evaluation, statistics) also take one of HEAVY_SLOTS slots, so
+# queries and the light secure-aggregation stages of other jobs never wait behind training.
+
+#: stages that read the records (train, evaluate, compute statistics): the heavy ones
+HEAVY_STAGES = frozenset({"advertise"})
+#: overrides the number of heavy stages that run at once in this process (a positive int)
+HEAVY_SLOTS_ENV = "FEDMTL_HEAVY_SLOTS"
+
+
+class _JobLock:
+    """The lock of one job, and how many calls hold it or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.users = 0
+
+
+#: (home, job id) -> its lock, while a call holds or waits for it (then forgotten)
+_JOB_LOCKS: dict[tuple[str, str], _JobLock] = {}
+#: (home, researcher) -> job ids of theirs inside a heavy stage here (running or queued)
+_HEAVY_JOBS: dict[tuple[str, str], set[str]] = {}
+#: guards _JOB_LOCKS and _HEAVY_JOBS; held for a dictionary update, never across a call
+_REGISTRY_LOCK = threading.Lock()
+_HEAVY_POOL: threading.BoundedSemaphore | None = None
+
+
+def heavy_slots() -> int:
+    """How many heavy stages (:data:`HEAVY_STAGES`) this process runs at once.
+
+    ``FEDMTL_HEAVY_SLOTS`` when set; else the cores this process may use divided by
+    torch's intra-op threads (one training's; a datasite sets them from
+    ``FEDMTL_TORCH_THREADS``, torch's default is every core), at least 1. One training
+    with torch's default already keeps every core busy: a second one at once would only
+    slow both down.
+
+    Returns:
+        The number of slots, >= 1.
+    """
+    raw = os.environ.get(HEAVY_SLOTS_ENV, "").strip()
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, torch.get_num_threads()))
+
+
+def _heavy_pool() -> threading.BoundedSemaphore:
+    global _HEAVY_POOL
+    with _REGISTRY_LOCK:
+        if _HEAVY_POOL is None:
+            _HEAVY_POOL = threading.BoundedSemaphore(heavy_slots())
+        return _HEAVY_POOL
+
+
+def _job_id_of(spec: Mapping[str, Any]) -> str:
+    job_id = str(spec.get("job_id", ""))
+    if not job_id or "/" in job_id or job_id.startswith("."):
+        raise ConfigError(f"invalid job id {job_id!r}")
+    return job_id
+
+
+@contextmanager
+def job_lock(home: Path, job_id: str) -> Iterator[None]:
+    """Hold the lock of one job: its round calls run one at a time, other jobs' do not
+    wait. The lock lives in a registry while a call holds or waits for it.
+
+    Args:
+        home: the datasite home.
+        job_id: the job.
+    """
+    key = (str(home), job_id)
+    with _REGISTRY_LOCK:
+        entry = _JOB_LOCKS.get(key)
+        if entry is None:
+            entry = _JOB_LOCKS[key] = _JobLock()
+        entry.users += 1
+    try:
+        with entry.lock:
+            yield
+    finally:
+        with _REGISTRY_LOCK:
+            entry.users -= 1
+            if entry.users == 0 and _JOB_LOCKS.get(key) is entry:
+                del _JOB_LOCKS[key]
+
+
+@contextmanager
+def _heavy_stage(home: Path, job_id: str) -> Iterator[None]:
+    """Run a record-reading stage: refuse it when its researcher already has the policy's
+    most jobs in such a stage here (before anything is charged), then wait for a slot."""
+    from fedmtl.datasites import site_ledger
+
+    researcher, cap = site_ledger.concurrency_of_job(home, job_id)
+    key = (str(home), researcher or "")
+    if researcher is not None:
+        with _REGISTRY_LOCK:
+            jobs = _HEAVY_JOBS.setdefault(key, set())
+            if cap is not None and len(jobs - {job_id}) >= cap:
+                raise RoundError(
+                    f"you already have {len(jobs)} job(s) training or evaluating at this datasite, the most "
+                    f"its policy allows at once (limits.max_concurrent_jobs_per_researcher = {cap}); "
+                    "nothing was run or charged: retry this pass when one of them has returned"
+                )
+            jobs.add(job_id)
+    try:
+        with _heavy_pool():
+            yield
+    finally:
+        if researcher is not None:
+            with _REGISTRY_LOCK:
+                jobs = _HEAVY_JOBS.get(key, set())
+                jobs.discard(job_id)
+                if not jobs:
+                    _HEAVY_JOBS.pop(key, None)
 
 
 def _scaling_key(pre) -> str:
@@ -66,7 +198,7 @@ def _scaling_key(pre) -> str:
 
 def drop_tensors(home: Path, job_id: str) -> None:
     """Forget the preprocessed records of ``job_id`` (its last pass completed)."""
-    with _LOCK:
+    with _TENSORS_LOCK:
         for k in [k for k in _TENSORS if k[0] == str(home) and k[1] == job_id]:
             _TENSORS.pop(k, None)
 
@@ -89,12 +221,24 @@ def home_for(site: str) -> Path:
 
 
 def handle(*, data: Any, spec: Mapping[str, Any], message: Mapping[str, Any]) -> dict[str, Any]:
-    """Entry point of the round template. Never raises."""
+    """Entry point of the round template. Never raises.
+
+    A query (:attr:`JobRuntime.QUERIES`: read-only, it reads the ledger) runs at once. A
+    stage runs under its job's lock (:func:`job_lock`); a stage that reads the records
+    (:data:`HEAVY_STAGES`) also under the per-researcher cap and in one of
+    :func:`heavy_slots` slots. Nothing is held across jobs."""
     try:
         home = home_for(str(spec.get("site")))
-        with _LOCK:
-            job = JobRuntime(home, spec)
-            return {"ok": True, **job.dispatch(data, dict(message))}
+        message = dict(message)
+        stage = message.get("stage")
+        if stage in JobRuntime.QUERIES:
+            return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
+        job_id = _job_id_of(spec)
+        with job_lock(home, job_id):
+            if stage in HEAVY_STAGES:
+                with _heavy_stage(home, job_id):
+                    return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
+            return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
     except FedMTLError as e:
         log.warning("round call refused: %s", e)
         return {"ok": False, "error": str(e), "kind": type(e).__name__}
@@ -109,15 +253,13 @@ def handle(*, data: Any, spec: Mapping[str, Any], message: Mapping[str, Any]) ->
 
 
 class JobRuntime:
-    STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+    STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
     QUERIES = ("spend",)
 
     def __init__(self, home: Path, spec: Mapping[str, Any]):
         self.home = Path(home)
         self.spec = dict(spec)
-        job_id = str(spec.get("job_id", ""))
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise ConfigError(f"invalid job id {job_id!r}")
+        job_id = _job_id_of(spec)
         self.job_id = job_id
         own_schema = self.home / "schema.toml"
         if own_schema.is_file():
@@ -193,6 +335,9 @@ class JobRuntime:
             payload = np.load(self._secret_path("payload.npz"))
             arrays = [payload[n] for n in self._plan(p).names]
             out = session.masked_input(msg["delivery"], arrays)
+        elif stage == "consistency":
+            # signs the survivor set once per pass and attempt (kept in the session)
+            out = session.consistency_check(msg["request"])
         else:
             out = session.unmask(msg["request"])
         self._write_secret("secagg.session", session.to_bytes())
@@ -239,6 +384,15 @@ class JobRuntime:
         weights = weights.astype(np.float32)
         if not np.all(np.isfinite(weights)):
             raise RoundError("weights contain NaN or inf; refused")
+        # bounded before any record is read: a function of the message and the policy only
+        cap = self._max_abs_weight()
+        biggest = float(np.max(np.abs(weights))) if weights.size else 0.0
+        if biggest > cap:
+            raise RoundError(
+                f"weights: the largest |weight| is {biggest:.6g}, above this datasite's "
+                f"limits.max_abs_weight {cap:g}; refused before any record was read (trained models "
+                "stay far below it: send the job's global model)"
+            )
         # the scaling of this pass: none for the statistics pass; the schema's ranges, or
         # the researcher's mean/std (checked, and pinned to the first pass that used them)
         if plan.stats:
@@ -297,10 +451,6 @@ class JobRuntime:
     def _compute_payload(self, data, p: int, plan: protocol.PassPlan, weights: np.ndarray):
         import pandas as pd
 
-        from fedmtl.models import model_to_vector, vector_to_model
-        from fedmtl.privacy.dp import train_local
-        from fedmtl.privacy.quantization import weight_by_group
-
         if not isinstance(data, pd.DataFrame):
             raise RoundError(f"the records asset is a {type(data).__name__}, not a table")
         schema = protocol.schema_of(self.spec)
@@ -325,77 +475,177 @@ class JobRuntime:
         report: dict[str, Any] = {"pass": p}
         n = int(len(train_df))
         self._charge(p, n, plan)  # before anything is computed from the records
+        # From here on the records are read. Whatever they hold, the reply is the same: each
+        # release handles non-finite values inside its mechanism, and a release that fails
+        # anyway is replaced by its null release (zero statistics, or noise alone, through
+        # the same mechanism) of the same keys, shapes and dtypes; the error stays in this
+        # site's log. See docs/compliance.md, "Outcomes that do not depend on the records".
         if plan.stats:
-            from fedmtl.privacy.stats_release import noise_statistics, site_statistics
-
-            payload["stats"] = noise_statistics(
-                site_statistics(schema, train_df), schema, noise_multiplier=float(self.job.stats_noise_multiplier),
-            )
-            return payload, report
+            payload["stats"] = self._guarded(
+                "statistics", p, lambda: self._stats_release(schema, train_df), lambda: self._null_stats(schema))
+            return self._conform(payload, plan), report
         if plan.evaluate:
-            from fedmtl.privacy.eval_release import noise_statistics
-
-            vector_to_model(model, start)
-            tm = protocol.task_metrics(tasks)
-            if len(test_df):
-                import torch
-
-                Xt, Y, M = self._tensors(data, "test", test_df, pre, tasks)
-                with torch.no_grad():
-                    pred = model.predict(Xt)
-                protocol.update_metrics(tm, pred, Y, M, tasks)
-            payload["metrics"] = noise_statistics(
-                protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS,
-                noise_multiplier=float(self.job.eval_noise_multiplier),
-            )
+            payload["metrics"] = self._guarded(
+                "evaluation", p, lambda: self._eval_release(data, test_df, pre, tasks, start),
+                lambda: self._null_metrics(tasks))
             if self.job.per_site_metrics and self._policy_allows_site_metrics():
                 # the same noised, charged statistics, for this site alone
                 report["site_metrics"] = protocol.compute_metrics(payload["metrics"], tasks)
         if plan.train:
-            X, Y, M = self._tensors(data, "train", train_df, pre, tasks)
-            vector_to_model(model, start)
-            res = train_local(
-                model=model,
-                X=X,
-                Y=Y,
-                mask=M,
-                tasks=tasks,
-                **self._train_kwargs(n, weights),
+            # the report's figures follow from the spec and the charged records alone
+            report.update(self._train_report(n, weights))
+            box: dict[str, Any] = {}
+            payload["update"], payload["counts"] = self._guarded(
+                "training", p,
+                lambda: self._train_release(data, train_df, pre, tasks, start, weights, n, groups, box),
+                lambda: self._null_update(tasks, start, weights, n, groups, box))
+        return self._conform(payload, plan), report
+
+    # -- the releases of a pass, and their null releases -----------------------------------
+    def _guarded(self, what: str, p: int, release, null):
+        """``release()``, or ``null()`` (logged here, never in the reply) if it raises."""
+        try:
+            return release()
+        except Exception:  # noqa: BLE001 - whatever failed, the reply must not show it
+            log.exception("job %s pass %s: the %s release failed; its null release was sent instead",
+                          self.job_id, p, what)
+            return null()
+
+    def _stats_release(self, schema, train_df) -> np.ndarray:
+        from fedmtl.privacy.stats_release import noise_statistics, site_statistics
+
+        return noise_statistics(site_statistics(schema, train_df), schema,
+                                noise_multiplier=float(self.job.stats_noise_multiplier))
+
+    def _null_stats(self, schema) -> np.ndarray:
+        from fedmtl.privacy.stats_release import noise_statistics, size
+
+        return noise_statistics(np.zeros(size(schema)), schema, noise_multiplier=float(self.job.stats_noise_multiplier))
+
+    def _eval_release(self, data, test_df, pre, tasks, start: np.ndarray) -> np.ndarray:
+        import torch
+
+        from fedmtl.models import vector_to_model
+        from fedmtl.privacy.eval_release import noise_statistics
+
+        model = self._model
+        vector_to_model(model, start)
+        tm = protocol.task_metrics(tasks)
+        if len(test_df):
+            Xt, Y, M = self._tensors(data, "test", test_df, pre, tasks)
+            with torch.no_grad():
+                pred = model.predict(Xt)
+            # NaN/inf scores (weights that overflow for some records) become valid scores
+            # the same way for every record, before the metrics see them
+            protocol.update_metrics(tm, finite_predictions(pred, tasks), Y, M, tasks)
+        return noise_statistics(protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS,
+                                noise_multiplier=float(self.job.eval_noise_multiplier))
+
+    def _null_metrics(self, tasks) -> np.ndarray:
+        from fedmtl.privacy.eval_release import noise_statistics
+
+        return noise_statistics(np.zeros(protocol.metric_size(tasks)), tasks, n_bins=protocol.N_BINS,
+                                noise_multiplier=float(self.job.eval_noise_multiplier))
+
+    def _group_counts(self, M, tasks, groups) -> dict[str, int]:
+        counts = {}
+        Mn = M.numpy().astype(bool)
+        for g in groups:
+            if g == "trunk":
+                counts[g] = int(Mn.any(axis=1).sum())
+            else:
+                j = [t.name for t in tasks].index(g)
+                counts[g] = int(Mn[:, j].sum())
+        return counts
+
+    def _train_release(self, data, train_df, pre, tasks, start, weights, n, groups, box):
+        from fedmtl.models import model_to_vector, vector_to_model
+
+        model = self._model
+        X, Y, M = self._tensors(data, "train", train_df, pre, tasks)
+        box["counts"] = self._group_counts(M, tasks, groups)
+        vector_to_model(model, start)
+        train_local(model=model, X=X, Y=Y, mask=M, tasks=tasks, **self._train_kwargs(n, weights))
+        delta = (model_to_vector(model) - start).astype(np.float64)
+        return self._weighted_update(delta, start, groups, box["counts"])
+
+    def _null_update(self, tasks, start, weights, n, groups, box):
+        """The update DP-SGD sends when every sample is clipped to 0: its noise alone."""
+        kw = self._train_kwargs(n, weights)
+        delta = np.zeros(start.size)
+        if self.job.dp and n >= 1:
+            delta = noise_only_update(
+                n_params=int(start.size), steps=int(kw["steps"]), n_samples=n, sample_rate=float(kw["sample_rate"]),
+                lr=float(kw["lr"]), momentum=float(kw.get("momentum") or 0.0),
+                noise_multiplier=float(kw["noise_multiplier"]), max_grad_norm=float(kw["max_grad_norm"]),
+                fedprox_mu=float(kw.get("fedprox_mu") or 0.0),
+                offset=(start.astype(np.float64) - weights.astype(np.float64)),
             )
-            new = model_to_vector(model)
-            delta = (new - start).astype(np.float64)
-            if personal:
-                np.save(heads_file, new)
-                os.chmod(heads_file, 0o600)
-                delta[~self._shared_mask(model)] = 0.0
-            counts = {}
-            Mn = M.numpy().astype(bool)
-            for g in groups:
-                if g == "trunk":
-                    counts[g] = int(Mn.any(axis=1).sum())
-                else:
-                    j = [t.name for t in tasks].index(g)
-                    counts[g] = int(Mn[:, j].sum())
-            clip = float(self.job.secagg.clip)
-            weighted, count_vec = weight_by_group(delta, groups=groups, counts=counts, clip=clip)
-            payload["update"] = weighted
-            payload["counts"] = count_vec
-            report.update({"epsilon_round": res.epsilon, "noise_multiplier": res.noise_multiplier,
-                           "steps": res.steps})
-        return payload, report
+        counts = box.get("counts") or {g: 0 for g in groups}
+        return self._weighted_update(delta, start, groups, counts)
+
+    def _weighted_update(self, delta: np.ndarray, start: np.ndarray, groups, counts):
+        from fedmtl.privacy.quantization import weight_by_group
+
+        # the final vector is finite whatever happened in training: a coordinate that is
+        # not is 0 (no change), the same way every time
+        delta = np.where(np.isfinite(delta), delta, 0.0)
+        if self.job.strategy.name == "fedper":
+            heads_file = self._secret_path("heads.npy")
+            np.save(heads_file, (start.astype(np.float64) + delta).astype(np.float32))
+            os.chmod(heads_file, 0o600)
+            delta[~self._shared_mask(self._model)] = 0.0
+        return weight_by_group(delta, groups=groups, counts=counts, clip=float(self.job.secagg.clip))
+
+    def _train_report(self, n: int, weights: np.ndarray) -> dict[str, Any]:
+        """What the reply says about a training pass: the epsilon, noise multiplier and
+        steps of the round as the spec and the charged records fix them (the values
+        :func:`fedmtl.privacy.dp.train_local` reports), the same whether it ran or failed."""
+        kw = self._train_kwargs(n, weights)
+        nm = float(kw.get("noise_multiplier", 0.0))
+        steps = int(kw["steps"])
+        q, _ = effective_sample_rate(float(kw["sample_rate"]), n)
+        delta = kw.get("delta")
+        eps = epsilon_of([PrivacyRecord(nm, q, steps)], delta=delta, accountant=kw["accountant"]) \
+            if delta is not None else None
+        return {"epsilon_round": eps, "noise_multiplier": nm, "steps": steps}
+
+    @staticmethod
+    def _conform(payload: dict[str, np.ndarray], plan: protocol.PassPlan) -> dict[str, np.ndarray]:
+        """The payload checked against the pass plan (exactly its names and shapes) and
+        made finite: an entry that is not becomes 0. Raises RuntimeError on a mismatch
+        with the plan (a function of the spec alone, never of the records)."""
+        if sorted(payload) != sorted(plan.names):
+            raise RuntimeError(f"payload {sorted(payload)} does not match the pass plan {sorted(plan.names)}")
+        out = {}
+        for name, shape in zip(plan.names, plan.shapes):
+            arr = np.asarray(payload[name])
+            if arr.shape != tuple(shape):
+                raise RuntimeError(f"payload {name!r} has shape {arr.shape}; the pass plan says {tuple(shape)}")
+            out[name] = np.where(np.isfinite(arr), arr, 0.0).astype(arr.dtype, copy=False)
+        return out
+
+    def _max_abs_weight(self) -> float:
+        """``limits.max_abs_weight`` of this datasite's current policy (the default in a
+        researcher's dry-run home, which has no ledger)."""
+        from fedmtl.datasites import site_ledger
+
+        if (self.home / DRY_RUN_MARKER).exists():
+            return float(Policy.max_abs_weight)
+        return float(site_ledger.current_policy(self.home).max_abs_weight)
 
     def _tensors(self, data, part: str, df, pre, tasks):
         """(X, Y, M) of one split, preprocessed once per job: kept in this process's memory
         while the same records object (the data plane holds it for the server's lifetime)
         and the same scaling come back, dropped when the job's last pass completes."""
         key = (str(self.home), self.job_id, part, id(data), _scaling_key(pre), tuple(t.name for t in tasks))
-        with _LOCK:
+        with _TENSORS_LOCK:
             hit = _TENSORS.get(key)
             if hit is not None and hit[0] is data:
                 return hit[1]
         X = pre.transform(df)
         Y, M = pre.labels(df, tasks)
-        with _LOCK:
+        with _TENSORS_LOCK:
             _TENSORS[key] = (data, (X, Y, M))
             while len(_TENSORS) > _TENSOR_SLOTS:
                 _TENSORS.pop(next(iter(_TENSORS)))

@@ -97,6 +97,29 @@ def researcher_view_of_job(home: Path, job_id: str) -> dict[str, Any]:
     return researcher_view(led, st.facts.researcher).to_dict()
 
 
+def concurrency_of_job(home: Path, job_id: str) -> tuple[str | None, int | None]:
+    """Who submitted ``job_id`` here and how many of their jobs may train or evaluate at
+    once (``limits.max_concurrent_jobs_per_researcher`` of the current policy).
+
+    Args:
+        home: the datasite home.
+        job_id: the job (its request id in the ledger).
+
+    Returns:
+        ``(researcher, cap)``; ``(None, None)`` in a dry run's throw-away home (no ledger)
+        and for a job the ledger does not hold (the charge refuses it anyway).
+    """
+    if (Path(home) / DRY_RUN_MARKER).exists():
+        return None, None
+    led = open_ledger(home)
+    st = led.request(job_id)
+    if st is None:
+        return None, None
+    policy = led.current_policy()
+    cap = None if policy is None else int(policy.max_concurrent_jobs_per_researcher)
+    return str(st.facts.researcher), cap
+
+
 def site_metrics_allowed(home: Path) -> bool:
     if (Path(home) / DRY_RUN_MARKER).exists():
         return True

@@ -254,9 +254,13 @@ class StrategyConfig:
 class SecAggConfig:
     """Secure aggregation: ``threshold`` sites must survive a round (and fewer than it
     learn nothing); ``clip`` bounds each update entry in L-inf before quantisation;
-    ``frac_bits`` is the fixed-point resolution."""
+    ``frac_bits`` is the fixed-point resolution.
 
-    threshold: int = 2
+    ``threshold`` left out (``None``) means a majority of the job's sites,
+    ``floor(n/2) + 1``: :class:`~fedmtl.jobspec.JobSpec` fills it in from ``sites``, or
+    the job does from the sites it is made for. A datasite denies ``t <= n/2``."""
+
+    threshold: int | None = None
     clip: float = 1.0
     frac_bits: int = 16
 

@@ -34,7 +34,7 @@ Files: :meth:`JobSpec.save` / :meth:`JobSpec.load` read and write ``.toml``, ``.
     name = "fedavg"
 
     [secagg]
-    threshold = 2
+    threshold = 2                  # left out: floor(n/2) + 1 of the job's n sites
 
 :meth:`JobSpec.spec_hash` is the sha256 of the canonical JSON of :meth:`JobSpec.to_dict`
 (sorted keys, no whitespace, ``None`` values dropped), so the same spec has the same hash
@@ -98,6 +98,7 @@ from fedmtl.jobconfig import (  # noqa: F401 - re-exported: the spec's public pa
 )
 from fedmtl.models.tasks import TaskSpec, tasks_from_schema
 from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
+from fedmtl.privacy.secagg_common import majority_threshold
 from fedmtl.schema import Schema
 
 __all__ = [
@@ -195,6 +196,9 @@ class JobSpec:
             p.append(f"sites must be a list of site names (empty = every connected site), got {sites!r}")
             sites = ()
         s(self, "sites", tuple(sites))
+        if self.sites and isinstance(self.secagg, SecAggConfig) and self.secagg.threshold is None:
+            # the default threshold: a majority of the sites the job is made for
+            s(self, "secagg", dataclasses.replace(self.secagg, threshold=majority_threshold(len(self.sites))))
         # scalar coercion (int-valued floats in files become ints and vice versa)
         for key in ("rounds", "local_steps", "eval_every", "seed"):
             s(self, key, _int(getattr(self, key), key, p))
@@ -231,11 +235,8 @@ class JobSpec:
         p += self.model._problems()
         p += self.strategy._problems()
         p += self.secagg._problems()
-        if self.sites and isinstance(self.secagg.threshold, int) and self.secagg.threshold > len(self.sites):
-            p.append(
-                f"secagg.threshold {self.secagg.threshold} is larger than the {len(self.sites)} site(s) named "
-                f"{list(self.sites)}; lower it or add sites"
-            )
+        if self.sites and isinstance(self.secagg.threshold, int):
+            p += _threshold_problems(self.secagg.threshold, len(self.sites), f"site(s) named {list(self.sites)}")
 
         def check(key: str, ok: bool, need: str) -> None:
             v = getattr(self, key)
@@ -292,12 +293,55 @@ class JobSpec:
         """The sites this job runs on: ``sites`` if given, else every connected site."""
         return list(self.sites) if self.sites else list(connected)
 
+    def threshold_for(self, n_sites: int) -> int:
+        """The secure-aggregation threshold of this job over ``n_sites`` sites.
+
+        Args:
+            n_sites: the number of sites the job runs on (its roster).
+
+        Returns:
+            ``secagg.threshold`` if given, else ``floor(n_sites/2) + 1``.
+
+        Raises:
+            ValueError: ``n_sites`` is not a positive int (and no threshold is given).
+        """
+        t = self.secagg.threshold
+        return int(t) if t is not None else majority_threshold(n_sites)
+
+    def for_sites(self, sites: Sequence[str]) -> "JobSpec":
+        """This spec with its threshold resolved for ``sites`` (what a job sends).
+
+        Args:
+            sites: the sites the job is made for.
+
+        Returns:
+            ``self`` if ``secagg.threshold`` is set, else a copy with the threshold
+            ``floor(n/2) + 1`` of the ``n`` sites.
+
+        Raises:
+            JobSpecError: the threshold is not valid for ``sites`` (above their number,
+                not more than half of it, or fewer than two sites).
+        """
+        given = self.secagg.threshold
+        t = given if given is not None else (majority_threshold(len(sites)) if sites else 0)
+        if len(sites) < 2:
+            problems = [f"a job needs at least 2 sites for secure aggregation, got {list(sites)}"]
+        else:
+            problems = _threshold_problems(t, len(sites), f"site(s) {list(sites)}")
+        if problems:
+            raise JobSpecError(problems, source=f"job spec {self.name!r}")
+        if given is not None:
+            return self
+        return dataclasses.replace(self, secagg=dataclasses.replace(self.secagg, threshold=t))
+
     def can_run(self, *, approved: int, participating: int) -> bool:
         """Whether the job may run when ``approved`` of the ``participating`` sites approved:
-        all of them, or (with ``allow_partial``) at least ``secagg.threshold``."""
+        all of them, or (with ``allow_partial``) at least the threshold (t of the
+        ``participating`` sites, :meth:`threshold_for`)."""
+        t = self.threshold_for(max(1, participating))
         if approved >= participating:
-            return approved >= self.secagg.threshold
-        return bool(self.allow_partial) and approved >= self.secagg.threshold
+            return approved >= t
+        return bool(self.allow_partial) and approved >= t
 
     def problems(self, schemas: Mapping[str, Schema]) -> list[str]:
         """Every problem of this spec against the connected sites' schemas (site -> schema);
@@ -311,9 +355,8 @@ class JobSpec:
             p.append(f"site(s) {missing} are named in sites but not connected; connected sites are {connected}")
         sites = [x for x in self.participating(connected) if x in schemas]
         n = len(self.participating(connected))
-        t = self.secagg.threshold
-        if not self.sites and t > n:
-            p.append(f"secagg.threshold {t} is larger than the {n} connected site(s) {connected}; lower it or connect more sites")
+        if not self.sites and self.secagg.threshold is not None:
+            p += _threshold_problems(self.secagg.threshold, n, f"connected site(s) {connected}")
         # tasks against each site's schema
         for task in self.tasks:
             kinds: dict[str, str] = {}
@@ -655,6 +698,23 @@ class JobSpec:
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _threshold_problems(t: Any, n: int, sites: str) -> list[str]:
+    """Problems of threshold ``t`` over ``n`` sites (described by ``sites``): above n, or
+    not above n/2 (a datasite's review denies it: a server lying about dropouts could
+    collect both kinds of share of one site)."""
+    if not isinstance(t, int) or isinstance(t, bool):
+        return []
+    if t > n:
+        return [f"secagg.threshold {t} is larger than the {n} {sites}; lower it or add sites"]
+    if 2 * t <= n:
+        return [
+            f"secagg.threshold {t} is not more than half of the {n} {sites}: a server that lies about "
+            f"dropouts could unmask one site's update, and the datasites deny it; use at least "
+            f"{majority_threshold(n)} (floor(n/2) + 1), or leave the threshold out"
+        ]
+    return []
+
+
 def _fmt_of(path: Path) -> str:
     suf = path.suffix.lower()
     if suf not in _SUFFIXES:

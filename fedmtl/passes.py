@@ -1,4 +1,4 @@
-"""One pass of a job through the four secure-aggregation stages, over any transport.
+"""One pass of a job through the five secure-aggregation stages, over any transport.
 
 The researcher acts as the secure-aggregation server: :func:`run_pass` sends each stage's
 message to every active site through a *transport* (``call(site, message) -> reply``:
@@ -6,6 +6,8 @@ syft code calls in :class:`fedmtl.researcher.job.SyftTransport`, the in-process 
 in :class:`fedmtl.datasites.runtime.LocalTransport` for dry runs), collects the replies
 into a :class:`fedmtl.privacy.secagg.ServerSession`, and returns only the aggregate:
 masks cancel in the sum and dropped sites' masks are recovered from survivors' shares.
+Before unmasking, every survivor signs the survivor set it is told (the ``consistency``
+stage); each site reveals shares only against t matching signatures.
 Both sides use it: the researcher to run jobs, a data owner to dry-run a request.
 
 A standard-scaling job's statistics pass (pass 1) returns ``arrays["stats"]``; turn it into
@@ -26,7 +28,8 @@ import numpy as np
 from fedmtl import protocol
 from fedmtl.errors import JobError, PassLostError
 
-CALLS_PER_PASS = 4
+#: advertise, share_keys, masked_input, consistency, unmask
+CALLS_PER_PASS = 5
 
 
 @dataclass
@@ -51,7 +54,7 @@ def run_pass(
     on_stage: Callable[[str], None] | None = None,
     scaling: Mapping[str, Any] | None = None,
 ) -> PassOutcome:
-    """One pass through the four secure-aggregation stages over ``sites``. ``scaling``:
+    """One pass through the five secure-aggregation stages over ``sites``. ``scaling``:
     the job's mean/std (standard scaling, every pass after the statistics pass)."""
     from fedmtl.privacy.secagg import ServerSession, TooFewSitesError
 
@@ -97,8 +100,10 @@ def run_pass(
         shares = stage("share_keys", list(adv), lambda s: {"keys": keys})
         deliveries = server.collect_shares([r["message"] for r in shares.values()])
         masked = stage("masked_input", list(deliveries), lambda s: {"delivery": deliveries[s]})
-        request = server.collect_masked_inputs([r["message"] for r in masked.values()])
-        reveals = stage("unmask", list(masked), lambda s: {"request": request})
+        check = server.collect_masked_inputs([r["message"] for r in masked.values()])
+        signed = stage("consistency", list(masked), lambda s: {"request": check})
+        request = server.collect_consistency([r["message"] for r in signed.values()])
+        reveals = stage("unmask", list(signed), lambda s: {"request": request})
         t1 = time.perf_counter()
         result = server.unmask([r["message"] for r in reveals.values()])
         seconds["unmask_server"] = time.perf_counter() - t1

@@ -209,7 +209,43 @@ def plan(site_spec: Mapping[str, Any], pass_no: int, *, model=None) -> PassPlan:
     return PassPlan(pass_no, train, ev, tuple(names), tuple(shapes))
 
 
+def threshold_of(site_spec: Mapping[str, Any]) -> int:
+    """The secure-aggregation threshold of a site spec: the job's ``secagg.threshold``, or
+    (left out) ``floor(n/2) + 1`` of the ``n`` sites of its roster. Every party derives
+    the same value, and the parameters' digest binds it.
+
+    Args:
+        site_spec: the site-specific job spec (see the module docs).
+
+    Returns:
+        the threshold t.
+
+    Raises:
+        ConfigError: the roster is empty or not a table.
+    """
+    roster = site_spec.get("roster")
+    if not isinstance(roster, Mapping) or not roster:
+        raise ConfigError("the job spec's roster must be a non-empty table of site -> identity key")
+    return job_of(site_spec).threshold_for(len(roster))
+
+
 def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass_plan: PassPlan):
+    """The secure-aggregation parameters of one pass and attempt of the job.
+
+    Args:
+        site_spec: the site-specific job spec.
+        pass_no: the pass (the round of the parameters).
+        attempt: the researcher's attempt at this pass (part of the job id the digest binds).
+        pass_plan: :func:`plan` of the pass (the shapes).
+
+    Returns:
+        :class:`~fedmtl.privacy.secagg.SecAggParams`.
+
+    Raises:
+        ConfigError: the threshold is not more than half of the roster (a server lying
+            about dropouts could unmask one site; the datasites' review denies such a job,
+            and no party runs one).
+    """
     from fedmtl.privacy.keys import VerifyKey
     from fedmtl.privacy.quantization import QuantizationConfig, weighted_bound
     from fedmtl.privacy.secagg import SecAggParams
@@ -217,6 +253,13 @@ def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass
     job = job_of(site_spec)
     roster = {s: VerifyKey.from_bytes(bytes.fromhex(h)) for s, h in site_spec["roster"].items()}
     sa = job.secagg
+    threshold = threshold_of(site_spec)
+    if 2 * threshold <= len(roster):
+        raise ConfigError(
+            f"secure-aggregation threshold {threshold} is not more than half of the {len(roster)} sites of the "
+            f"roster: a server that lies about dropouts could unmask one site's update; refused (use at least "
+            f"{len(roster) // 2 + 1})"
+        )
     max_count = int(site_spec["max_count"])
     bound = max(weighted_bound(clip=float(sa.clip), max_count=max_count), float(max_count))
     if pass_plan.stats:
@@ -233,7 +276,7 @@ def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass
             job_id=f"{site_spec['job_id']}/attempt-{attempt}",
             round=pass_no,
             roster=roster,
-            threshold=int(sa.threshold),
+            threshold=threshold,
             shapes=pass_plan.shapes,
             quantization=QuantizationConfig(
                 bound=bound, num_sites=len(roster), frac_bits=int(sa.frac_bits)

@@ -548,6 +548,46 @@ def evaluation_metrics(tasks: Sequence[TaskSpec]) -> TaskMetrics:
     return TaskMetrics(tasks, n_bins=EVAL_N_BINS, scale="logit", calibration_bins=EVAL_CALIBRATION_BINS)
 
 
+def finite_predictions(predictions: Mapping[str, np.ndarray], tasks: Sequence[TaskSpec]) -> dict[str, np.ndarray]:
+    """``predictions`` (as :meth:`~fedmtl.models.nets.MultiTaskNet.predict` returns them)
+    made finite and inside the range each kind of score lives in, the same way for every
+    record, so that no record can make a metric's update fail.
+
+    * binary: NaN becomes 0.5, then every score is clipped to [0, 1];
+    * multiclass: a row with any non-finite probability becomes the uniform
+      distribution ``1 / C``, then every entry is clipped to [0, 1];
+    * regression: NaN becomes the centre ``shift`` of the declared label range, then
+      every value is clipped to that range ``[shift - scale, shift + scale]`` (+-inf to
+      its ends).
+
+    Args:
+        predictions: ``{task name: scores}``; tasks not listed in ``tasks`` are dropped.
+        tasks: the tasks to sanitise, each of which must have predictions.
+
+    Returns:
+        A new dict ``{task name: float64 array}`` of the same shapes.
+
+    Raises:
+        KeyError: a task of ``tasks`` has no predictions.
+    """
+    out: dict[str, np.ndarray] = {}
+    for t in tasks:
+        if t.name not in predictions:
+            raise KeyError(f"no predictions for task {t.name!r}")
+        s = np.array(predictions[t.name], dtype=np.float64)
+        if t.kind == "binary":
+            s = np.clip(np.where(np.isnan(s), 0.5, s), 0.0, 1.0)
+        elif t.kind == "multiclass":
+            if s.ndim == 2 and s.shape[1] > 0:
+                s[~np.all(np.isfinite(s), axis=1)] = 1.0 / s.shape[1]
+            s = np.clip(s, 0.0, 1.0)
+        else:
+            lo, hi = t.shift - abs(t.scale), t.shift + abs(t.scale)
+            s = np.clip(np.where(np.isnan(s), t.shift, s), lo, hi)
+        out[t.name] = s
+    return out
+
+
 __all__ = [
     "EVAL_CALIBRATION_BINS",
     "EVAL_N_BINS",
@@ -562,6 +602,7 @@ __all__ = [
     "RegressionError",
     "TaskMetrics",
     "evaluation_metrics",
+    "finite_predictions",
     "flatten_state",
     "metrics_for_task",
     "sum_states",

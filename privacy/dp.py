@@ -21,6 +21,17 @@ What it does, per step:
    to the per-sample loss would instead have it clipped and distorted.
 4. One optimizer step (SGD, optional momentum).
 
+Non-finite values: a record can make its own per-sample gradient (or its norm) NaN or
+infinite (a model whose weights overflow float32 for that record's features). Such a
+sample is treated the same way every time, as if clipped to norm 0: its gradient is zeroed
+before clipping (``hooks``/``functorch``: :func:`nonfinite_samples` on Opacus's per-sample
+gradients; ``ghost``: its clipping coefficient is 0 and the second backward pass is
+recomputed with the sample's rows held at zero, :func:`ghost_backward`). The noise is
+added as for any batch, so the step is the mechanism's output on the other samples, and
+whether a record overflows changes nothing but that record's (bounded) contribution.
+:func:`noise_only_update` is the change DP-SGD makes when every sample is clipped to 0
+(the datasite's "null" update after a failure).
+
 ``dp=False`` runs the same loop (same Poisson batches, same loss, same FedProx term)
 without clipping or noise; its record has ``noise_multiplier=0``, which accounts as
 infinite epsilon -- honest about what non-private training costs.
@@ -44,8 +55,9 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -156,7 +168,7 @@ class _MaskedCriterion(nn.Module):
 GHOST_FIRST_PASS_TO_INPUTS = True
 
 
-def ghost_backward(loss, inputs: torch.Tensor) -> None:
+def ghost_backward(loss, inputs: torch.Tensor, *, replay: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Opacus' two-pass ghost clipping (``DPTensorFastGradientClipping.backward``, Opacus
     1.6) with a cheaper first pass.
 
@@ -166,7 +178,24 @@ def ghost_backward(loss, inputs: torch.Tensor) -> None:
     then zeroes them. Here it is ``torch.autograd.grad`` toward the batch's inputs, so autograd
     skips every dW. The second pass is Opacus's, unchanged: the per-sample losses reweighted
     by the clipping coefficients, hooks off, parameter gradients accumulated; the optimizer
-    then adds the noise. Same gradients as Opacus's (tests/privacy/test_dp.py)."""
+    then adds the noise. Same gradients as Opacus's (tests/privacy/test_dp.py).
+
+    A sample whose per-sample loss or gradient norm is not finite gets clipping
+    coefficient 0. Its rows would still poison the second pass (``0 * inf`` is NaN inside
+    every weight gradient's sum over the batch), so then the second pass runs on
+    ``replay(bad)``: the batch's per-sample losses recomputed with the same dropout masks
+    and the ``bad`` rows held at zero at every layer (see :func:`train_local`).
+
+    Args:
+        loss: Opacus's ``DPTensorFastGradientClipping`` of the batch.
+        inputs: the batch's inputs (requiring grad), the target of the first pass.
+        replay: ``bad (bool, (B,)) -> per-sample losses (B,)`` as described; needed only
+            when a sample is not finite.
+
+    Raises:
+        ValueError: an unsupported loss reduction.
+        RuntimeError: a sample is not finite and no ``replay`` was given.
+    """
     per_sample = loss.loss_per_sample
     if loss.loss_reduction == "mean":
         reduced = torch.mean(per_sample, dim=0)
@@ -176,10 +205,17 @@ def ghost_backward(loss, inputs: torch.Tensor) -> None:
         raise ValueError(f"loss_reduction = {loss.loss_reduction}; only 'sum' and 'mean' are supported")
     torch.autograd.grad(reduced, inputs=[inputs], retain_graph=True)
     loss.optimizer.zero_grad()
-    coeff = loss.module.get_clipping_coef()
-    second = torch.sum(coeff.to(per_sample.device) * per_sample)
+    coeff = loss.module.get_clipping_coef().to(per_sample.device)
+    bad = ~torch.isfinite(coeff) | ~torch.isfinite(loss.module.per_sample_gradient_norms.to(per_sample.device)) \
+        | ~torch.isfinite(per_sample.detach())
     loss.module.disable_hooks()
     try:
+        if bool(bad.any()):
+            if replay is None:
+                raise RuntimeError("a sample's loss or gradient norm is not finite and no replay was given")
+            coeff = torch.where(bad, torch.zeros_like(coeff), coeff)
+            per_sample = torch.where(bad, torch.zeros_like(per_sample), replay(bad))
+        second = torch.sum(coeff * per_sample)
         second.backward()
     finally:
         loss.module.enable_hooks()
@@ -200,6 +236,134 @@ def _lean_accumulate(dp_opt) -> None:
                 p.summed_grad = p.grad.data.clone()
 
     dp_opt.accumulate = accumulate
+
+
+def nonfinite_samples(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Which samples of a batch have a per-sample gradient that is not finite.
+
+    The norm is computed as Opacus's ``DPOptimizer.clip_and_accumulate`` computes it
+    (each parameter's per-sample L2 norm, then the L2 norm of those), so a sample is
+    flagged exactly when Opacus's clipping factor would be NaN or 0 with an infinite
+    gradient behind it: any NaN or infinite entry, or a norm that overflows.
+
+    Args:
+        grad_samples: one ``(B, ...)`` tensor of per-sample gradients per parameter.
+
+    Returns:
+        A bool tensor ``(B,)``; all False for an empty batch or no parameters.
+    """
+    if not grad_samples or len(grad_samples[0]) == 0:
+        return torch.zeros(len(grad_samples[0]) if grad_samples else 0, dtype=torch.bool)
+    device = grad_samples[0].device
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in grad_samples], dim=1).norm(2, dim=1)
+    return ~torch.isfinite(norms)
+
+
+def zero_samples(grad_sample: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``grad_sample`` (``(B, ...)``) with the rows of the ``bad`` samples set to 0 (not
+    multiplied: ``0 * inf`` would be NaN)."""
+    m = bad.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1)))
+    return torch.where(m, torch.zeros((), dtype=grad_sample.dtype, device=grad_sample.device), grad_sample)
+
+
+def _zero_nonfinite_before_clipping(dp_opt) -> None:
+    """Have Opacus's (per-sample-gradient) optimizer zero every sample whose gradient is
+    not finite (:func:`nonfinite_samples`) before it clips, sums and noises: the sample
+    then contributes what a gradient clipped to norm 0 contributes."""
+    original = dp_opt.clip_and_accumulate
+
+    def clip_and_accumulate() -> None:
+        params = [p for p in dp_opt.params if getattr(p, "grad_sample", None) is not None]
+        grads = [dp_opt._get_flat_grad_sample(p) for p in params]
+        bad = nonfinite_samples(grads)
+        if bool(bad.any()):
+            for p, g in zip(params, grads):
+                p.grad_sample = zero_samples(g, bad)
+        original()
+
+    dp_opt.clip_and_accumulate = clip_and_accumulate
+
+
+@contextmanager
+def _rows_held_at_zero(model: nn.Module, bad: torch.Tensor) -> Iterator[None]:
+    """While active, every leaf module of ``model`` sees the ``bad`` rows of its input as
+    zeros, so those rows stay finite through the network and send back gradients that
+    are exactly 0 (never ``0 * inf``)."""
+
+    def gate(_module: nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or len(args[0]) != len(bad):
+            return None
+        x = args[0]
+        m = bad.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return (torch.where(m, torch.zeros((), dtype=x.dtype, device=x.device), x), *args[1:])
+
+    handles = [m.register_forward_pre_hook(gate) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def noise_only_update(
+    *,
+    n_params: int,
+    steps: int,
+    n_samples: int,
+    sample_rate: float,
+    lr: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    momentum: float = 0.0,
+    fedprox_mu: float = 0.0,
+    offset: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The change of the flat weights that :func:`train_local` makes when every sample's
+    gradient is clipped to norm 0: ``steps`` SGD steps (with ``momentum``) on the Gaussian
+    noise alone, ``N(0, (noise_multiplier * max_grad_norm)^2)`` per coordinate divided by
+    the expected batch size (as Opacus divides), plus the FedProx gradient
+    ``fedprox_mu * (offset + change)`` where ``offset`` is the start minus the global
+    weights (zeros when not given).
+
+    Args:
+        n_params: length of the flat weight vector.
+        steps: optimiser steps of the round.
+        n_samples: training records (the expected batch is ``int(n_samples * q)`` with the
+            effective rate ``q`` of :func:`effective_sample_rate`).
+        sample_rate: the requested Poisson rate.
+        lr: learning rate.
+        noise_multiplier: DP-SGD's noise multiplier (0: no noise, the change is 0 without
+            FedProx).
+        max_grad_norm: the clipping norm.
+        momentum: SGD momentum.
+        fedprox_mu: FedProx's ``mu``.
+        offset: start minus global weights, ``(n_params,)``.
+        rng: the generator (default: seeded with 128 bits from the OS); tests only.
+
+    Returns:
+        The change, float64 ``(n_params,)``.
+
+    Raises:
+        ValueError: a negative count, rate outside (0, 1] or negative noise.
+    """
+    if n_params < 0 or steps < 0 or noise_multiplier < 0:
+        raise ValueError("n_params, steps and noise_multiplier must be >= 0")
+    q, _ = effective_sample_rate(sample_rate, n_samples)
+    expected = max(1, int(n_samples * q))
+    if rng is None:
+        rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    off = np.zeros(n_params) if offset is None else np.asarray(offset, dtype=np.float64)
+    change = np.zeros(n_params)
+    buf: np.ndarray | None = None
+    std = float(noise_multiplier) * float(max_grad_norm)
+    for _ in range(int(steps)):
+        g = rng.normal(0.0, std, size=n_params) / expected if std > 0 else np.zeros(n_params)
+        if fedprox_mu > 0:
+            g = g + fedprox_mu * (off + change)
+        buf = g if buf is None or momentum == 0 else momentum * buf + g
+        change = change - lr * buf
+    return change
 
 
 def train_local(
@@ -376,6 +540,7 @@ def train_local(
             else:
                 wrapped, dp_opt, loader = out
                 dp_crit = criterion
+                _zero_nonfinite_before_clipping(dp_opt)
             q_used = loader.sample_rate if hasattr(loader, "sample_rate") else 1.0 / len(loader)
             if not math.isclose(q_used, q, rel_tol=1e-12):
                 raise RuntimeError(f"Opacus sampled at rate {q_used}, expected {q}; refusing to mis-account")
@@ -397,10 +562,12 @@ def train_local(
                 lean = lean_ghost and len(xb) > 0
                 if lean:
                     xb = xb.detach().requires_grad_(True)
+                rng_state = torch.get_rng_state() if lean else None  # dropout's masks, for a replay
                 outputs = net(xb)
                 loss = crit(outputs, (yb, mb))
                 if lean:
-                    ghost_backward(loss, xb)
+                    ghost_backward(loss, xb, replay=lambda bad, xb=xb, yb=yb, mb=mb, rng_state=rng_state: _replay_losses(
+                        model, criterion, xb, yb, mb, bad, rng_state))
                 else:
                     loss.backward()
                 losses.append(float(loss.item()) if len(xb) else float("nan"))
@@ -447,6 +614,18 @@ def train_local(
     )
 
 
+def _replay_losses(model: nn.Module, criterion: "_MaskedCriterion", xb: torch.Tensor, yb: torch.Tensor,
+                   mb: torch.Tensor, bad: torch.Tensor, rng_state: torch.Tensor) -> torch.Tensor:
+    """The batch's per-sample losses recomputed for :func:`ghost_backward`: the same
+    dropout masks (the global generator restored to its state before the first forward)
+    and the ``bad`` rows held at zero at every layer (:func:`_rows_held_at_zero`). Opacus's
+    hooks are disabled by the caller, so nothing is recorded twice."""
+    torch.set_rng_state(rng_state)
+    with _rows_held_at_zero(model, bad):
+        outputs = model(xb.detach())
+    return masked_multitask_loss(outputs, yb, mb, criterion.tasks, reduction="none")
+
+
 def _add_proximal_grad(params: list[torch.Tensor], global_vec: torch.Tensor, mu: float) -> None:
     """p.grad += mu * (p - w_global) for each parameter, in flat-vector order."""
     pos = 0
@@ -471,5 +650,9 @@ __all__ = [
     "SecureRNGUnavailableWarning",
     "TrainResult",
     "effective_sample_rate",
+    "ghost_backward",
+    "noise_only_update",
+    "nonfinite_samples",
     "train_local",
+    "zero_samples",
 ]

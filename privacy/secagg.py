@@ -1,6 +1,6 @@
 """Secure aggregation with double masking (Bonawitz et al., CCS 2017), as a pure library.
 
-One round has four ordered stages. Each site runs a :class:`SiteSession`; the researcher
+One round has five ordered stages. Each site runs a :class:`SiteSession`; the researcher
 (the aggregation server, which only relays) runs a :class:`ServerSession`. Every message
 is a plain dict of ``str``/``int``/``bytes``/``list``/``dict``/``numpy`` values so it can
 travel through PySyft code requests.
@@ -10,8 +10,9 @@ stage                 site                                    server
 ====================  ======================================  ===============================
 1 advertise keys      ``advertise_keys() -> advert``          ``collect_advertisements(adverts) -> keys``
 2 share keys          ``share_keys(keys) -> shares``          ``collect_shares(shares) -> {site: delivery}``
-3 masked input        ``masked_input(delivery, arrays) -> m`` ``collect_masked_inputs(ms) -> unmask_request``
-4 unmask              ``unmask(unmask_request) -> reveal``    ``unmask(reveals) -> AggregateResult``
+3 masked input        ``masked_input(delivery, arrays) -> m`` ``collect_masked_inputs(ms) -> consistency_request``
+4 consistency check   ``consistency_check(request) -> sig``   ``collect_consistency(sigs) -> unmask_request``
+5 unmask              ``unmask(unmask_request) -> reveal``    ``unmask(reveals) -> AggregateResult``
 ====================  ======================================  ===============================
 
 Keys: each site generates, *per round*, two X25519 pairs: ``c`` (encrypting shares to
@@ -29,14 +30,20 @@ Each site also adds a self mask from a random 32-byte seed ``b_u``. ``b_u`` and 
 private key are Shamir-split t-of-n; each share goes to its peer under AES-256-GCM with a
 key from ``X25519(c_u, c_v)`` and AAD binding (params digest, job, round, sender, receiver).
 
-Unmasking: survivors reveal their shares of the *mask keys of dropped sites* and of the
-*self masks of survivors*. A site reveals nothing if the survivor set is smaller than t,
-is not a subset of the sites that shared keys, or leaves the site itself out; and it never
-reveals both kinds of share for one peer. With ``t > n/2`` no two disjoint groups of t
-honest sites exist, so even a lying server cannot collect both secrets of one site.
+Consistency check (the paper's round "ConsistencyCheck"): the server sends every
+survivor the survivor set U3 (the sites whose masked inputs it holds); each site signs,
+with its identity key, the parameters' digest (job, pass, attempt...) and U3, once per
+round, and the server forwards the signatures with the unmask request.
 
-Not implemented: the consistency-check round of the paper's actively secure variant
-(sites signing the survivor set). See docs/secure_aggregation.md.
+Unmasking: survivors reveal their shares of the *mask keys of dropped sites* and of the
+*self masks of survivors*. A site reveals nothing unless the request's U3 is the one it
+signed and carries at least t valid signatures over that U3 from distinct roster sites in
+U3; nor if U3 is smaller than t, is not a subset of the sites that shared keys, or leaves
+the site itself out; and it never reveals both kinds of share for one peer. With
+``t > n/2`` (:func:`majority_threshold`) two groups of t signers always share an honest
+site, which signed only one U3, so a server that tells sites different dropout stories
+gets the t matching signatures for at most one of them and cannot collect both secrets of
+any site. See docs/secure_aggregation.md.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from fedmtl.privacy.secagg_common import (
     Stage,
     TooFewSitesError,
     UnmaskRefusedError,
+    consistency_problems,
+    majority_threshold,
     message_nbytes,
 )
 from fedmtl.privacy.secagg_server import AggregateResult, RoundStats, ServerSession, run_local_round
@@ -64,6 +73,8 @@ __all__ = [
     "RoundStats",
     "run_local_round",
     "message_nbytes",
+    "majority_threshold",
+    "consistency_problems",
     "TooFewSitesError",
     "ProtocolStateError",
     "MessageError",

@@ -19,13 +19,15 @@ from fedmtl.errors import SecAggError
 from fedmtl.privacy.keys import (
     AgreementKey,
     AgreementPublicKey,
+    SignatureError,
     VerifyKey,
     hkdf_sha256,
     keystream,
 )
 from fedmtl.privacy.quantization import QuantizationConfig
 
-PROTOCOL = "fedmtl-secagg-v1"
+#: v2: the consistency-check stage (sites sign the survivor set) before unmasking
+PROTOCOL = "fedmtl-secagg-v2"
 _SEED_BYTES = 32
 _NONCE_BYTES = 12
 
@@ -54,7 +56,8 @@ class Stage(enum.IntEnum):
     ADVERTISE_KEYS = 1
     SHARE_KEYS = 2
     MASKED_INPUT = 3
-    UNMASK = 4
+    CONSISTENCY = 4
+    UNMASK = 5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,7 +122,8 @@ class SecAggParams:
 
     roster: site id -> long-term identity key, for every site allowed to take part.
     threshold: t, shares needed to reconstruct; 2 <= t <= len(roster). t > n/2 is
-        needed for security against a server that lies about who dropped (warned).
+        needed for security against a server that lies about who dropped (warned here;
+        a datasite's review denies such a job, see :func:`majority_threshold`).
     shapes: the shapes of the arrays each site contributes, flattened in this order.
     quantization: fixed-point encoding; its num_sites must be >= len(roster).
     """
@@ -237,6 +241,14 @@ class SecAggParams:
     def advert_payload(self, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
         return _encode(PROTOCOL, "advertise", self.digest(), self.job_id, self.round, site, c_pk, s_pk)
 
+    def consistency_payload(self, site: str, survivors: Sequence[str]) -> bytes:
+        """What ``site`` signs in the consistency check: the parameters' digest (job,
+        pass, attempt, roster, threshold...) and the survivor set U3 it was told (sorted)."""
+        u3 = sorted(survivors)
+        return _encode(
+            PROTOCOL, "consistency", self.digest(), self.job_id, self.round, site, len(u3), *u3
+        )
+
     def share_context(self, sender: str, receiver: str) -> bytes:
         return _encode(PROTOCOL, "share", self.digest(), self.job_id, self.round, sender, receiver)
 
@@ -300,6 +312,73 @@ def _verify_adverts(p: SecAggParams, adverts: list) -> dict[str, tuple[bytes, by
             raise MessageError(f"site {site!r} advertised the same key twice")
         out[site] = (c_pk, s_pk)
     return dict(sorted(out.items()))
+
+
+def _survivor_list(msg: Mapping) -> list[str]:
+    """The ``survivors`` field of a message: a list of distinct site names (MessageError)."""
+    survivors = _field(msg, "survivors", list)
+    if not all(isinstance(v, str) and v for v in survivors):
+        raise MessageError("survivors must be a list of site names")
+    if len(set(survivors)) != len(survivors):
+        raise MessageError(f"survivors name a site twice: {survivors}")
+    return survivors
+
+
+def consistency_problems(p: SecAggParams, survivors: Sequence[str], signatures: Any) -> tuple[list[str], list[str]]:
+    """Check the consistency signatures of a survivor set U3.
+
+    Args:
+        p: the round's parameters (the roster's identity keys verify the signatures).
+        survivors: U3, the survivor set the signatures must all be over.
+        signatures: site -> Ed25519 signature of :meth:`SecAggParams.consistency_payload`.
+
+    Returns:
+        (the sites whose signature over exactly ``survivors`` verifies, sorted; every
+        problem found: a signer outside the roster or outside U3, a value that is not
+        bytes, a signature that does not verify). Distinct signers are the dict's keys.
+    """
+    if not isinstance(signatures, Mapping):
+        return [], [f"signatures must be a dict of site -> signature, got {type(signatures).__name__}"]
+    u3 = set(survivors)
+    valid: list[str] = []
+    problems: list[str] = []
+    for site, sig in signatures.items():
+        if not isinstance(site, str) or site not in p.roster:
+            problems.append(f"a signature from {site!r}, which is not in the roster")
+        elif site not in u3:
+            problems.append(f"a signature from {site!r}, which is not in the survivor set")
+        elif not isinstance(sig, (bytes, bytearray)):
+            problems.append(f"the signature of {site!r} is not bytes")
+        else:
+            try:
+                p.roster[site].verify(bytes(sig), p.consistency_payload(site, survivors))
+            except SignatureError:
+                problems.append(
+                    f"the signature of {site!r} is not over this survivor set {sorted(survivors)} "
+                    f"(forged, or {site!r} was told another one)"
+                )
+            else:
+                valid.append(site)
+    return sorted(valid), problems
+
+
+def majority_threshold(n_sites: int) -> int:
+    """The smallest safe threshold for ``n_sites`` sites: ``floor(n/2) + 1`` (t > n/2, so
+    two disjoint groups of t sites cannot exist and a server that lies about dropouts
+    cannot collect both kinds of share of one site).
+
+    Args:
+        n_sites: the size of the roster.
+
+    Returns:
+        ``n_sites // 2 + 1``.
+
+    Raises:
+        ValueError: ``n_sites`` is not a positive int.
+    """
+    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+        raise ValueError(f"n_sites must be a positive int, got {n_sites!r}")
+    return n_sites // 2 + 1
 
 
 def _checked_inputs(arrays: Sequence[np.ndarray], shapes: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ from fedmtl.privacy.secagg_common import (
     TooFewSitesError,
     _field,
     _verify_adverts,
+    consistency_problems,
     message_nbytes,
 )
 from fedmtl.privacy.secagg_site import SiteSession
@@ -52,6 +53,7 @@ class ServerSession:
         self._adverts: dict[str, tuple[bytes, bytes]] = {}
         self._u2: list[str] = []
         self._masked: dict[str, np.ndarray] = {}
+        self._signatures: dict[str, bytes] = {}
 
     def _expect(self, done: Stage) -> None:
         if self.stage != done:
@@ -108,7 +110,8 @@ class ServerSession:
         }
 
     def collect_masked_inputs(self, messages: Sequence[Mapping]) -> dict:
-        """Keep the masked vectors; the returned ``unmask_request`` goes to every survivor."""
+        """Keep the masked vectors; the returned ``consistency_request`` (the survivor set
+        U3) goes to every survivor, who signs it (:meth:`collect_consistency`)."""
         self._expect(Stage.SHARE_KEYS)
         msgs = self._senders(messages, "masked", self._u2)
         dtype, size = self.params.quantization.dtype, self.params.size
@@ -119,15 +122,43 @@ class ServerSession:
         self._at_least_t(msgs, "sent masked inputs")
         self._masked = {s: m["masked"] for s, m in msgs.items()}
         self.stage = Stage.MASKED_INPUT
-        return {**self.params.header("unmask_request"), "survivors": list(self._masked)}
+        return {**self.params.header("consistency_request"), "survivors": list(self._masked)}
+
+    def collect_consistency(self, messages: Sequence[Mapping]) -> dict:
+        """Check the survivors' signatures over U3; the returned ``unmask_request`` (U3
+        and every signature) goes to each site that signed.
+
+        Args:
+            messages: the ``consistency`` replies of sites in U3.
+
+        Returns:
+            the ``unmask_request``: ``survivors`` (U3) and ``signatures`` (site -> bytes).
+
+        Raises:
+            MessageError: a reply from outside U3, twice from one site, or with a
+                signature that does not verify over U3.
+            TooFewSitesError: fewer than t sites signed; nothing can be revealed.
+        """
+        self._expect(Stage.MASKED_INPUT)
+        p = self.params
+        u3 = list(self._masked)
+        msgs = self._senders(messages, "consistency", u3)
+        signatures = {s: bytes(_field(m, "signature", (bytes, bytearray))) for s, m in msgs.items()}
+        valid, problems = consistency_problems(p, u3, signatures)
+        if problems:
+            raise MessageError("consistency signatures: " + "; ".join(problems))
+        self._at_least_t(valid, "signed the survivor set")
+        self._signatures = signatures
+        self.stage = Stage.CONSISTENCY
+        return {**p.header("unmask_request"), "survivors": u3, "signatures": dict(signatures)}
 
     def unmask(self, reveals: Sequence[Mapping]) -> AggregateResult:
         """Reconstruct the dropped sites' pairwise masks and survivors' self masks; the sum."""
-        self._expect(Stage.MASKED_INPUT)
+        self._expect(Stage.CONSISTENCY)
         p = self.params
         survivors = list(self._masked)
         dropped = sorted(set(self._u2) - set(survivors))
-        msgs = self._senders(reveals, "unmask", survivors)
+        msgs = self._senders(reveals, "unmask", self._signatures)
         self._at_least_t(msgs, "answered the unmask request")
         b_shares: dict[str, list[Share]] = {v: [] for v in survivors}
         s_shares: dict[str, list[Share]] = {v: [] for v in dropped}
@@ -196,7 +227,8 @@ def run_local_round(
     """Drive every site in ``inputs`` and the server through one round, in process.
 
     dropouts: site -> the first stage it does not perform (e.g. ``Stage.MASKED_INPUT``:
-        it shared keys, then vanished, so its masks must be recovered).
+        it shared keys, then vanished, so its masks must be recovered;
+        ``Stage.CONSISTENCY``: it sent its masked input, then signed nothing).
     persist: round-trip each site through ``to_bytes``/``from_bytes`` between stages,
         as the datasite runtime does.
     stats: filled with per-site and server times and bytes sent, if given.
@@ -234,7 +266,9 @@ def run_local_round(
     masked = site_step(
         Stage.MASKED_INPUT, deliveries, lambda ss: ss.masked_input(deliveries[ss.site_id], inputs[ss.site_id])
     )
-    request = server_step(server.collect_masked_inputs, list(masked.values()))
-    reveals = site_step(Stage.UNMASK, masked, lambda ss: ss.unmask(request))
+    check = server_step(server.collect_masked_inputs, list(masked.values()))
+    signed = site_step(Stage.CONSISTENCY, masked, lambda ss: ss.consistency_check(check))
+    request = server_step(server.collect_consistency, list(signed.values()))
+    reveals = site_step(Stage.UNMASK, signed, lambda ss: ss.unmask(request))
     return server_step(server.unmask, list(reveals.values()))
 

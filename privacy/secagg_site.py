@@ -32,8 +32,10 @@ from fedmtl.privacy.secagg_common import (
     _encode,
     _field,
     _share_key,
+    _survivor_list,
     _unb64,
     _verify_adverts,
+    consistency_problems,
 )
 from fedmtl.privacy.shamir import Share, split_secret
 
@@ -52,6 +54,7 @@ class _SiteState:
     own_shares: dict[str, bytes] = field(default_factory=dict)  # "b", "s" -> own Share bytes
     received: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # U2\{me}: (b, s) shares
     u2: list[str] = field(default_factory=list)
+    u3: list[str] = field(default_factory=list)  # the one survivor set this site signed
     revealed: dict[str, str] = field(default_factory=dict)  # peer -> "self_mask" | "mask_key"
 
     def to_dict(self) -> dict:
@@ -64,6 +67,7 @@ class _SiteState:
             "own_shares": {k: _b64(v) for k, v in self.own_shares.items()},
             "received": {k: [_b64(b), _b64(s)] for k, (b, s) in self.received.items()},
             "u2": list(self.u2),
+            "u3": list(self.u3),
             "revealed": dict(self.revealed),
         }
 
@@ -78,6 +82,7 @@ class _SiteState:
             own_shares={k: _unb64(v) for k, v in d["own_shares"].items()},
             received={k: (_unb64(b), _unb64(s)) for k, (b, s) in d["received"].items()},
             u2=list(d["u2"]),
+            u3=list(d.get("u3", [])),
             revealed=dict(d["revealed"]),
         )
 
@@ -247,22 +252,99 @@ class SiteSession:
 
     # ---- stage 4
 
-    def unmask(self, request: Mapping) -> dict:
-        """Reveal shares: mask keys of dropped sites, self-mask seeds of survivors."""
+    def consistency_check(self, request: Mapping) -> dict:
+        """Sign the survivor set U3 the server says sent masked inputs (once per round).
+
+        Args:
+            request: the server's ``consistency_request`` (``survivors``: U3).
+
+        Returns:
+            a ``consistency`` message: this site's Ed25519 identity signature over the
+            parameters' digest and U3 (:meth:`SecAggParams.consistency_payload`).
+
+        Raises:
+            UnmaskRefusedError: U3 leaves this site out or names a site that did not share
+                keys (this site signs nothing).
+            TooFewSitesError: U3 has fewer than t sites.
+            ProtocolStateError: not right after ``masked_input`` (a site signs one U3 per
+                round; a second request is refused).
+        """
         self._expect(Stage.MASKED_INPUT)
         p, st = self.params, self._state
-        p.check_header(request, "unmask_request")
-        survivors = _field(request, "survivors", list)
-        if len(set(survivors)) != len(survivors) or not set(survivors) <= set(st.u2):
-            raise UnmaskRefusedError("survivors must be distinct sites that shared keys; revealing nothing")
+        p.check_header(request, "consistency_request")
+        survivors = _survivor_list(request)
+        self._check_survivors(survivors)
+        st.u3 = sorted(survivors)
+        st.stage = Stage.CONSISTENCY
+        return {
+            **p.header("consistency"),
+            "site": self.site_id,
+            "signature": self._identity.sign(p.consistency_payload(self.site_id, st.u3)),
+        }
+
+    def _check_survivors(self, survivors: list[str]) -> None:
+        p, st = self.params, self._state
+        if not set(survivors) <= set(st.u2):
+            raise UnmaskRefusedError(
+                f"survivors {sorted(set(survivors) - set(st.u2))} did not share keys with this site; "
+                "revealing nothing"
+            )
         if self.site_id not in survivors:
             raise UnmaskRefusedError(f"site {self.site_id!r} is listed as dropped; revealing nothing")
         if len(survivors) < p.threshold:
             raise TooFewSitesError(
                 f"only {len(survivors)} survivor(s), threshold is {p.threshold}: revealing nothing, abort"
             )
-        dropped = sorted(set(st.u2) - set(survivors))
-        plan = {v: "self_mask" for v in survivors} | {v: "mask_key" for v in dropped}
+
+    # ---- stage 5
+
+    def unmask(self, request: Mapping) -> dict:
+        """Reveal shares: mask keys of dropped sites, self-mask seeds of survivors, only
+        against at least t consistency signatures over the survivor set this site signed.
+
+        Args:
+            request: the server's ``unmask_request``: ``survivors`` (U3) and
+                ``signatures`` (site -> consistency signature, from sites in U3).
+
+        Returns:
+            an ``unmask`` message with this site's shares of the survivors' self-mask seeds
+            and of the dropped sites' mask keys.
+
+        Raises:
+            UnmaskRefusedError: U3 is not the one this site signed, fewer than t valid
+                signatures over it, a forged or foreign signature, or revealing would give
+                away both kinds of share of one site. Nothing is revealed and the session
+                stays where it was.
+            ProtocolStateError: not right after ``consistency_check``.
+        """
+        self._expect(Stage.CONSISTENCY)
+        p, st = self.params, self._state
+        p.check_header(request, "unmask_request")
+        try:
+            survivors = _survivor_list(request)
+        except MessageError as e:
+            raise UnmaskRefusedError(f"{e}; revealing nothing") from None
+        if sorted(survivors) != st.u3:
+            raise UnmaskRefusedError(
+                f"the unmask request's survivor set {sorted(survivors)} is not the one this site signed "
+                f"{st.u3} (the server told sites different dropout stories?); revealing nothing"
+            )
+        self._check_survivors(survivors)
+        if "signatures" not in request:
+            raise UnmaskRefusedError("the unmask request carries no consistency signatures; revealing nothing")
+        valid, problems = consistency_problems(p, st.u3, request["signatures"])
+        if problems:
+            raise UnmaskRefusedError(
+                "consistency check failed: " + "; ".join(problems) + "; revealing nothing"
+            )
+        if len(valid) < p.threshold:
+            raise UnmaskRefusedError(
+                f"consistency check failed: only {len(valid)} valid signature(s) over the survivor set "
+                f"{st.u3} ({valid}), threshold is {p.threshold} (sites may have been told different "
+                "survivor sets); revealing nothing"
+            )
+        dropped = sorted(set(st.u2) - set(st.u3))
+        plan = {v: "self_mask" for v in st.u3} | {v: "mask_key" for v in dropped}
         clash = [v for v, kind in plan.items() if st.revealed.get(v, kind) != kind]
         if clash:
             raise UnmaskRefusedError(
@@ -271,7 +353,7 @@ class SiteSession:
             )
         own = st.own_shares
         self_mask_shares = {
-            v: own["b"] if v == self.site_id else st.received[v][0] for v in survivors
+            v: own["b"] if v == self.site_id else st.received[v][0] for v in st.u3
         }
         mask_key_shares = {v: st.received[v][1] for v in dropped}
         st.revealed.update(plan)
@@ -282,5 +364,3 @@ class SiteSession:
             "self_mask_shares": self_mask_shares,
             "mask_key_shares": mask_key_shares,
         }
-
-

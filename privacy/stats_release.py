@@ -84,7 +84,11 @@ def sensitivity(schema: Schema) -> float:
 
 def site_statistics(schema: Schema, df) -> np.ndarray:
     """This site's exact statistics in unit form (see the module docs), float64 ``(3F,)``.
-    Never release this vector as is: :func:`noise_statistics` it first."""
+    Never release this vector as is: :func:`noise_statistics` it first.
+
+    Whatever a record holds (text, NaN, +-inf, values far outside the declared range) it
+    adds at most 1 to a count and a unit value in [-1, 1] to each sum, so the vector is
+    always finite and one record moves it by at most :func:`sensitivity`."""
     import pandas as pd
 
     cols = numeric_features(schema)
@@ -97,8 +101,11 @@ def site_statistics(schema: Schema, df) -> np.ndarray:
     for i, col in enumerate(cols):
         t = transformed_values(col, pd.to_numeric(df[col.name], errors="coerce").to_numpy(dtype=float))
         t = t[~np.isnan(t)]
-        u = (t - c[i]) / h[i] if h[i] > 0 else np.zeros_like(t)
-        u = np.clip(u, -1.0, 1.0)  # exact already; guards rounding at the bounds
+        # float64, every value inside [-1, 1] before it is summed: n values sum to at most
+        # n, so no record can make the statistics overflow (or NaN) whatever it holds
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            u = (t - c[i]) / h[i] if h[i] > 0 else np.zeros_like(t)
+        u = np.clip(np.nan_to_num(u, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
         out[i], out[F + i], out[2 * F + i] = u.size, u.sum(), (u * u).sum()
     return out
 

@@ -50,9 +50,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedmtl.datasites.cohort import prepare
+from fedmtl.datasites.records import load_records
 from fedmtl.models.metrics import evaluation_metrics, sum_states
 from fedmtl.models.preprocessing import Preprocessor, labels_of, local_stats, sum_stats
 from fedmtl.models.tasks import TaskSpec
+from fedmtl.privacy.dp import train_local
+from fedmtl.researcher.recipe import recipe_spec
 from fedmtl.schema import Schema
 
 METHODS = ("pooled_mtl", "pooled_mtl_dp", "local_mtl", "local_mtl_dp", "pooled_logreg")
@@ -80,8 +84,6 @@ def split_sites(data: Mapping[str, pd.DataFrame], schema: Schema) -> list[SiteDa
 
 def load_sites(paths: Sequence[tuple[str, Path, Path]]) -> tuple[Schema, list[SiteData]]:
     """Load ``(name, records, schema)`` triples and split by the schema's split column."""
-    from fedmtl.datasites.records import load_records
-
     schema: Schema | None = None
     frames = {}
     for name, rec, sch in paths:
@@ -99,8 +101,6 @@ def load_sites(paths: Sequence[tuple[str, Path, Path]]) -> tuple[Schema, list[Si
 
 def prepare_demo(out_dir: Path, *, sites: int = 3, seed: int = 0) -> tuple[Schema, list[SiteData]]:
     """Write the demo cohort under ``out_dir`` and load it."""
-    from fedmtl.datasites.cohort import prepare
-
     files = prepare(out_dir, sites=sites, seed=seed)
     return load_sites([(f.name, f.records, f.schema) for f in files])
 
@@ -153,6 +153,8 @@ class Evaluator:
     def predictions(self, preds: Mapping[str, Mapping[str, np.ndarray]],
                     tasks: Sequence[TaskSpec] | None = None) -> dict[str, Any]:
         """Evaluate ``preds[site][task]`` (scores for ``site``'s test records)."""
+        # scikit-learn is in the test extra only (pyproject), not a dependency: imported where
+        # it is used, so that importing this module (the demo, personalise) never needs it
         from sklearn.metrics import roc_auc_score
 
         tasks = list(tasks) if tasks is not None else self.tasks
@@ -221,8 +223,6 @@ def train_like_job(spec, schema: Schema, X: torch.Tensor, Y: torch.Tensor, M: to
     rounds: ``rounds * steps_per_round(n)`` steps of :func:`train_local` with the job's
     optimiser settings, and with DP the job's noise for ``n`` records. ``seed`` sets the
     initial weights (as the job's ``seed`` does) and the sampling/noise."""
-    from fedmtl.privacy.dp import train_local
-
     spec = dataclasses.replace(spec, seed=int(seed))
     n = int(X.shape[0])
     model = spec.build_model(schema, n_features=int(X.shape[1]))
@@ -349,8 +349,6 @@ def _ms(c: Mapping[str, Any] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedmtl.researcher.demo import recipe_spec
-
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m fedmtl.researcher.baselines", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="folder for baselines.json (and the cohort, unless --data)")

@@ -22,9 +22,12 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
+import dataclasses
 import html
 import io
 import json
+import multiprocessing as mp
 import os
 import secrets
 import shlex
@@ -33,49 +36,42 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fedmtl.jobspec import RECIPES
+import numpy as np
+import torch
+
+from fedmtl.datasites import admin, identity, site_ledger
+from fedmtl.datasites.audit import audit
+from fedmtl.datasites.cohort import prepare
+from fedmtl.datasites.launch import free_port, launch
+from fedmtl.datasites.peers import pin_federation
+from fedmtl.datasites.records import load_records
+from fedmtl.datasites.syftio import console
+from fedmtl.errors import ConfigError, FedMTLError
+from fedmtl.jobspec import JobSpec
+from fedmtl.models.preprocessing import Preprocessor
+from fedmtl.privacy.accounting import epsilon_of
+from fedmtl.researcher.baselines import Evaluator, run_baselines, split_sites, summarise
+from fedmtl.researcher.personalise import finetune_sites
+from fedmtl.researcher.recipe import RECIPE_DP, RECIPE_NODP, ROUNDS, recipe_spec
+from fedmtl.researcher.session import Session
+from fedmtl.researcher.simulate import simulate
+from fedmtl.schema import Schema
 
 MARKER = ".fedmtl-demo"
 RESEARCHER = "researcher@demo.example"
 
 
 def _say(msg: str) -> None:
-    from fedmtl.datasites.syftio import console
-
     print(msg, file=console(), flush=True)
 
 
-#: The demo's recipe: the JobSpec defaults of each privacy mode (fedmtl.jobspec.RECIPES,
-#: chosen by experiment, docs/models.md "Recipe"): DP-SGD wants a large learning rate (its
-#: clipped, noised steps are short); training without DP wants momentum. Every row of the
-#: comparison with DP uses RECIPE_DP, every row without DP uses RECIPE_NODP: the same for
-#: federated, centralised and local-only training. Spelt out here so the report records it.
-ROUNDS = 5
-RECIPE_DP = {**RECIPES["dp"], "sample_rate": 0.05}
-RECIPE_NODP = {**RECIPES["no_dp"], "sample_rate": 0.05}
+# The demo's recipe (ROUNDS, RECIPE_DP, RECIPE_NODP, recipe_spec) is fedmtl.researcher.recipe:
+# every row of the comparison with DP uses RECIPE_DP, every row without DP RECIPE_NODP.
+
 #: seeds of every row: the main job's seed and the next ones. One DP run moves the mean
 #: AUROC by about +-0.005 (fresh noise), as much as the differences the targets compare,
 #: so every row averages 5 (docs/models.md, "Recipe")
 N_SEEDS = 5
-
-
-def recipe_spec(name: str, tasks: list[str], *, rounds: int = ROUNDS, epsilon: float | None, seed: int = 0,
-                n_sites: int = 3, **overrides):
-    """The demo's job spec: ``RECIPE_DP`` at ``epsilon`` per site (training, the scaling
-    statistics and the final evaluation release together), or ``RECIPE_NODP`` when
-    ``epsilon`` is None; ``overrides`` replace JobSpec fields."""
-    from fedmtl.jobspec import JobSpec
-
-    privacy = {"target_epsilon": float(epsilon)} if epsilon else {"dp": False}
-    recipe = RECIPE_DP if epsilon else RECIPE_NODP
-    return JobSpec(
-        name=name,
-        tasks=[{"label": t} for t in tasks],
-        rounds=rounds,
-        secagg={"threshold": n_sites // 2 + 1, "clip": 1.0},
-        seed=seed,
-        **{**recipe, **privacy, **overrides},
-    )
 
 
 _spec = recipe_spec  # the name the tests and notebooks know
@@ -97,20 +93,10 @@ def run_demo(
     """Run the demo; returns the report dict (also written to ``OUT/report``). Every
     comparison row runs ``n_seeds`` seeds (``seed``, ``seed + 1``, ...; one with ``quick``)
     in ``workers`` processes."""
-    from fedmtl.datasites import admin, site_ledger
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.launch import free_port, launch
-    from fedmtl.datasites.peers import pin_federation
-    from fedmtl.datasites.records import load_records
-    from fedmtl.researcher.session import Session
-    from fedmtl.schema import Schema
-
     t_start = time.perf_counter()
     out = Path(out).resolve()
     _fresh_out(out)
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-        from fedmtl.errors import ConfigError
-
         raise ConfigError(f"the number of seeds must be a whole number >= 1, got {n_seeds!r}")
     seeds = [seed] if quick else [seed + k for k in range(n_seeds)]
     if quick:
@@ -201,8 +187,6 @@ def run_demo(
 def _fresh_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            from fedmtl.errors import FedMTLError
-
             raise FedMTLError(f"{out} exists and was not written by `fedmtl demo`; choose another --out")
         for sub in ("cohort", "sites", "jobs", "report"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -235,9 +219,6 @@ def _summary(result, data=None, schema=None) -> dict[str, Any]:
 def evaluate_result(result, data, schema) -> dict[str, Any]:
     """Evaluate a :class:`JobResult`'s global model on every site's test split with the
     comparison evaluator, through the job's own preprocessor."""
-    from fedmtl.models.preprocessing import Preprocessor
-    from fedmtl.researcher.baselines import Evaluator, split_sites
-
     ev = Evaluator(split_sites(data, schema), result.spec.task_specs(schema))
     return ev.model(result.model(), Preprocessor.from_dict(result.preprocessor))
 
@@ -246,10 +227,6 @@ def finetuned_evaluation(result, data, schema, *, seed: int = 0) -> dict[str, An
     """Every hospital fine-tunes ``result``'s federated model on its own training split
     without DP (:func:`fedmtl.researcher.personalise.finetune_sites`: a model that stays at
     the hospital); each fine-tuned model is evaluated on its own hospital's test split."""
-    from fedmtl.models.preprocessing import Preprocessor
-    from fedmtl.researcher.baselines import Evaluator, split_sites
-    from fedmtl.researcher.personalise import finetune_sites
-
     sites = split_sites(data, schema)
     ev = Evaluator(sites, result.spec.task_specs(schema))
     return ev.models(finetune_sites(result, sites, seed=seed), Preprocessor.from_dict(result.preprocessor))
@@ -267,11 +244,6 @@ _W: dict[str, Any] = {}
 
 
 def _worker_init(cohort: str, names: list[str]) -> None:
-    import torch
-
-    from fedmtl.datasites.records import load_records
-    from fedmtl.schema import Schema
-
     torch.set_num_threads(1)
     schema = Schema.load(Path(cohort) / names[0] / "schema.toml")
     _W["schema"] = schema
@@ -281,13 +253,6 @@ def _worker_init(cohort: str, names: list[str]) -> None:
 def _run_one(kind: str, spec_dict: dict[str, Any], seed: int, extra: dict[str, Any]) -> dict[str, Any]:
     """One run of one row: ``kind`` "federated" (simulated with the real round code) or a
     baseline method; returns its evaluation (and the epsilon it spent)."""
-    import dataclasses
-
-    from fedmtl.jobspec import JobSpec
-    from fedmtl.models.preprocessing import Preprocessor
-    from fedmtl.researcher.baselines import run_baselines, split_sites
-    from fedmtl.researcher.simulate import simulate
-
     t = time.perf_counter()
     schema, data = _W["schema"], _W["data"]
     spec = dataclasses.replace(JobSpec.from_dict(spec_dict), seed=int(seed))
@@ -313,10 +278,6 @@ def split_epsilon(spec, epsilon: float, n_jobs: int, n_trains: list[int]) -> flo
     """The per-job target epsilon for ``n_jobs`` jobs like ``spec`` (training and
     evaluation releases) whose composition stays within ``epsilon`` at every site
     (RDP composition of all their records, so more than ``epsilon / n_jobs``)."""
-    import dataclasses
-
-    from fedmtl.privacy.accounting import epsilon_of
-
     def total(e: float) -> float:
         s = dataclasses.replace(spec, target_epsilon=e, noise_multiplier=None)
         return max(epsilon_of(s.job_records(n) * n_jobs, delta=spec.delta, accountant=spec.accountant)
@@ -332,9 +293,6 @@ def split_epsilon(spec, epsilon: float, n_jobs: int, n_trains: list[int]) -> flo
 def _comparisons(cohort: Path, names: list[str], tasks: list[str], *, rounds: int, epsilon: float,
                  sweep: tuple[float, ...], seeds: list[int], n_sites: int, main, report: dict[str, Any],
                  workers: int, log: Callable[[str], None]) -> dict[str, Any]:
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     n_trains = [int(report_n) for report_n in _train_sizes(cohort, names)]
     dp = recipe_spec("mtl-dp", tasks, rounds=rounds, epsilon=epsilon, n_sites=n_sites)
     nodp = recipe_spec("mtl-nodp", tasks, rounds=rounds, epsilon=None, n_sites=n_sites)
@@ -383,8 +341,6 @@ def _comparisons(cohort: Path, names: list[str], tasks: list[str], *, rounds: in
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-
-    from fedmtl.researcher.baselines import summarise
 
     def row_of(evals: list[dict[str, Any]], sources: list[str], row: str = "", **extra) -> dict[str, Any]:
         if not evals:
@@ -448,9 +404,6 @@ def _comparisons(cohort: Path, names: list[str], tasks: list[str], *, rounds: in
 
 
 def _train_sizes(cohort: Path, names: list[str]) -> list[int]:
-    from fedmtl.datasites.records import load_records
-    from fedmtl.schema import Schema
-
     schema = Schema.load(cohort / names[0] / "schema.toml")
     out = []
     for n in names:
@@ -521,9 +474,6 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _audits(out: Path, names: list[str]) -> dict[str, Any]:
-    from fedmtl.datasites import identity
-    from fedmtl.datasites.audit import audit
-
     res = {}
     for n in names:
         home = out / "sites" / n
@@ -657,11 +607,12 @@ def _png(fig) -> str:
 
 
 def _plots(report: dict[str, Any]) -> dict[str, str]:
+    # matplotlib only here: the comparison's worker processes import this module and never
+    # plot, and the backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     out = {}
     tasks = report["tasks"]

@@ -1,7 +1,7 @@
 """A federated multi-task DP job: submit, follow, run, resume.
 
 The researcher acts as the secure-aggregation server: each pass (see
-:mod:`fedmtl.protocol`) it relays the four stages between the sites, sums the
+:mod:`fedmtl.protocol`) it relays the five stages between the sites, sums the
 masked vectors (masks cancel), recovers dropped sites' masks from the survivors' shares,
 de-quantises, and applies the strategy. It never sees one site's update.
 
@@ -15,12 +15,14 @@ trains or charges a pass twice.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fedmtl import protocol
 from fedmtl.datasites import syftio
@@ -29,7 +31,16 @@ from fedmtl.datasites.home import write_json_atomic
 from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
 from fedmtl.errors import JobError, PassLostError
+from fedmtl.jobspec import JobSpec
+from fedmtl.models import model_to_vector
 from fedmtl.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
+from fedmtl.privacy.accounting import epsilon_of
+from fedmtl.privacy.quantization import average_by_group
+from fedmtl.researcher import dataplane_client
+from fedmtl.researcher.checkpoint import CheckpointStore
+from fedmtl.researcher.local_site import run_local_passes
+from fedmtl.researcher.result import JobResult
+from fedmtl.researcher.strategies import make_strategy
 
 # ---------------------------------------------------------------------------- transports
 
@@ -71,8 +82,6 @@ class Job:
     """A job over a :class:`~fedmtl.researcher.session.Session`'s sites."""
 
     def __init__(self, session, out: Path, state: dict[str, Any]):
-        from fedmtl.jobspec import JobSpec
-
         self.session = session
         self.out = Path(out)
         self.state = state
@@ -89,6 +98,8 @@ class Job:
         schemas = session.schemas
         spec.validate(schemas)  # both scalings need every numeric feature's declared range
         sites = spec.participating(sorted(schemas))
+        # the threshold the sites review: given, or a majority of these sites
+        spec = spec.for_sites(sites)
         first = schemas[sites[0]]
         for s in sites[1:]:
             if schemas[s].to_dict()["columns"] != first.to_dict()["columns"]:
@@ -99,9 +110,7 @@ class Job:
         max_count = max(session.sites[s].n_records for s in sites)
         # the job's own data-plane key: its public half goes into every site's spec (the
         # approval binds it), the private half stays in OUT/secrets (see dataplane_client)
-        from fedmtl.researcher.dataplane_client import load_or_create_key
-
-        dataplane_key = load_or_create_key(out / "secrets").verify_key.to_bytes().hex()
+        dataplane_key = dataplane_client.load_or_create_key(out / "secrets").verify_key.to_bytes().hex()
         site_specs = {
             s: {
                 "job": spec.to_dict(),
@@ -164,8 +173,6 @@ class Job:
     def dry_run(self, *, passes: int = 2) -> dict[str, Any]:
         """Run the exact round code on every site's mock data, locally (throw-away
         identities, no ledger), through secure aggregation; raise on any error."""
-        from fedmtl.researcher.simulate import run_local_passes
-
         return run_local_passes(self, {s: self.session.sites[s].mock() for s in self.sites}, passes=passes)
 
     # -- planning --------------------------------------------------------------------
@@ -195,7 +202,7 @@ class Job:
         already sent a request are not sent another."""
         if self.state["submitted"]:
             raise JobError(f"job {self.job_id} was already submitted")
-        sy = syftio.import_syft()
+        sy = syftio.import_syft()  # syft (seconds to import) only where a job talks to it
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
         limit = CALLS_PER_PASS * protocol.last_pass(self.spec) * 4
@@ -283,8 +290,7 @@ class Job:
         if plane not in ("auto", "dataplane", "syft"):
             raise JobError(f"plane must be 'auto', 'dataplane' or 'syft', got {plane!r}")
         if plane != "syft":
-            from fedmtl.researcher import dataplane_client as dp
-
+            dp = dataplane_client
             has_key = all("dataplane_key" in self.site_specs[s] for s in self.sites) and \
                 (self.out / "secrets" / dp.KEY_FILE).exists()
             urls = {s: self.session.sites[s].url for s in self.sites}
@@ -329,9 +335,6 @@ class Job:
     def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport=None, plane: str = "auto"):
         """Run (or continue) every pass; returns the :class:`JobResult`. ``plane`` picks
         the transport of the round calls (see :meth:`transport`)."""
-        from fedmtl.researcher.checkpoint import CheckpointStore
-        from fedmtl.researcher.strategies import make_strategy
-
         if transport is None:
             st = self.wait_for_review(review_timeout)
             denied = {s: v for s, v in st.items() if v["status"] != "approved"}
@@ -411,8 +414,6 @@ class Job:
                     record["metrics"] = protocol.compute_metrics(outcome.arrays["metrics"], tasks)
                     record["site_metrics"] = {s: r["site_metrics"] for s, r in outcome.reports.items() if "site_metrics" in r}
                 if "update" in outcome.arrays:
-                    from fedmtl.privacy.quantization import average_by_group
-
                     avg, totals = average_by_group(outcome.arrays["update"], outcome.arrays["counts"], groups=groups)
                     agg_dir = self.out / "aggregates"
                     agg_dir.mkdir(exist_ok=True)
@@ -439,8 +440,6 @@ class Job:
     def _epsilon(self, passes_done: int) -> dict[str, float]:
         """Epsilon each site has charged for this job after ``passes_done`` passes
         (training rounds and evaluation releases, as the site's ledger charges them)."""
-        from fedmtl.privacy.accounting import epsilon_of
-
         out = {}
         for s in self.sites:
             n_train = _n_train(self.session.sites[s].meta)
@@ -448,11 +447,8 @@ class Job:
             out[s] = float(epsilon_of(recs, delta=self.spec.delta, accountant=self.spec.accountant)) if recs else 0.0
         return out
 
-    def result(self):
+    def result(self) -> JobResult:
         """The job's result from its newest checkpoint."""
-        from fedmtl.researcher.checkpoint import CheckpointStore
-        from fedmtl.researcher.result import JobResult
-
         ckpt = CheckpointStore(self.out / "checkpoints").latest(spec_hash=self.state["spec_hash"])
         if ckpt is None:
             raise JobError(f"job {self.job_id} has not completed a pass yet")
@@ -609,14 +605,10 @@ def _metrics_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _initial_vector(model) -> np.ndarray:
-    from fedmtl.models import model_to_vector
-
     return model_to_vector(model)
 
 
 def _slug(name: str) -> str:
-    import re
-
     s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return (s or "job")[:24]
 
@@ -624,6 +616,4 @@ def _slug(name: str) -> str:
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, unit="pass")

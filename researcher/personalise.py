@@ -20,6 +20,9 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from fedmtl.jobspec import RECIPES
+from fedmtl.models.preprocessing import Preprocessor, labels_of
+from fedmtl.privacy.dp import train_local
+from fedmtl.researcher.baselines import Evaluator, train_like_job, without_dp
 
 #: Fine-tuning: passes over the hospital's training split, learning rate, momentum (plain
 #: SGD, no DP, the job's sampling rate as the batch fraction). Chosen on the demo cohort:
@@ -32,9 +35,6 @@ def finetune(model, pre, train, tasks, *, epochs: float = FINETUNE["epochs"], lr
     """A copy of ``model`` trained further on ``train`` (a records DataFrame with labels)
     through ``pre`` (the job's :class:`~fedmtl.models.preprocessing.Preprocessor`), without
     DP. ``model`` itself is left as it was."""
-    from fedmtl.models.preprocessing import labels_of
-    from fedmtl.privacy.dp import train_local
-
     if len(train) == 0:
         raise ValueError("the training split is empty: nothing to fine-tune on")
     tuned = copy.deepcopy(model)
@@ -48,8 +48,6 @@ def finetune(model, pre, train, tasks, *, epochs: float = FINETUNE["epochs"], lr
 def local_only_spec(spec):
     """``spec`` as one hospital training alone without DP: the non-private recipe
     (:data:`fedmtl.jobspec.RECIPES` ``["no_dp"]``), the job's model, rounds and sampling."""
-    from fedmtl.researcher.baselines import without_dp
-
     return dataclasses.replace(without_dp(spec), local_steps=None, **RECIPES["no_dp"])
 
 
@@ -62,9 +60,6 @@ def compare_at_site(result, site, *, seed: int = 0, local: bool = True,
     Returns the comparison, JSON-able: ``{"site", "n_train", "n_test", "finetune", "rows":
     {row: {"auroc": {task: value}, "mean": value}}, "gain_finetuned_vs_local",
     "gain_federated_vs_local"}``, and the fine-tuned model."""
-    from fedmtl.models.preprocessing import Preprocessor
-    from fedmtl.researcher.baselines import Evaluator, train_like_job
-
     if len(site.test) == 0:
         raise ValueError(f"{site.name}: the test split is empty; the comparison needs held-out records")
     schema = result.schema
@@ -76,8 +71,6 @@ def compare_at_site(result, site, *, seed: int = 0, local: bool = True,
     tuned = finetune(federated, pre, site.train, tasks, sample_rate=result.spec.sample_rate, seed=seed, **kw)
     models = {"federated": federated, "federated, fine-tuned here": tuned}
     if local:
-        from fedmtl.models.preprocessing import labels_of
-
         Y, M = labels_of(site.train, tasks)
         models["local-only, no DP"], _ = train_like_job(local_only_spec(result.spec), schema, pre.transform(site.train),
                                                         Y, M, seed=seed)
@@ -101,8 +94,6 @@ def finetune_sites(result, sites: Sequence, *, seed: int = 0, **finetune_kw: flo
     """Each of ``sites`` fine-tunes ``result``'s federated model on its own training split
     (what each hospital would do at home; ``finetune_kw``: ``epochs``, ``lr``, ``momentum``
     over :data:`FINETUNE`); returns ``{site name: model}``."""
-    from fedmtl.models.preprocessing import Preprocessor
-
     tasks = result.spec.task_specs(result.schema)
     pre = Preprocessor.from_dict(result.preprocessor)
     kw = {**FINETUNE, **finetune_kw}

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pandas as pd
+
 from fedmtl.datasites import syftio
 from fedmtl.datasites.identity import PublicIdentity
 from fedmtl.datasites.launch import parse_meta
 from fedmtl.errors import ConfigError, DatasiteError
+from fedmtl.jobspec import JobSpec
+from fedmtl.researcher.job import Job
 from fedmtl.schema import Schema
 
 
@@ -143,23 +147,19 @@ class Session:
             raise ConfigError(f"not connected to {name!r}; connected: {sorted(self.sites)}")
         return self.sites[name]
 
-    def overview(self):
+    def overview(self) -> pd.DataFrame:
         """One row per site and task: labelled and positive counts (no record values)."""
-        import pandas as pd
-
         rows = []
         for name, s in self.sites.items():
             for task, c in s.label_counts.items():
                 rows.append({"site": name, "task": task, "labelled": c.get("labelled"), "positive": c.get("positive")})
         return pd.DataFrame(rows)
 
-    def job(self, spec, *, out: str | Path):
+    def job(self, spec: JobSpec, *, out: str | Path) -> Job:
         """A job (not yet submitted) of ``spec`` over the connected sites."""
-        from fedmtl.researcher.job import Job
-
         return Job.create(self, spec, out=out)
 
-    def submit(self, spec, *, out: str | Path):
+    def submit(self, spec: JobSpec, *, out: str | Path) -> Job:
         """Validate ``spec`` against the sites and send one code request per site."""
         job = self.job(spec, out=out)
         job.submit()

@@ -6,14 +6,23 @@ import argparse
 import sys
 
 from fedmtl import __version__
+
+# The command modules import at their top only what loads no third-party package (the core's
+# errors, fsutil and schema; fedmtl.cli.terminal); each command imports the owner's or the
+# researcher's side (syft, torch, pandas, cryptography behind them) when it runs. Building the
+# parser stays cheap, and `fedmtl --help` or a command that needs none of them is fast
+# (tests/test_cli_help.py checks that `datasite stop` and `status` import no syft, torch, pandas).
+from fedmtl.cli import datasite, research, review
+from fedmtl.cli.terminal import console, restore_streams, say
 from fedmtl.errors import FedMTLError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # the command modules import syft, torch, pandas only inside their commands: building the
-    # parser stays cheap, and `fedmtl --help` or a command that needs none of them is fast
-    from fedmtl.cli import datasite, research, review
+    """The ``fedmtl`` argument parser: every command, each with its ``func`` to call.
 
+    Returns:
+        The parser; ``parse_args`` gives a namespace whose ``func(args)`` runs the command.
+    """
     p = argparse.ArgumentParser(prog="fedmtl", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                    help="print fedmtl's version and exit")
@@ -35,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``fedmtl`` command.
+
+    Args:
+        argv: the arguments after ``fedmtl``; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: the command's, 2 for a user error (its message printed), 130 on
+        Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -44,41 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except FedMTLError as e:
-        print(f"fedmtl: error: {e}", file=_console(err=True))
+        print(f"fedmtl: error: {e}", file=console(err=True))
         return 2
     except KeyboardInterrupt:
-        _restore_streams()  # a Ctrl-C inside a syft call may have left its output sink in
-        _say("interrupted", err=True)
+        restore_streams()  # a Ctrl-C inside a syft call may have left its output sink in
+        say("interrupted", err=True)
         return 130
-
-
-def _console(err: bool = False):
-    """The user's terminal, never the sink that syft's quieting swaps in for sys.stdout."""
-    from fedmtl.datasites.syftio import console
-
-    return console(err)
-
-
-def _say(*values, err: bool = False) -> None:
-    """``print`` for messages to the user of commands that call syft (they may run while
-    another thread is inside a quiet syft call, or after a Ctrl-C cut one short)."""
-    print(*values, file=_console(err), flush=True)
-
-
-def _restore_streams() -> None:
-    from fedmtl.datasites.syftio import restore_streams
-
-    restore_streams()
-
-
-def _reviewer_default() -> str:
-    import getpass as _gp
-    import socket
-
-    try:
-        return f"{_gp.getuser()}@{socket.gethostname()}"
-    except Exception:  # noqa: BLE001 - no login name (containers)
-        return ""
 
 
 #: names that lived in the single module ``fedmtl/cli.py`` before it became this package
@@ -92,10 +81,9 @@ _MOVED = {
 
 
 def __getattr__(name: str):
-    """``from fedmtl.cli import cmd_audit`` etc. keep working (imported on first use)."""
-    import importlib
-
+    """``from fedmtl.cli import cmd_audit`` etc. keep working."""
+    modules = {"datasite": datasite, "review": review, "research": research}
     for module, names in _MOVED.items():
         if name in names:
-            return getattr(importlib.import_module(f"fedmtl.cli.{module}"), name)
+            return getattr(modules[module], name)
     raise AttributeError(f"module 'fedmtl.cli' has no attribute {name!r}")

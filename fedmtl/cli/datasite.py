@@ -4,6 +4,7 @@ schema infer, peers, proxy-config). ``datasite review`` is in :mod:`fedmtl.cli.r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
@@ -12,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedmtl.cli import _reviewer_default, _say
-from fedmtl.errors import FedMTLError
+from fedmtl.cli.terminal import login_at_host, say
+from fedmtl.errors import ConfigError, FedMTLError
+from fedmtl.fsutil import atomic_write_bytes
+from fedmtl.schema import Schema
 
 RESEARCHER_PASSWORD_ENV = "FEDMTL_RESEARCHER_PASSWORD"
 ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"  # fedmtl.datasites.launch reads it; here the parser needs no import
@@ -43,7 +46,7 @@ def _read_password(args: argparse.Namespace, env: str, prompt: str) -> str:
 def cmd_datasite_launch(args: argparse.Namespace) -> int:
     from fedmtl.datasites.launch import launch
 
-    _say(f"launching datasite at {args.home} ...")
+    say(f"launching datasite at {args.home} ...")
     handle = launch(
         home=args.home,
         name=args.name,
@@ -55,29 +58,29 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
         policy=args.policy,
         test_fraction=args.test_fraction,
         split_seed=args.split_seed,
-        warn=lambda msg: _say(f"warning: {msg}", err=True),
+        warn=lambda msg: say(f"warning: {msg}", err=True),
         db_url=args.db,
     )
-    _say(f"datasite {handle.name!r} running at {handle.url}")
-    _say(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
-    _say(f"  dataset: {handle.dataset}")
-    _say(f"  database: {handle.database}")
-    _say(f"  test split: {_split_line(handle.home)}")
+    say(f"datasite {handle.name!r} running at {handle.url}")
+    say(f"  admin: {handle.admin_email}  (password in {handle.home / 'secrets' / 'admin_password'})")
+    say(f"  dataset: {handle.dataset}")
+    say(f"  database: {handle.database}")
+    say(f"  test split: {_split_line(handle.home)}")
     if args.detach:
         handle._process = None  # leave it running; `fedmtl datasite stop` stops it
         return 0
-    _say("press Ctrl-C to stop")
+    say("press Ctrl-C to stop")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while handle.is_running():
             time.sleep(1)
-        _say("the datasite server exited; see logs/server.log in its home", err=True)
+        say("the datasite server exited; see logs/server.log in its home", err=True)
         return 1
     except KeyboardInterrupt:
-        _say("\nstopping ...")
+        say("\nstopping ...")
     finally:
         handle.stop()
-    _say("stopped")
+    say("stopped")
     return 0
 
 
@@ -89,7 +92,6 @@ def _split_line(home: Path) -> str:
 
 def cmd_datasite_schema_infer(args: argparse.Namespace) -> int:
     from fedmtl.datasites.schema_infer import infer_file
-    from fedmtl.fsutil import atomic_write_bytes
 
     if args.out is not None and args.out.exists() and not args.force:
         raise FedMTLError(f"{args.out} exists; choose another --out, or add --force to replace it")
@@ -190,7 +192,7 @@ def cmd_datasite_peers(args: argparse.Namespace) -> int:
         for p in pinned:
             print(f"peer: {p.name}  {p.fingerprint}")
         return 0
-    who = args.who or _reviewer_default()
+    who = args.who or login_at_host()
     if not who:
         raise FedMTLError("give your name with --who EMAIL; it goes to the ledger")
     if args.peers_action == "add":
@@ -232,7 +234,6 @@ def _add_peers_parser(dsub) -> None:
 
 def cmd_datasite_proxy_config(args: argparse.Namespace) -> int:
     from fedmtl.datasites.proxy import nginx_server_block
-    from fedmtl.fsutil import atomic_write_bytes
 
     text = nginx_server_block(
         domain=args.domain,
@@ -272,19 +273,19 @@ def _add_proxy_parser(dsub) -> None:
     px.add_argument("--upstream-port", type=int, default=8080,
                     help="the port the datasite listens on at 127.0.0.1 (its launch --port; default 8080)")
     px.add_argument("--listen", metavar="ADDRESS", help="listen on this address only (default: all)")
-    px.add_argument("--max-body", default="10g", help="largest upload nginx lets through (default 10g)")
+    px.add_argument("--max-body", default=None,
+                    help="largest request body nginx lets through (default: what a round call of a model at "
+                    "the default policy's parameter cap needs)")
     px.add_argument("--out", type=Path, help="write the block to this file instead of printing it")
     px.set_defaults(func=cmd_datasite_proxy_config)
 
 
 def cmd_datasite_personalise(args: argparse.Namespace) -> int:
     from fedmtl.datasites.records import load_records
-    from fedmtl.errors import ConfigError
-    from fedmtl.fsutil import atomic_write_bytes
+    from fedmtl.models.flat import model_to_vector
     from fedmtl.researcher.baselines import split_sites
     from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table
     from fedmtl.researcher.result import JobResult
-    from fedmtl.schema import Schema
 
     result = JobResult.load(args.result)
     trained_on = result.schema
@@ -310,25 +311,21 @@ def cmd_datasite_personalise(args: argparse.Namespace) -> int:
         raise
     except ValueError as e:
         raise ConfigError(f"{args.records}: {e}") from e
-    _say(f"{args.site}: {cmp['n_train']} training and {cmp['n_test']} test records; fine-tuned "
+    say(f"{args.site}: {cmp['n_train']} training and {cmp['n_test']} test records; fine-tuned "
          f"{cmp['finetune']['epochs']:g} epochs at lr {cmp['finetune']['lr']:g} (defaults {FINETUNE}), no DP")
-    _say("AUROC on your own test split:")
-    _say(comparison_table(cmp))
+    say("AUROC on your own test split:")
+    say(comparison_table(cmp))
     g = cmp["gain_finetuned_vs_local"]
     if g is not None:
-        _say(f"federated and fine-tuned here vs training alone: {g:+.3f} mean AUROC")
+        say(f"federated and fine-tuned here vs training alone: {g:+.3f} mean AUROC")
     if args.out is not None:
-        import dataclasses
-
-        from fedmtl.models.flat import model_to_vector
-
         out = Path(args.out)
         # the federated job's metrics and epsilon do not describe this model (trained on these
         # records without DP): the copy carries neither
         dataclasses.replace(result, global_vector=model_to_vector(tuned), site_heads={}, metrics=[],
                             epsilon={}).save(out / "model")
         atomic_write_bytes(out / "comparison.json", (json.dumps(cmp, indent=2) + "\n").encode("utf-8"))
-        _say(f"wrote {out / 'comparison.json'} and the fine-tuned model to {out / 'model'} "
+        say(f"wrote {out / 'comparison.json'} and the fine-tuned model to {out / 'model'} "
              "(JobResult.load(...).predict(records)); it was trained on your records without DP: keep it here")
     return 0
 

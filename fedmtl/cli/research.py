@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from fedmtl.cli import _say
+from fedmtl.cli.terminal import say
 from fedmtl.errors import FedMTLError
 
 # -- demo ---------------------------------------------------------------------------
@@ -32,31 +33,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fedmtl.researcher.session import Session
 
     session = Session.connect(args.sites)
-    _say(f"connected to {', '.join(sorted(session.sites))}")
+    say(f"connected to {', '.join(sorted(session.sites))}")
     if (Path(args.out) / "job.json").exists():
         job = Job.resume(session, args.out)
-        _say(f"resuming job {job.job_id} in {args.out}")
+        say(f"resuming job {job.job_id} in {args.out}")
     else:
         if args.job is None:
             raise FedMTLError(f"{args.out} holds no job yet: give the job spec with --job FILE")
         spec = JobSpec.load(args.job)
         job = session.job(spec, out=args.out)
         if not args.no_dry_run:
-            _say("dry run on the sites' mock data ...")
+            say("dry run on the sites' mock data ...")
             job.dry_run()
         job.submit()
-        _say(f"submitted job {job.job_id}; waiting for the sites' review ...")
+        say(f"submitted job {job.job_id}; waiting for the sites' review ...")
     for site, st in job.wait_for_review(args.review_timeout).items():
-        _say(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
+        say(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
     result = job.run(progress=not args.quiet, review_timeout=args.review_timeout)
     result.save(Path(args.out) / "result")
     table = result.metrics_table()
     last = table[table["round"] == table["round"].max()]
-    _say(last.to_string(index=False))
-    _say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
+    say(last.to_string(index=False))
+    say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
     for line in hospital_lines(result):
-        _say(line)
-    _say(f"result saved to {Path(args.out) / 'result'}")
+        say(line)
+    say(f"result saved to {Path(args.out) / 'result'}")
     return 0
 
 
@@ -89,15 +90,13 @@ def cmd_job_price(args: argparse.Namespace) -> int:
     session = Session.connect(args.sites)
     rows = price(session, spec, budget=not args.no_budget)
     if args.json:
-        import math
-
         plain = {s: {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
                  for s, r in rows.items()}  # JSON has no infinity (a job without DP)
         print(json.dumps(plain, indent=2))
         return 0
-    _say(f"job {spec.name!r}: epsilon per site at delta={spec.delta:g} ({spec.accountant}), "
+    say(f"job {spec.name!r}: epsilon per site at delta={spec.delta:g} ({spec.accountant}), "
          "training rounds and evaluation releases together")
-    _say(price_table(rows))
+    say(price_table(rows))
     return 0
 
 
@@ -108,14 +107,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(out=args.out, sites=args.sites, rounds=args.rounds, epsilon=args.epsilon,
                       sweep=tuple(sorted(set(sweep))), quick=args.quick, seed=args.seed, workers=args.workers,
                       n_seeds=args.seeds)
-    _say()
-    _say("Mean AUROC (± sd over seeds) on all hospitals' test splits:")
-    _say(markdown_table(report))
-    _say()
-    _say("Each hospital on its own test split (mean AUROC over tasks):")
-    _say(hospital_table(report))
-    _say()
-    _say(targets_table(report))
+    say()
+    say("Mean AUROC (± sd over seeds) on all hospitals' test splits:")
+    say(markdown_table(report))
+    say()
+    say("Each hospital on its own test split (mean AUROC over tasks):")
+    say(hospital_table(report))
+    say()
+    say(targets_table(report))
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedmtl.cli import _reviewer_default
+from fedmtl.cli.terminal import login_at_host
 from fedmtl.errors import FedMTLError
 
 # -- compliance: audit ----------------------------------------------------------------
@@ -177,7 +177,7 @@ def cmd_datasite_review(args: argparse.Namespace) -> int:
         return 0
 
     approve = bool(args.approve)
-    reviewer = args.reviewer or _reviewer_default()
+    reviewer = args.reviewer or login_at_host()
     if not reviewer:
         raise FedMTLError("give your name with --reviewer NAME; it goes to the ledger")
     details = mr.show_request(args.home, target, client=client, dry_run=False)

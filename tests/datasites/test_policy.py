@@ -148,6 +148,19 @@ def test_limits_defaults_and_their_section():
     assert "max_rounds" in d["training"] and "max_rounds" not in d["limits"]  # existing keys stay put
 
 
+def test_max_abs_weight_default_is_far_above_trained_models_and_hashes_alike():
+    # a demo model trained 50 rounds (DP or not) keeps every |weight| below 3
+    p = H.make_policy()
+    assert p.max_abs_weight == 1000.0 and p.to_dict()["limits"]["max_abs_weight"] == 1000.0
+    d = p.to_dict()
+    d["limits"]["max_abs_weight"] = 1000  # an int in the file is the same policy
+    q = Policy.from_dict(d)
+    assert isinstance(q.max_abs_weight, float) and q.hash() == p.hash()
+    assert H.make_policy(max_abs_weight=10.0).hash() != p.hash()
+    del d["limits"]["max_abs_weight"]  # a policy recorded before the key loads with the default
+    assert Policy.from_dict(d).max_abs_weight == 1000.0
+
+
 def test_a_policy_written_before_limits_and_peers_loads_with_the_defaults():
     # ledgers hold policies recorded before [limits] and [[peers]] existed
     d = H.make_policy().to_dict()
@@ -176,6 +189,10 @@ def test_a_policy_written_before_limits_and_peers_loads_with_the_defaults():
         ("max_batch_size", 0, "limits.max_batch_size: must be an integer >= 1"),
         ("max_width", "wide", "limits.max_width: must be an integer >= 1"),
         ("max_layers", 0, "limits.max_layers: must be an integer >= 1"),
+        ("max_abs_weight", 0, "limits.max_abs_weight: must be a number in (0, 3.4e+38]"),
+        ("max_abs_weight", float("inf"), "limits.max_abs_weight: must be a number in (0, 3.4e+38]"),
+        ("max_abs_weight", 1e39, "limits.max_abs_weight: must be a number in (0, 3.4e+38]"),
+        ("max_abs_weight", "1e3", "limits.max_abs_weight: must be a number in (0, 3.4e+38]"),
         ("max_params", 1, "limits.max_params: unknown key"),
     ],
 )

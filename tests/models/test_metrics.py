@@ -299,3 +299,31 @@ def test_evaluation_metrics_give_auroc_brier_and_calibration_per_binary_task():
     assert {"mean_predicted", "observed_rate", "ece"} <= set(res["a"])
     assert "ece" not in res["m"]  # calibration is for binary tasks
     assert set(tm.reliability()) == {"a"}
+
+
+def test_finite_predictions_make_every_score_valid_the_same_way():
+    from fedmtl.models.metrics import finite_predictions
+    from fedmtl.privacy.eval_release import eval_metrics
+
+    # Prepare: what a model whose weights overflow predicts (NaN, +-inf, out of range)
+    tasks = [TaskSpec("b", "binary", "b"), TaskSpec("m", "multiclass", "m", classes=("x", "y", "z")),
+             TaskSpec("r", "regression", "r", shift=10.0, scale=5.0)]
+    nan, inf = float("nan"), float("inf")
+    raw = {"b": np.array([0.2, nan, inf, -inf, 1.5], dtype=np.float32),
+           "m": np.array([[0.2, 0.3, 0.5], [nan, nan, nan], [inf, 0.0, 0.0], [0.1, 0.1, 0.8], [1, 0, 0]]),
+           "r": np.array([12.0, nan, inf, -inf, 100.0])}
+    Y = np.array([[1, 0, 11.0], [0, 1, 9.0], [1, 2, 10.0], [0, 2, 14.0], [1, 0, 6.0]])
+    mask = np.ones((5, 3), dtype=bool)
+    with pytest.raises(ValueError):
+        eval_metrics(tasks, n_bins=10).update(raw, Y, mask)  # what the datasite did before
+    # Execute
+    out = finite_predictions(raw, tasks)
+    # Assert
+    assert out["b"].tolist() == [pytest.approx(0.2), 0.5, 1.0, 0.0, 1.0]
+    assert out["m"][1].tolist() == [pytest.approx(1 / 3)] * 3 and out["m"][2].tolist() == [pytest.approx(1 / 3)] * 3
+    assert out["m"][0].tolist() == pytest.approx([0.2, 0.3, 0.5])
+    assert out["r"].tolist() == [12.0, 10.0, 15.0, 5.0, 15.0]
+    assert all(np.isfinite(v).all() and v.dtype == np.float64 for v in out.values())
+    assert raw["b"][1] != raw["b"][1]  # the input is left as it was
+    tm = eval_metrics(tasks, n_bins=10).update(out, Y, mask)
+    assert all(np.isfinite(v).all() for v in tm.state().values())

@@ -283,3 +283,95 @@ def test_label_shape_mismatch_is_rejected():
     X, Y, mask = _data(20)
     with pytest.raises(ValueError, match=r"\(20, 3\)"):
         train_local(model=_model(), X=X, Y=Y[:, :2], mask=mask[:, :2], tasks=TASKS, steps=1, sample_rate=0.5, lr=0.1, noise_multiplier=1.0)
+
+
+# ----------------------------------------------------------------------------- non-finite samples
+
+
+def _dropout_model():
+    # dropout on: the ghost replay must reuse the first pass's dropout masks
+    return build_model(n_features=6, tasks=TASKS, dropout=0.1, seed=0)
+
+
+def _poisoned(n=120, row=5):
+    """(X with one record that overflows the network, X with that record benign, Y, mask
+    labelled, mask with that record unlabelled): a record whose gradient is exactly 0 is
+    the reference for a record "clipped to norm 0"."""
+    X, Y, mask = _data(n, labelled=1.0)
+    bad_X = X.clone()
+    bad_X[row, 0] = float("inf")  # inf * w, summed with -inf * w': non-finite from layer 1 on
+    ref_X = X.clone()
+    ref_X[row] = 0.0
+    ref_mask = mask.clone()
+    ref_mask[row] = False
+    return bad_X, ref_X, Y, mask, ref_mask
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_a_non_finite_sample_is_zeroed_as_if_clipped_to_zero(mode, clipping):
+    if mode == "ghost" and clipping == "per_layer":
+        pytest.skip("ghost clipping is flat only")
+    # Prepare: the same seed (same Poisson batches, same noise) with the record that
+    # overflows, and with that record unlabelled (its gradient is exactly 0)
+    bad_X, ref_X, Y, mask, ref_mask = _poisoned()
+    kw = dict(Y=Y, tasks=TASKS, steps=6, sample_rate=0.5, lr=0.3, noise_multiplier=1.0, max_grad_norm=0.5,
+              seed=5, grad_sample_mode=mode, clipping=clipping)
+    # Execute
+    poisoned, reference = _dropout_model(), _dropout_model()
+    train_local(model=poisoned, X=bad_X, mask=mask, **kw)
+    train_local(model=reference, X=ref_X, mask=ref_mask, **kw)
+    # Assert: finite, and the poisoned record changed nothing but its own (zero) contribution
+    v = model_to_vector(poisoned)
+    assert np.isfinite(v).all(), f"{mode}/{clipping}: a record made the model non-finite"
+    np.testing.assert_allclose(v, model_to_vector(reference), atol=1e-5)
+    assert np.abs(v - model_to_vector(_dropout_model())).max() > 1e-3  # it did train
+
+
+def test_ghost_backward_without_replay_refuses_a_non_finite_sample(monkeypatch):
+    import fedmtl.privacy.dp as dp
+
+    bad_X, _, Y, mask, _ = _poisoned(40, row=0)
+    monkeypatch.setattr(dp, "_replay_losses", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no replay")))
+    with pytest.raises(RuntimeError, match="no replay"):
+        train_local(model=_model(), X=bad_X, Y=Y, mask=mask, tasks=TASKS, steps=1, sample_rate=1.0, lr=0.1,
+                    noise_multiplier=1.0, seed=0, grad_sample_mode="ghost")
+
+
+def test_nonfinite_samples_flags_nan_inf_and_overflowing_norms():
+    from fedmtl.privacy.dp import nonfinite_samples, zero_samples
+
+    # Prepare: sample 0 fine, 1 NaN, 2 inf, 3 finite entries whose squared norm overflows float32
+    g1 = torch.ones(4, 3)
+    g1[1, 0], g1[2, 2] = float("nan"), float("inf")
+    g2 = torch.ones(4, 2, 2)
+    g2[3] = 3e38
+    # Execute
+    bad = nonfinite_samples([g1, g2])
+    zeroed = zero_samples(g1, bad)
+    # Assert
+    assert bad.tolist() == [False, True, True, True]
+    assert torch.equal(zeroed[0], g1[0]) and torch.count_nonzero(zeroed[1:]) == 0
+    assert nonfinite_samples([torch.zeros(0, 3)]).shape == (0,)
+
+
+def test_noise_only_update_is_dp_sgd_with_every_gradient_clipped_to_zero():
+    from fedmtl.privacy.dp import noise_only_update
+
+    # Prepare: every record unlabelled, so DP-SGD's update is its noise alone
+    X, Y, _ = _data(100)
+    mask = torch.zeros(100, 3, dtype=torch.bool)
+    kw = dict(steps=3, sample_rate=0.2, lr=0.5, noise_multiplier=1.3, max_grad_norm=0.7, momentum=0.5)
+    m = _model()
+    w0 = model_to_vector(m)
+    # Execute
+    train_local(model=m, X=X, Y=Y, mask=mask, tasks=TASKS, **kw)
+    trained = model_to_vector(m) - w0
+    null = noise_only_update(n_params=w0.size, n_samples=100, rng=np.random.default_rng(0), **kw)
+    # Assert: the same distribution (per coordinate N(0, s^2), s from the momentum sum)
+    expected = 0.5 * 1.3 * 0.7 / 20 * math.sqrt(1 + 1.5**2 + 1.75**2)
+    assert null.shape == w0.shape and null.dtype == np.float64
+    assert np.std(null) == pytest.approx(expected, rel=0.1)
+    assert np.std(trained) == pytest.approx(expected, rel=0.1)
+    assert noise_only_update(n_params=5, n_samples=10, steps=2, sample_rate=0.5, lr=1.0,
+                             noise_multiplier=0.0, max_grad_norm=1.0).tolist() == [0.0] * 5

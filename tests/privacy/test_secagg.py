@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmtl.privacy.keys import DecryptionError, SignatureError
+from fedmtl.privacy.keys import DecryptionError, SignatureError, SigningKey
 from fedmtl.privacy.quantization import average_by_group, quantize, weight_by_group
 from fedmtl.privacy.secagg import (
     MessageError,
@@ -18,10 +18,17 @@ from fedmtl.privacy.secagg import (
     Stage,
     TooFewSitesError,
     UnmaskRefusedError,
+    majority_threshold,
     run_local_round,
 )
 
 ATOL = 5 * 2**-16  # n sites x one quantum (2^-frac_bits) of rounding error
+
+
+def _signatures(params, identities, signers, survivors):
+    """Consistency signatures of ``signers`` over ``survivors`` (as colluding or honest
+    sites would make them), site -> bytes."""
+    return {s: identities[s].sign(params.consistency_payload(s, survivors)) for s in signers}
 
 
 def expected_sum(inputs, sites):
@@ -55,7 +62,13 @@ class Round:
     def mask(self, sites=None):
         sites = self.params.sites if sites is None else sites
         self.masked = {s: self.sites[s].masked_input(self.deliveries[s], self.inputs[s]) for s in sites}
-        self.request = self.server.collect_masked_inputs(list(self.masked.values()))
+        self.check = self.server.collect_masked_inputs(list(self.masked.values()))
+        return self
+
+    def sign(self, sites=None):
+        sites = list(self.masked) if sites is None else sites
+        self.signed = {s: self.sites[s].consistency_check(self.check) for s in sites}
+        self.request = self.server.collect_consistency(list(self.signed.values()))
         return self
 
 
@@ -181,12 +194,12 @@ def test_site_reveals_nothing_for_fewer_than_t_survivors(five_sites):
     # Prepare: a server that asks anyway with 2 < t survivors
     params, identities, inputs = five_sites
     rnd = Round(params, identities, inputs).advertise().share().mask()
-    request = dict(rnd.request, survivors=["site0", "site1"])
+    check = dict(rnd.check, survivors=["site0", "site1"])
     site = rnd.sites["site0"]
-    # Execute / Assert
+    # Execute / Assert: the site signs no survivor set smaller than t
     with pytest.raises(TooFewSitesError, match="revealing nothing"):
-        site.unmask(request)
-    assert site.stage == Stage.MASKED_INPUT and site._state.revealed == {}
+        site.consistency_check(check)
+    assert site.stage == Stage.MASKED_INPUT and site._state.u3 == [] and site._state.revealed == {}
 
 
 def test_run_local_round_aborts_with_too_many_dropouts(five_sites):
@@ -210,15 +223,17 @@ def test_too_few_adverts_aborts(make_params):
 def test_site_refuses_to_reveal_both_kinds_for_one_peer(five_sites):
     # Prepare: site0 answered once with site4 as a survivor (self-mask share revealed)
     params, identities, inputs = five_sites
-    rnd = Round(params, identities, inputs).advertise().share().mask()
+    rnd = Round(params, identities, inputs).advertise().share().mask().sign()
     site = rnd.sites["site0"]
     site.unmask(rnd.request)
     # Execute / Assert: a second request is refused by the stage order...
-    lying = dict(rnd.request, survivors=["site0", "site1", "site2", "site3"])
+    u3 = ["site0", "site1", "site2", "site3"]
+    lying = dict(rnd.request, survivors=u3, signatures=_signatures(params, identities, u3, u3))
     with pytest.raises(ProtocolStateError):
         site.unmask(lying)
-    # ...and, even if the stage were rolled back, by the per-peer record
-    site._state.stage = Stage.MASKED_INPUT
+    # ...and, even if the stage and the signed set were rolled back (t colluding signers),
+    # by the per-peer record
+    site._state.stage, site._state.u3 = Stage.CONSISTENCY, sorted(u3)
     with pytest.raises(UnmaskRefusedError, match="site4"):
         site.unmask(lying)
 
@@ -227,9 +242,176 @@ def test_site_refuses_when_told_it_dropped_or_given_unknown_survivors(five_sites
     params, identities, inputs = five_sites
     rnd = Round(params, identities, inputs).advertise().share().mask()
     with pytest.raises(UnmaskRefusedError, match="listed as dropped"):
-        rnd.sites["site0"].unmask(dict(rnd.request, survivors=["site1", "site2", "site3"]))
-    with pytest.raises(UnmaskRefusedError):
-        rnd.sites["site0"].unmask(dict(rnd.request, survivors=["site0", "site1", "mallory"]))
+        rnd.sites["site0"].consistency_check(dict(rnd.check, survivors=["site1", "site2", "site3"]))
+    with pytest.raises(UnmaskRefusedError, match="mallory"):
+        rnd.sites["site0"].consistency_check(dict(rnd.check, survivors=["site0", "site1", "mallory"]))
+    with pytest.raises(MessageError, match="twice"):
+        rnd.sites["site0"].consistency_check(dict(rnd.check, survivors=["site0", "site1", "site1"]))
+    assert rnd.sites["site0"].stage == Stage.MASKED_INPUT  # nothing signed
+
+
+# ----------------------------------------------------------------- consistency check
+
+
+def test_sum_with_dropouts_before_and_during_the_consistency_check(five_sites):
+    # Prepare: site4 never sent its masked input; site3 sent it, then signed nothing
+    params, identities, inputs = five_sites
+    dropouts = {"site4": Stage.MASKED_INPUT, "site3": Stage.CONSISTENCY}
+    # Execute
+    result = run_local_round(params, identities=identities, inputs=inputs, dropouts=dropouts, persist=True)
+    # Assert: site3's input counts (its self mask is recovered), site4's masks cancel
+    assert result.survivors == ["site0", "site1", "site2", "site3"] and result.dropped == ["site4"]
+    assert_sum(result, inputs, result.survivors)
+
+
+def test_unmask_request_carries_one_signature_per_signer_over_u3(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask(sites=["site0", "site1", "site2", "site3"])
+    rnd.sign(sites=["site0", "site1", "site2"])
+    assert rnd.check["survivors"] == ["site0", "site1", "site2", "site3"]
+    assert rnd.request["survivors"] == rnd.check["survivors"]
+    assert sorted(rnd.request["signatures"]) == ["site0", "site1", "site2"]
+    for site, sig in rnd.request["signatures"].items():
+        params.roster[site].verify(sig, params.consistency_payload(site, rnd.check["survivors"]))
+    # only signers are asked to unmask, and their reveals give the sum
+    reveals = [rnd.sites[s].unmask(rnd.request) for s in rnd.signed]
+    result = rnd.server.unmask(reveals)
+    assert_sum(result, inputs, ["site0", "site1", "site2", "site3"])
+
+
+def _refused(site, request, match):
+    """``site`` refuses ``request`` with ``match`` in the reason and reveals nothing."""
+    before = (site.stage, dict(site._state.revealed))
+    with pytest.raises(UnmaskRefusedError, match=match):
+        site.unmask(request)
+    assert (site.stage, site._state.revealed) == before == (Stage.CONSISTENCY, {})
+
+
+def test_forged_signature_is_refused(five_sites):
+    # Prepare: the server replaces site1's signature by one of its own key, then by one
+    # of site2's key under site1's name, then by site1's signature for another pass
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask().sign()
+    u3 = rnd.request["survivors"]
+    other_pass = params.for_round(params.round + 1)
+    forgeries = {
+        "server's key": SigningKey.generate().sign(params.consistency_payload("site1", u3)),
+        "site2's key": identities["site2"].sign(params.consistency_payload("site1", u3)),
+        "another pass": identities["site1"].sign(other_pass.consistency_payload("site1", u3)),
+        "truncated": rnd.request["signatures"]["site1"][:32],
+    }
+    for why, sig in forgeries.items():
+        request = dict(rnd.request, signatures={**rnd.request["signatures"], "site1": sig})
+        # Execute / Assert
+        _refused(rnd.sites["site0"], request, "signature of 'site1' is not over this survivor set")
+    # the honest request still works afterwards
+    assert rnd.sites["site0"].unmask(rnd.request)["type"] == "unmask"
+
+
+def test_duplicated_or_foreign_signatures_are_refused(five_sites):
+    # Prepare: only site0, site1 sign; the server pads the set to t = 3
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    sigs = {s: rnd.sites[s].consistency_check(rnd.check)["signature"] for s in ("site0", "site1")}
+    u3 = rnd.check["survivors"]
+    site = rnd.sites["site0"]
+    padded = {
+        "site0's signature again, under site2": ({**sigs, "site2": sigs["site0"]}, "signature of 'site2'"),
+        "a site outside the roster": ({**sigs, "mallory": sigs["site0"]}, "'mallory', which is not in the roster"),
+        "signatures as a list": ([sigs["site0"], sigs["site0"], sigs["site1"]], "must be a dict"),
+    }
+    base = {**params.header("unmask_request"), "survivors": u3}
+    for why, (signatures, match) in padded.items():
+        # Execute / Assert
+        _refused(site, dict(base, signatures=signatures), match)
+    _refused(site, base, "no consistency signatures")
+
+
+def test_fewer_than_t_signatures_are_refused(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    sigs = {s: rnd.sites[s].consistency_check(rnd.check)["signature"] for s in ("site0", "site1")}
+    request = {**params.header("unmask_request"), "survivors": rnd.check["survivors"], "signatures": sigs}
+    # Execute / Assert: 2 valid signatures, t = 3
+    _refused(rnd.sites["site0"], request, r"only 2 valid signature\(s\).*threshold is 3")
+    # and the server does not even ask
+    with pytest.raises(TooFewSitesError, match="signed the survivor set"):
+        rnd.server.collect_consistency([{**params.header("consistency"), "site": s, "signature": g}
+                                        for s, g in sigs.items()])
+
+
+def test_signature_of_a_site_outside_u3_is_refused(five_sites):
+    # Prepare: site4 dropped; a (colluding) site4 signs the survivor set anyway
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask(sites=["site0", "site1", "site2", "site3"])
+    u3 = rnd.check["survivors"]
+    sigs = {s: rnd.sites[s].consistency_check(rnd.check)["signature"] for s in ("site0", "site1")}
+    sigs["site4"] = identities["site4"].sign(params.consistency_payload("site4", u3))
+    request = {**params.header("unmask_request"), "survivors": u3, "signatures": sigs}
+    # Execute / Assert
+    _refused(rnd.sites["site0"], request, "'site4', which is not in the survivor set")
+
+
+def test_different_survivor_sets_told_to_two_groups_unmask_nothing(five_sites):
+    # Prepare: the dropout lie against site4. Group A (site0, site1, and site4 itself) is
+    # told everyone survived: they would reveal site4's self-mask seed. Group B (site2,
+    # site3) is told site4 dropped: they would reveal its mask key.
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    story_a = list(params.sites)
+    story_b = ["site0", "site1", "site2", "site3"]
+    signed_a = {s: rnd.sites[s].consistency_check(dict(rnd.check, survivors=story_a))["signature"]
+                for s in ("site0", "site1", "site4")}
+    signed_b = {s: rnd.sites[s].consistency_check(dict(rnd.check, survivors=story_b))["signature"]
+                for s in ("site2", "site3")}
+    everything = {**signed_a, **signed_b}
+    mask_key_shares_of_site4 = []
+    # Execute: every request the server can build for group B
+    for survivors, signatures in (
+        (story_b, signed_b),  # honest signatures over B's story: 2 < t
+        (story_b, everything),  # group A's signatures are over another set
+        (story_a, signed_a),  # A's story with its 3 valid signatures: not what B signed
+    ):
+        request = {**params.header("unmask_request"), "survivors": survivors, "signatures": signatures}
+        for s in ("site2", "site3"):
+            try:
+                reveal = rnd.sites[s].unmask(request)
+            except UnmaskRefusedError as e:
+                assert "revealing nothing" in str(e)
+                continue
+            mask_key_shares_of_site4.append(reveal["mask_key_shares"].get("site4"))
+    # Assert: no site of group B revealed anything, so site4's mask key stays secret
+    assert mask_key_shares_of_site4 == []
+    assert all(rnd.sites[s]._state.revealed == {} for s in ("site2", "site3"))
+    # a site signs one survivor set per round, whatever it is told next
+    with pytest.raises(ProtocolStateError):
+        rnd.sites["site2"].consistency_check(dict(rnd.check, survivors=story_a))
+
+
+def test_signed_survivor_set_survives_serialisation(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    rnd.sites["site0"].consistency_check(rnd.check)
+    restored = SiteSession.from_bytes(rnd.sites["site0"].to_bytes(), identity=identities["site0"])
+    assert restored.stage == Stage.CONSISTENCY and restored._state.u3 == params.sites
+    with pytest.raises(ProtocolStateError):
+        restored.consistency_check(dict(rnd.check, survivors=["site0", "site1", "site2"]))
+
+
+def test_server_refuses_a_signature_not_over_its_survivor_set(five_sites):
+    params, identities, inputs = five_sites
+    rnd = Round(params, identities, inputs).advertise().share().mask()
+    replies = [rnd.sites[s].consistency_check(rnd.check) for s in ("site0", "site1")]
+    replies.append(rnd.sites["site2"].consistency_check(dict(rnd.check, survivors=["site0", "site1", "site2"])))
+    with pytest.raises(MessageError, match="site2"):
+        rnd.server.collect_consistency(replies)
+
+
+def test_majority_threshold():
+    assert [majority_threshold(n) for n in (2, 3, 4, 5, 6, 7)] == [2, 2, 3, 3, 4, 4]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError):
+            majority_threshold(bad)
 
 
 # ----------------------------------------------------------------- tampering and replay

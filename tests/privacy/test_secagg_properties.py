@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fedmtl.privacy.secagg import Stage, TooFewSitesError, run_local_round
 
-DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+DROP_STAGES = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK]
 
 
 @st.composite

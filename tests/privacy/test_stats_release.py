@@ -149,3 +149,18 @@ def test_preprocessor_from_a_checked_scaling_standardises_the_transformed_values
     i = pre.feature_names.index("crp")
     np.testing.assert_allclose(X[:, i].numpy(), np.where(df["crp"].isna(), 0.0, np.log1p(df["crp"]) - 2.0),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("age", [np.inf, -np.inf, 1e308, -1e308, np.nan, "n/a", 3.4e38])
+def test_no_record_makes_the_statistics_overflow(age):
+    # Prepare: one record holding what a float32 or float64 computation could overflow on
+    df = _records(40)
+    odd = pd.concat([df, pd.DataFrame([{"id": 99, "age": age, "crp": 1e308, "sex": "F", "y": 1.0}])],
+                    ignore_index=True)
+    # Execute
+    base, vec = sr.site_statistics(SCHEMA, df), sr.site_statistics(SCHEMA, odd)
+    # Assert: finite, and the record moved each entry by at most 1 (its unit value)
+    assert np.isfinite(vec).all(), f"age={age!r} made the statistics non-finite: {vec}"
+    assert np.abs(vec - base).max() <= 1.0 + 1e-12
+    assert np.linalg.norm(vec - base) <= sr.sensitivity(SCHEMA) + 1e-9
+    sr.noise_statistics(vec, SCHEMA, noise_multiplier=1.0)  # releasable

@@ -152,7 +152,6 @@ def test_cli_job_price(monkeypatch, tmp_path, capsys):
     (tmp_path / "sites.toml").write_text("")
     monkeypatch.setattr(Session, "connect",
                         classmethod(lambda cls, path: _session(_site("a", 1000, 750), _site("b", 2000, 1500))))
-    monkeypatch.setattr(cli, "_say", lambda *v, err=False: print(*v))
     assert cli.main(["job", "price", "--job", str(tmp_path / "job.toml"), "--sites", str(tmp_path / "sites.toml")]) == 0
     out = capsys.readouterr().out
     assert "job 'plan': epsilon per site at delta=1e-05 (rdp)" in out

@@ -1,5 +1,5 @@
 """Standard scaling in a federated job, in process: the real round runtime and secure
-aggregation over LocalTransport (researcher/simulate.py's LocalSite homes), no syft."""
+aggregation over LocalTransport (researcher/local_site.py's LocalSite homes), no syft."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from fedmtl.models import model_to_vector
 from fedmtl.models.preprocessing import Preprocessor, local_stats, sum_stats
 from fedmtl.privacy import stats_release
 from fedmtl.researcher.job import Job, LocalTransport, run_pass
+from fedmtl.researcher.local_site import LocalSite
 from fedmtl.researcher.session import Session
-from fedmtl.researcher.simulate import LocalSite
 from fedmtl.schema import Schema
 
 SCHEMA = Schema.from_dict({
