@@ -466,11 +466,13 @@ def _start(handle: DatasiteHandle, *, in_process: bool, ready_timeout: float) ->
 def _start_in_process(handle: DatasiteHandle) -> None:
     import uvicorn
 
-    from fedmtl.datasites import reviewer_thread, server
+    from fedmtl.datasites import http_guard, reviewer_thread, server
 
     with syftio.quiet():
         app, worker = server.build_app(handle.home)
-    config = uvicorn.Config(app, host=handle.host, port=handle.port, log_level="warning", access_log=False)
+    # the same header/body deadlines and connection cap as the server process
+    config = uvicorn.Config(app, host=handle.host, port=handle.port, log_level="warning", access_log=False,
+                            **http_guard.uvicorn_options())
     srv = uvicorn.Server(config)
     handle._thread_server = srv
     handle._thread = threading.Thread(target=srv.run, name=f"datasite-{handle.name}", daemon=True)

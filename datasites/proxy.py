@@ -4,10 +4,16 @@ The datasite itself speaks plain HTTP and listens on loopback (``launch --host 1
 the default); nginx ends TLS on the public port and proxies to it. What syft needs from
 the proxy, and the block sets:
 
-- large request bodies: datasets, code and results travel as request bodies of syft's
-  API calls and blob store (``client_max_body_size``, no buffering to disk);
+- request bodies as large as a job needs, no larger: a round call carries the model's
+  weights (over syft or the data plane), so ``client_max_body_size`` follows the policy's
+  parameter cap (:func:`max_body_bytes`; the dataset is uploaded on loopback at launch, not
+  through the proxy), and bodies stream to the datasite (no buffering to disk);
+- strangers cannot hold connections: headers within 10 s, a body that pauses 10 s or a
+  client that takes 60 s to read are cut (``client_header_timeout``,
+  ``client_body_timeout``, ``send_timeout``), at most 64 connections per client address
+  (``limit_conn``); the datasite applies the same deadlines itself (``http_guard``);
 - long requests: a training round is one API call that answers when the round is done
-  (read/send timeouts of an hour);
+  (the proxy waits an hour for the datasite's answer);
 - websocket upgrades pass through (syft's streaming routes), other requests close the
   upstream connection as usual;
 - modern TLS only (1.2, 1.3), HSTS.
@@ -26,12 +32,30 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fedmtl.datasites import http_guard
+from fedmtl.datasites.policy import Policy
 from fedmtl.errors import ConfigError
 
-#: syft's blob uploads (a dataset, a model) go through one request body
-DEFAULT_MAX_BODY = "10g"
 #: a training round is one API call; it may take long
 DEFAULT_TIMEOUT_S = 3600
+#: a client that does not read the response for this long is cut off
+SEND_TIMEOUT_S = 60
+#: connections one client address may hold at once
+MAX_CONN_PER_ADDRESS = 64
+
+
+def max_body_bytes(max_model_params: int | None = None) -> int:
+    """The largest request body a job needs: a round call over syft carrying the weights
+    of a model at the policy's parameter cap (the data plane's are smaller).
+
+    Args:
+        max_model_params: the policy's ``max_model_params`` (default: the default policy's).
+
+    Returns:
+        The bound in bytes (the same one the datasite applies to syft's routes).
+    """
+    params = Policy.max_model_params if max_model_params is None else int(max_model_params)
+    return max(http_guard.SYFT_MIN_BODY, http_guard.SYFT_BYTES_PER_PARAM * params + (16 << 20))
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _ADDRESS = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]|\*)$")
@@ -54,14 +78,19 @@ def nginx_server_block(
     upstream_port: int = 8080,
     upstream_host: str = "127.0.0.1",
     listen: str | None = None,
-    max_body: str = DEFAULT_MAX_BODY,
+    max_body: str | None = None,
+    max_model_params: int | None = None,
 ) -> str:
-    """An nginx ``server`` block (and the ``map`` it uses) that serves the datasite on
-    ``upstream_host:upstream_port`` as ``https://domain:port``. It belongs in nginx's
-    ``http`` context (a file in /etc/nginx/conf.d/ is). ``cert``/``key`` default to
-    certbot's paths for ``domain``; ``listen`` is the address to listen on (default: all).
+    """An nginx ``server`` block (and the ``map`` and connection zone it uses) that serves
+    the datasite on ``upstream_host:upstream_port`` as ``https://domain:port``. It belongs
+    in nginx's ``http`` context (a file in /etc/nginx/conf.d/ is). ``cert``/``key`` default
+    to certbot's paths for ``domain``; ``listen`` is the address to listen on (default:
+    all). ``max_body`` (an nginx size) overrides the body bound derived from
+    ``max_model_params`` (:func:`max_body_bytes`; default: the default policy's cap).
     Raises :class:`~fedmtl.errors.ConfigError` on a value that does not belong in a
     config file (the message says which)."""
+    if max_body is None:
+        max_body = f"{-(-max_body_bytes(max_model_params) // (1 << 20))}m"
     if not _HOSTNAME.match(domain or ""):
         raise ConfigError(
             f"--domain {domain!r} is not a host name: give the name researchers connect to, "
@@ -85,7 +114,9 @@ def nginx_server_block(
         if _UNSAFE_PATH.search(str(path)):
             raise ConfigError(f"{what} {path}: move the file to a path without spaces, quotes, '$', ';' or braces")
 
-    var = "$fedmtl_upgrade_" + re.sub(r"[^a-z0-9]", "_", domain.lower()) + f"_{port}"
+    slug = re.sub(r"[^a-z0-9]", "_", domain.lower()) + f"_{port}"
+    var = "$fedmtl_upgrade_" + slug
+    zone = "fedmtl_conn_" + slug
     where = f"{listen}:{port}" if listen else str(port)
     upstream = f"{upstream_host}:{upstream_port}"
     return f"""\
@@ -101,6 +132,9 @@ map $http_upgrade {var} {{
     ''      close;
 }}
 
+# connections per client address
+limit_conn_zone $binary_remote_addr zone={zone}:10m;
+
 server {{
     listen {where} ssl;
     server_name {domain};
@@ -113,9 +147,14 @@ server {{
     ssl_session_tickets off;
     add_header Strict-Transport-Security "max-age=63072000" always;
 
-    # syft sends datasets, code and results as request bodies (its blob store too)
+    # a round call carries the model's weights: bodies as large as the policy's parameter
+    # cap needs, no larger; strangers cannot hold connections with slow headers or bodies
     client_max_body_size {max_body};
-    client_body_timeout {DEFAULT_TIMEOUT_S}s;
+    client_header_timeout {int(http_guard.HEADER_TIMEOUT_S)}s;
+    client_body_timeout {int(http_guard.BODY_GRACE_S)}s;
+    send_timeout {SEND_TIMEOUT_S}s;
+    keepalive_timeout {http_guard.KEEP_ALIVE_S}s;
+    limit_conn {zone} {MAX_CONN_PER_ADDRESS};
 
     location / {{
         proxy_pass http://{upstream};

@@ -49,9 +49,14 @@ def build_app(home: Path):
     api = APIRouter()
     api.include_router(make_routes(worker=worker))
     app.include_router(api, prefix="/api/v2")
-    from fedmtl.datasites import dataplane
+    from fedmtl.datasites import dataplane, http_guard
 
-    dataplane.mount(app, dataplane.DataPlane(home, cfg["name"], dataplane.records_loader(home, worker)))
+    dataplane.mount(app, dataplane.DataPlane(home, cfg["name"], dataplane.records_loader(home, worker),
+                                             dataplane.spec_finder(worker)))
+    # syft's routes read a body whole before they check who sent it: bound it (the data
+    # plane bounds its own, per job, after authenticating the request)
+    app.add_middleware(http_guard.BodyLimit, limit=http_guard.syft_body_limit(home),
+                       exempt=(dataplane.ROUND_PATH,))
     return app, worker
 
 
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedmtl.datasites import reviewer_thread
 
     reviewer_thread.start_background(home, worker)
-    from fedmtl.datasites import control
+    from fedmtl.datasites import control, http_guard
     from fedmtl.datasites import home as home_mod
 
     try:  # a convenience for the owner's commands: never a reason not to start
@@ -225,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _term)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        # header/body deadlines and a connection cap on every connection (http_guard)
+        http_guard.raise_open_file_limit()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                    **http_guard.uvicorn_options())
     except KeyboardInterrupt:
         pass
     finally:

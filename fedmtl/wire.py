@@ -13,15 +13,22 @@ buffer, in order). Decoding never unpickles: only the dtypes in :data:`DTYPES`, 
 types, bytes, arrays and tuples come back, with bounded nesting, and every length is checked
 against the body before it is read.
 
-A *request* is the body above whose decoded value is an :class:`Envelope`, followed by an
-Ed25519 signature (64 bytes) over ``DOMAIN + body``, made with the researcher's per-job key
-whose public half the approved site spec holds (``spec["dataplane_key"]``).
+A *request* is the body above whose decoded value is an :class:`Envelope`. It travels with
+an HTTP header (:data:`AUTH_HEADER`) that says, before the body is read, what the body is:
+:class:`Claims` (job id, site, ``seq``, stage, the body's length and SHA-256), signed with
+Ed25519 over ``AUTH_DOMAIN + claims`` by the researcher's per-job key whose public half the
+approved site spec holds (``spec["dataplane_key"]``). A datasite verifies the header first
+(it is small and bounded), then streams at most ``length`` bytes into the digest, and only
+then decodes the body (:func:`open_request`), whose envelope must repeat the claims.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -31,13 +38,19 @@ import numpy as np
 from fedmtl.errors import FedMTLError
 
 MAGIC = b"FMTL1\n"
-DOMAIN = b"fedmtl-dataplane-request-v1\x00"
+#: what the per-job key signs: this prefix, then the canonical JSON of the claims
+AUTH_DOMAIN = b"fedmtl-dataplane-auth-v1\x00"
+#: the HTTP header that carries the signed claims of a request
+AUTH_HEADER = "x-fedmtl-auth"
+#: the auth header is a few hundred bytes; anything longer is refused unread
+MAX_AUTH_HEADER = 1024
 SIGNATURE_BYTES = 64
 #: the only array dtypes that travel (no object arrays: nothing is ever unpickled)
 DTYPES = frozenset({"float32", "float64", "int64", "int32", "uint64", "uint32", "uint8", "bool"})
 MAX_DEPTH = 12
-#: the header is small (keys, ids, numbers); the bulk travels in buffers
-MAX_HEADER = 16 << 20
+#: the header is small (keys, ids, numbers, the site spec with its schema: a few KiB to a
+#: few tens of KiB); the bulk travels in buffers
+MAX_HEADER = 256 << 10
 
 
 class WireError(FedMTLError):
@@ -106,6 +119,8 @@ def decode(body: bytes | memoryview, *, max_bytes: int | None = None) -> Any:
         head = json.loads(bytes(mv[start: start + hlen]))
     except ValueError as e:
         raise WireError(f"message header is not JSON: {e}") from None
+    except RecursionError:
+        raise WireError(f"message header is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(head, dict) or set(head) != {"v", "buffers"} or not isinstance(head["buffers"], list):
         raise WireError("message header must be {'v': ..., 'buffers': [...]}")
     offsets: list[tuple[int, int]] = []
@@ -181,19 +196,157 @@ class Envelope:
                 "message": self.message}
 
 
-def sign_request(env: Envelope, signing_key) -> bytes:
-    """The request body: the encoded envelope followed by its signature."""
+_STAGE = re.compile(r"^[a-z][a-z_]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What the signed auth header says about the body that follows it.
+
+    Attributes:
+        job_id: the approved job the request drives.
+        site: the datasite it is meant for.
+        seq: the request's sequence number (strictly increasing per job at a site).
+        stage: the stage of its message (``advertise``, ``share_keys``, ..., ``spend``).
+        length: the body's length in bytes.
+        sha256: the body's SHA-256, lowercase hex.
+    """
+
+    job_id: str
+    site: str
+    seq: int
+    stage: str
+    length: int
+    sha256: str
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes that are signed (sorted keys, no spaces)."""
+        return json.dumps({"job_id": self.job_id, "site": self.site, "seq": int(self.seq), "stage": self.stage,
+                           "length": int(self.length), "sha256": self.sha256},
+                          sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """One request as it travels: the body and the value of its :data:`AUTH_HEADER`."""
+
+    body: bytes
+    auth: str
+
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers to send with :attr:`body`."""
+        return {AUTH_HEADER: self.auth, "content-type": "application/x-fedmtl"}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_request(env: Envelope, signing_key) -> SignedRequest:
+    """The body of ``env`` and its auth header, signed with the job's key.
+
+    Args:
+        env: the request.
+        signing_key: the job's :class:`fedmtl.privacy.keys.SigningKey` (its public half
+            is the approved spec's ``dataplane_key``).
+
+    Returns:
+        The :class:`SignedRequest` (send ``body`` with ``headers()``).
+
+    Raises:
+        WireError: the envelope cannot travel (see :func:`encode`).
+    """
     body = encode(env.to_obj())
-    return body + signing_key.sign(DOMAIN + body)
+    claims = Claims(job_id=env.job_id, site=env.site, seq=int(env.seq), stage=str(env.message.get("stage", "")),
+                    length=len(body), sha256=hashlib.sha256(body).hexdigest())
+    raw = claims.to_bytes()
+    return SignedRequest(body=body, auth=f"{_b64(raw)}.{_b64(signing_key.sign(AUTH_DOMAIN + raw))}")
 
 
-def open_request(raw: bytes, *, max_bytes: int) -> tuple[Envelope, bytes, bytes]:
-    """Decode a request WITHOUT trusting it: the envelope, the signed body and the
-    signature. The caller verifies the signature with the key of the spec it approved
-    (:func:`verify_request`) before acting on anything in it."""
-    if len(raw) <= SIGNATURE_BYTES:
-        raise WireError("request too short to carry a signature")
-    body, sig = raw[:-SIGNATURE_BYTES], raw[-SIGNATURE_BYTES:]
+def read_auth(value: str | bytes | None) -> tuple[Claims, bytes, bytes]:
+    """Parse an auth header WITHOUT trusting it: the claims, the signed bytes and the
+    signature. The caller verifies the signature (:func:`verify_auth`) with the key of the
+    spec it approved before it reads the body.
+
+    Args:
+        value: the header's value (``None``: the request carries none).
+
+    Returns:
+        ``(claims, signed bytes, signature)``.
+
+    Raises:
+        WireError: the header is missing, longer than :data:`MAX_AUTH_HEADER` or malformed.
+    """
+    if value is None:
+        raise WireError(f"the request carries no {AUTH_HEADER} header; a data-plane request is signed "
+                        "by the job's key (fedmtl.wire.sign_request)")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError(f"the {AUTH_HEADER} header is not ASCII") from None
+    if len(value) > MAX_AUTH_HEADER:
+        raise WireError(f"the {AUTH_HEADER} header is longer than {MAX_AUTH_HEADER} characters")
+    head, dot, tail = value.partition(".")
+    try:
+        raw, sig = _unb64(head), _unb64(tail)
+        obj = json.loads(raw)
+    except (ValueError, binascii.Error, RecursionError):
+        raise WireError(f"the {AUTH_HEADER} header is not base64url(JSON).base64url(signature)") from None
+    if not dot or len(sig) != SIGNATURE_BYTES:
+        raise WireError(f"the {AUTH_HEADER} header carries no {SIGNATURE_BYTES}-byte signature")
+    keys = {"job_id", "site", "seq", "stage", "length", "sha256"}
+    if not isinstance(obj, dict) or set(obj) != keys:
+        raise WireError(f"the {AUTH_HEADER} claims must be exactly {sorted(keys)}")
+    ints = [obj["seq"], obj["length"]]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in ints):
+        raise WireError("the claims' seq and length must be positive integers")
+    for field, rx in (("job_id", _NAME), ("site", _NAME), ("stage", _STAGE), ("sha256", _SHA256)):
+        if not isinstance(obj[field], str) or not rx.match(obj[field]):
+            raise WireError(f"the claims' {field} is malformed")
+    claims = Claims(**obj)
+    if claims.to_bytes() != raw:
+        raise WireError(f"the {AUTH_HEADER} claims are not in canonical form")
+    return claims, raw, sig
+
+
+def verify_auth(signed: bytes, sig: bytes, verify_key) -> None:
+    """Raise :class:`WireError` unless ``sig`` is ``verify_key``'s signature of the claims.
+
+    Args:
+        signed: the claims' bytes, as :func:`read_auth` returned them.
+        sig: the signature.
+        verify_key: the approved job's :class:`fedmtl.privacy.keys.VerifyKey`.
+
+    Raises:
+        WireError: the signature does not verify.
+    """
+    try:
+        verify_key.verify(sig, AUTH_DOMAIN + signed)
+    except Exception:  # noqa: BLE001 - any failure is a bad signature
+        raise WireError("the request's signature does not verify with the approved job's key") from None
+
+
+def open_request(body: bytes | memoryview, claims: Claims, *, max_bytes: int) -> Envelope:
+    """Decode a request body whose length and digest were checked against ``claims``.
+
+    Args:
+        body: the body.
+        claims: the verified claims of its auth header.
+        max_bytes: the largest body accepted.
+
+    Returns:
+        The :class:`Envelope`; its job id, site, seq and stage are the claims'.
+
+    Raises:
+        WireError: the body is malformed or says something other than its claims.
+    """
     obj = decode(body, max_bytes=max_bytes)
     if not isinstance(obj, dict) or set(obj) != {"job_id", "site", "seq", "spec", "message"}:
         raise WireError("request must hold exactly job_id, site, seq, spec and message")
@@ -204,20 +357,10 @@ def open_request(raw: bytes, *, max_bytes: int) -> tuple[Envelope, bytes, bytes]
         raise WireError("seq must be a positive int")
     if not isinstance(spec, dict) or not isinstance(message, dict):
         raise WireError("spec and message must be tables")
-    return Envelope(job_id, site, seq, spec, message), body, sig
+    if (job_id, site, seq, message.get("stage")) != (claims.job_id, claims.site, claims.seq, claims.stage):
+        raise WireError("the body's job id, site, seq or stage is not what its signed header says")
+    return Envelope(job_id, site, seq, spec, message)
 
 
-def verify_request(body: bytes, sig: bytes, verify_key) -> None:
-    """Raise :class:`WireError` unless ``sig`` is ``verify_key``'s signature of ``body``."""
-    try:
-        verify_key.verify(sig, DOMAIN + body)
-    except Exception:  # noqa: BLE001 - any failure is a bad signature
-        raise WireError("the request's signature does not verify with the approved job's key") from None
-
-
-def body_digest(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-__all__ = ["DOMAIN", "Envelope", "MAGIC", "WireError", "decode", "encode", "open_request", "sign_request",
-           "verify_request"]
+__all__ = ["AUTH_DOMAIN", "AUTH_HEADER", "Claims", "Envelope", "MAGIC", "MAX_AUTH_HEADER", "SignedRequest",
+           "WireError", "decode", "encode", "open_request", "read_auth", "sign_request", "verify_auth"]

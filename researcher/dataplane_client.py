@@ -19,6 +19,8 @@ from fedmtl import wire
 from fedmtl.datasites.dataplane import PING_PATH, ROUND_PATH, VERSION
 
 KEY_FILE = "dataplane.key"
+#: how often a request refused as one too many at once (HTTP 429) is sent again
+BUSY_RETRIES = 6
 
 
 def _verify_option():
@@ -77,23 +79,33 @@ class DataPlaneTransport:
             return seq
 
     def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one stage's ``message`` to ``site``; its reply (``{"ok": False, ...}`` when
+        the site refuses or cannot be reached: a dropout). A request refused as one too
+        many at once (HTTP 429) is sent again, up to :data:`BUSY_RETRIES` times."""
         spec = self.site_specs[site]
         env = wire.Envelope(job_id=str(spec["job_id"]), site=site, seq=self._next_seq(site), spec=spec,
                             message=dict(message))
         try:
-            body = wire.sign_request(env, self.key)
-            r = self._clients[site].post(ROUND_PATH, content=body,
-                                         headers={"content-type": "application/x-fedmtl"})
+            req = wire.sign_request(env, self.key)
+            for attempt in range(BUSY_RETRIES + 1):
+                r = self._clients[site].post(ROUND_PATH, content=req.body, headers=req.headers())
+                if r.status_code != 429 or attempt == BUSY_RETRIES:
+                    break
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
         except Exception as e:  # noqa: BLE001 - a site that fails is a dropout
             return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                     "kind": "Unreachable"}
-        if r.status_code != 200:
-            return {"ok": False, "error": f"HTTP {r.status_code} from {site}'s data plane", "kind": "Unreachable"}
         try:
             out = wire.decode(r.content)
         except wire.WireError as e:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code} from {site}'s data plane", "kind": "Unreachable"}
             return {"ok": False, "error": f"unreadable reply: {e}", "kind": "Unreachable"}
-        return out if isinstance(out, dict) else {"ok": False, "error": "reply is not a table", "kind": "Unreachable"}
+        if not isinstance(out, dict):
+            return {"ok": False, "error": "reply is not a table", "kind": "Unreachable"}
+        if r.status_code != 200 and out.get("ok") is not False:
+            return {"ok": False, "error": f"HTTP {r.status_code} from {site}'s data plane", "kind": "Unreachable"}
+        return out
 
     def close(self) -> None:
         for c in self._clients.values():

@@ -155,7 +155,7 @@ def test_researcher_logs_in_over_https_with_the_ca_pinned_and_is_refused_without
                        "--listen", "127.0.0.1", "--out", str(block)])
         assert rc == 0, capsys.readouterr().err
         text = block.read_text()
-        assert f"proxy_pass http://127.0.0.1:{upstream};" in text and "client_max_body_size 10g;" in text
+        assert f"proxy_pass http://127.0.0.1:{upstream};" in text and "client_max_body_size 64m;" in text
         conf = _nginx_conf(prefix, block)
         check = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
                                capture_output=True, text=True, timeout=30)

@@ -34,23 +34,46 @@ def _plane():
     return dataplane
 
 
-def _post(url: str, body: bytes, **headers) -> httpx.Response:
+def _post(url: str, req, **headers) -> httpx.Response:
+    """POST a :class:`fedmtl.wire.SignedRequest` (its body and auth header), or raw bytes."""
+    body, auth = (req.body, req.headers()) if hasattr(req, "auth") else (req, {})
     return httpx.post(url.rstrip("/") + _plane().ROUND_PATH, content=body, timeout=120,
-                      headers={"content-type": "application/x-fedmtl", **headers})
+                      headers={"content-type": "application/x-fedmtl", **auth, **headers})
 
 
 def _reply(r: httpx.Response) -> dict:
-    assert r.status_code in (200, 413), r.status_code
-    return _wire().decode(r.content)
+    assert r.status_code in (200, 400, 401, 403, 409, 413, 429), r.status_code
+    reply = _wire().decode(r.content)
+    if r.status_code != 200:
+        assert reply.get("ok") is False, (r.status_code, reply)
+    return reply
 
 
-def _signed(spec: dict, message: dict, key, *, site: str | None = None, seq: int | None = None) -> bytes:
+def _signed(spec: dict, message: dict, key, *, site: str | None = None, seq: int | None = None):
     import time
 
     w = _wire()
     env = w.Envelope(job_id=str(spec["job_id"]), site=site or str(spec["site"]),
                      seq=seq if seq is not None else time.time_ns(), spec=spec, message=message)
     return w.sign_request(env, key)
+
+
+def _signed_raw(spec: dict, body: bytes, key, *, stage: str = "spend"):
+    """Any bytes as a body, with an auth header the job's key really signed (the key's
+    holder sending garbage): only the decoder stands between it and the runtime."""
+    import base64
+    import hashlib
+    import time
+
+    w = _wire()
+    claims = w.Claims(job_id=str(spec["job_id"]), site=str(spec["site"]), seq=time.time_ns(), stage=stage,
+                      length=max(1, len(body)), sha256=hashlib.sha256(body).hexdigest())
+    raw = claims.to_bytes()
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+    return w.SignedRequest(body=body, auth=f"{b64(raw)}.{b64(key.sign(w.AUTH_DOMAIN + raw))}")
 
 
 def _charges(home, job_id: str) -> int:
@@ -110,7 +133,8 @@ def test_the_attackers_own_key_in_the_spec_is_not_the_approved_spec(federation, 
     spec = copy.deepcopy(job.site_specs[site])
     spec["dataplane_key"] = mine.verify_key.to_bytes().hex()
     r = _reply(_post(h.url, _signed(spec, _advertise(federation, spec), mine)))
-    _refused(r, "not the one approved")
+    # the site verifies with the key of the spec it approved, never one the request brings
+    _refused(r, "not the one approved", "signature")
     assert _charges(h.home, job.job_id) == 0
 
 
@@ -164,7 +188,7 @@ def test_a_spec_without_a_dataplane_key_runs_over_syft_only(federation, approved
     spec = copy.deepcopy(job.site_specs[site])
     del spec["dataplane_key"]
     r = _reply(_post(h.url, _signed(spec, _advertise(federation, spec), SigningKey.generate())))
-    _refused(r, "no data-plane key")
+    _refused(r, "no data-plane key", "signature")
 
 
 # ---------------------------------------------------------------------------------- bodies
@@ -180,21 +204,26 @@ def test_malformed_bodies_are_refused_before_anything_runs(federation, approved)
     bodies = {
         "empty": b"",
         "garbage": b"\x80\x04\x95" + b"x" * 100,  # a pickle opcode stream
-        "bad magic": b"NOTFMTL" + good[7:],
-        "truncated": good[: len(good) // 2],
-        "object dtype (pickle)": w.MAGIC + struct.pack(">I", len(header)) + header + b"\x00" * 8 + b"s" * 64,
-        "trailing bytes": good[:-64] + b"zz" + good[-64:],
-        "flipped bit": good[:40] + bytes([good[40] ^ 1]) + good[41:],
+        "bad magic": b"NOTFMTL" + good.body[7:],
+        "truncated": good.body[: len(good.body) // 2],
+        "object dtype (pickle)": w.MAGIC + struct.pack(">I", len(header)) + header + b"\x00" * 8,
+        "trailing bytes": good.body + b"zz",
+        "deep JSON": w.MAGIC + struct.pack(">I", 100_000) + b"[" * 50_000 + b"]" * 50_000,
     }
     for name, body in bodies.items():
-        r = _reply(_post(h.url, body))
+        r = _reply(_post(h.url, _signed_raw(spec, body, key)))
         assert r.get("ok") is not True, f"{name}: executed"
         assert r.get("kind") in ("WireError", "DataPlaneRefused"), f"{name}: {r}"
+    # the key holder's own header on a body that is not the one it signed
+    flipped = good.body[:40] + bytes([good.body[40] ^ 1]) + good.body[41:]
+    r = _post(h.url, flipped, **{w.AUTH_HEADER: good.auth})
+    assert r.status_code == 400, r.status_code
+    _refused(_reply(r), "not the one its signed header declares")
 
 
-def test_an_oversized_request_is_refused_unread(federation):
-    """A body announced above the limit is answered 413 before it is read (raw socket: the
-    attacker sends only the headers)."""
+def test_an_oversized_unsigned_request_is_refused_unread(federation):
+    """A body announced above the limit without a signed header is answered before it is
+    read, and the connection is closed (raw socket: the attacker sends only the headers)."""
     import socket
     from urllib.parse import urlparse
 
@@ -204,8 +233,14 @@ def test_an_oversized_request_is_refused_unread(federation):
     with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
         sock.sendall((f"POST {plane.ROUND_PATH} HTTP/1.1\r\nHost: {u.hostname}\r\n"
                       f"Content-Length: {plane.MAX_REQUEST_BYTES + 1}\r\n\r\n").encode() + b"x" * 1024)
-        status_line = sock.recv(64).split(b"\r\n")[0]
-    assert b" 413 " in status_line + b" ", status_line
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # the server closed the connection
+            answer += chunk
+    status_line = answer.split(b"\r\n")[0]
+    assert b" 401 " in status_line + b" ", status_line
 
 
 # ---------------------------------------------------------------------------------- order
@@ -218,7 +253,7 @@ def test_a_replayed_request_is_refused(federation, approved):
     body = _signed(spec, {"stage": "spend"}, key)
     first = _reply(_post(h.url, body))
     assert first.get("ok") is True, first  # the owner of the key may read their own spend
-    again = _reply(_post(h.url, body))
+    again = _reply(_post(h.url, body))  # the same signed header and body again
     _refused(again, "sequence number")
     older = _reply(_post(h.url, _signed(spec, {"stage": "spend"}, key, seq=1)))
     _refused(older, "sequence number")
