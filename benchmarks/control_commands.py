@@ -104,8 +104,9 @@ class Variant:
 
     def check_source(self) -> None:
         """The CLI and the datasite modules this variant runs are its own copy's."""
-        out = self.python("import fedmtl.cli, fedmtl.datasites.launch as l, fedmtl.datasites.admin as a; "
-                          "print(fedmtl.cli.__file__); print(l.__file__); print(a.__file__)")
+        # names that exist in both layouts (before and after issue 20 moved the modules)
+        out = self.python("import fedmtl.cli, fedmtl.datasites as d, fedmtl.datasites.runtime as r; "
+                          "print(fedmtl.cli.__file__); print(d.__file__); print(r.__file__)")
         for line in out.split():
             if not Path(line).resolve().is_relative_to(self.tree.resolve()):
                 raise RuntimeError(f"{self.name} imports {line}, not its own copy in {self.tree}")
@@ -160,9 +161,9 @@ def breakdown(v: Variant, files: dict[str, str]) -> dict[str, object]:
     out["cli_import_and_parser_s"] = round(time.perf_counter() - t0, 3)
     code = (
         "import time; t0 = time.perf_counter()\n"
-        "from fedmtl.datasites import syftio\n"
+        "from fedmtl.datasites.site import syftio\n"
         "syftio.import_syft(); t1 = time.perf_counter()\n"
-        "from fedmtl.datasites.admin import admin_client\n"
+        "from fedmtl.datasites.server.admin import admin_client\n"
         "c = admin_client({home!r}); t2 = time.perf_counter()\n"
         "with syftio.quiet():\n"
         "    c.users.get_all(); c.datasets.get_all(); c.requests.get_all()\n"
@@ -182,11 +183,11 @@ def breakdown(v: Variant, files: dict[str, str]) -> dict[str, object]:
         out["launch_profiled_s"] = round(time.perf_counter() - t0, 2)
         stats = pstats.Stats(str(prof)).stats  # (file, line, func) -> (cc, nc, tt, ct, callers)
         want = {
-            "launch (whole)": ("datasites/launch.py", "launch"),
-            "validate + create home (syft import for the server key)": ("datasites/launch.py", "_create_home"),
+            "launch (whole)": ("datasites/server/launch.py", "launch"),
+            "validate + create home (syft import for the server key)": ("datasites/server/launch.py", "_create_home"),
             "import syft in the CLI process": ("syft/__init__.py", "<module>"),
-            "start the server and wait until it answers": ("datasites/launch.py", "_start"),
-            "first setup: admin login, upload dataset + mock": ("datasites/launch.py", "_first_setup"),
+            "start the server and wait until it answers": ("datasites/server/launch.py", "_start"),
+            "first setup: admin login, upload dataset + mock": ("datasites/server/launch.py", "_first_setup"),
             "admin login (in first setup)": ("syft/client/client.py", "login"),
         }
         phases = {}

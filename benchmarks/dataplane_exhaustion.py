@@ -59,21 +59,22 @@ def worker(rounds: int, tmp: Path) -> None:
     trees share."""
     import numpy as np
 
-    from fedmtl import protocol
-    from fedmtl.datasites import admin, site_ledger
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.launch import free_port, launch
-    from fedmtl.datasites.peers import pin_federation
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract import protocol
+    from fedmtl.contract.jobspec import JobSpec
+    from fedmtl.contract.passes import run_pass
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.server import admin
+    from fedmtl.datasites.server.launch import free_port, launch
+    from fedmtl.datasites.server.peers import pin_federation
+    from fedmtl.datasites.template import default_policy
     from fedmtl.models import model_to_vector
-    from fedmtl.passes import run_pass
     from fedmtl.researcher.session import Session
     from fedmtl.schema import Schema
 
     os.environ["FEDMTL_TORCH_THREADS"] = "1"
     files = prepare(tmp / "cohort", sites=3, seed=0)
     schema = Schema.load(files[0].schema)
-    policy = site_ledger.default_policy(schema, min_sites=2)
+    policy = default_policy(schema, min_sites=2)
     handles = []
     try:
         for f in files:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.passes, args.attempts, args.half_open = 3, 50, 1000
-    from fedmtl.datasites.http_guard import raise_open_file_limit
+    from fedmtl.datasites.server.http_guard import raise_open_file_limit
 
     raise_open_file_limit()
     load = os.getloadavg()

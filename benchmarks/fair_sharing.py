@@ -12,7 +12,7 @@ venv, so the same syft, torch, pandas):
 * ``after``   this working tree
 
 For each version, a worker process launches three datasites from the demo cohort
-(:func:`fedmtl.datasites.cohort.prepare`, seed 0) with the default policy, the owners
+(:func:`fedmtl.datasites.data.cohort.prepare`, seed 0) with the default policy, the owners
 pinning each other, as ``fedmtl datasite launch`` does. Researcher B gets a small approved
 job; per repeat, a fresh researcher A gets the largest job the default policy approves
 (two hidden layers of 1024, five heads: 1,082,373 parameters; sample rate 0.5, an
@@ -75,7 +75,7 @@ def _git_archive(ref: str, dst: Path) -> str:
 
 # ------------------------------------------------------------------------ the worker
 def big_spec(name: str):
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
 
     return JobSpec(name=name, tasks=[{"label": c} for c in LABELS], model={"widths": [1024, 1024]}, rounds=1,
                    local_epochs=3.0, sample_rate=0.5, noise_multiplier=6.0, secagg={"threshold": 2, "clip": 1.0},
@@ -83,7 +83,7 @@ def big_spec(name: str):
 
 
 def small_spec(name: str):
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
 
     return JobSpec(name=name, tasks=[{"label": "diabetes_5y"}], rounds=1, local_steps=2, sample_rate=0.02,
                    noise_multiplier=1.0, secagg={"threshold": 2, "clip": 1.0}, scaling="range", eval_every=0)
@@ -101,7 +101,7 @@ def _advertised(home: Path, job_id: str) -> bool:
 
 
 def _charged(home: Path, job_id: str) -> bool:
-    from fedmtl.datasites import site_ledger
+    from fedmtl.datasites.ledger import site_ledger
 
     st = site_ledger.open_ledger(home).request(job_id)
     return st is not None and 1 in st.rounds
@@ -112,10 +112,10 @@ def worker(repeats: int, idle: int, work: Path) -> dict[str, Any]:
     import numpy as np
 
     import fedmtl
-    from fedmtl.datasites import admin
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.launch import free_port, launch
-    from fedmtl.datasites.peers import pin_federation
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.server import admin
+    from fedmtl.datasites.server.launch import free_port, launch
+    from fedmtl.datasites.server.peers import pin_federation
     from fedmtl.models import model_to_vector
     from fedmtl.researcher.session import Session
 

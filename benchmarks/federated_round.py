@@ -4,12 +4,12 @@
 
 For each site count ``n`` (default 3 and 10; with ``--big N`` also 3 sites of which one
 holds N records) it prepares the demo cohort split over ``n``
-hospitals (:func:`fedmtl.datasites.cohort.prepare`), and measures, pass by pass and
+hospitals (:func:`fedmtl.datasites.data.cohort.prepare`), and measures, pass by pass and
 interleaved so that the machine's load hits all three alike:
 
 * ``train``  -- DP-SGD alone, in this process, no syft, no secure aggregation: for every
   site, the same preprocessing and :func:`fedmtl.privacy.dp.train_local` call the datasite
-  runtime makes (same model from :func:`fedmtl.protocol.build_model`, same
+  runtime makes (same model from :func:`fedmtl.contract.protocol.build_model`, same
   ``JobSpec.client_config()``, steps and noise), run one site after another in a worker
   thread (the runtime runs in threads on the other two paths too). ``train_sum``
   is the sum over sites (one process doing all the work), ``train_max`` the slowest site
@@ -24,7 +24,7 @@ interleaved so that the machine's load hits all three alike:
   (:class:`~fedmtl.researcher.dataplane_client.DataPlaneTransport`); each datasite process
   trains with ``cores // n`` torch threads (``FEDMTL_TORCH_THREADS``);
 * ``syft``   -- the same pass through ``n`` real datasites on loopback
-  (:func:`fedmtl.datasites.launch.launch`, one server process each, launched one after
+  (:func:`fedmtl.datasites.server.launch.launch`, one server process each, launched one after
   another), a job submitted with ``Session.job(...).submit()`` and approved by the sites'
   automatic review, called through :class:`~fedmtl.researcher.job.SyftTransport`.
 
@@ -75,7 +75,7 @@ def _log(msg: str) -> None:
 
 
 def make_spec(schema, *, n_sites: int, rounds: int, seed: int, sample_rate: float = 0.02):
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
 
     return JobSpec(
         name="bench-round",
@@ -108,7 +108,7 @@ class TrainOnly:
     """What the runtime's advertise stage spends on DP-SGD, per site, without anything else."""
 
     def __init__(self, site_specs: dict[str, dict], records: dict[str, Any]):
-        from fedmtl import protocol
+        from fedmtl.contract import protocol
 
         self.sites = {}
         for s, spec in site_specs.items():
@@ -152,8 +152,8 @@ class LocalPipeline:
     the real records)."""
 
     def __init__(self, spec, schema, records: dict[str, Any], tmp: Path):
-        from fedmtl.datasites import identity
         from fedmtl.datasites import runtime as rt
+        from fedmtl.datasites.site import identity
         from fedmtl.researcher.job import LocalTransport
 
         roster = {}
@@ -185,14 +185,15 @@ class Federation:
         self.submit_seconds = self.approve_seconds = 0.0
 
     def start(self) -> None:
-        from fedmtl.datasites import admin, site_ledger
-        from fedmtl.datasites.launch import free_port, launch
-        from fedmtl.datasites.peers import pin_federation
+        from fedmtl.datasites.server import admin
+        from fedmtl.datasites.server.launch import free_port, launch
+        from fedmtl.datasites.server.peers import pin_federation
+        from fedmtl.datasites.template import default_policy
         from fedmtl.researcher.session import Session
 
-        policy = site_ledger.default_policy(self.schema, min_sites=2)
+        policy = default_policy(self.schema, min_sites=2)
         # the sites share this machine: each datasite process trains with its share of the
-        # cores (datasites/server.py apply_thread_limit), as the in-process path uses them all
+        # cores (datasites/server/process.py apply_thread_limit), as the in-process path uses them all
         os.environ["FEDMTL_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.files)))
         for f in self.files:  # one after another: the machine is shared
             t0 = time.perf_counter()
@@ -251,7 +252,7 @@ def enlarge(f, schema, n_rows: int, folder: Path, *, seed: int):
     """``f``'s hospital resampled to ``n_rows`` records (fresh ids; the split kept per row)."""
     import dataclasses
 
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.records import load_records
 
     df = load_records(f.records, schema)
     big = df.sample(n=n_rows, replace=True, random_state=seed).reset_index(drop=True)
@@ -263,9 +264,9 @@ def enlarge(f, schema, n_rows: int, folder: Path, *, seed: int):
 
 
 def bench_sites(n: int, *, rounds: int, seed: int, tmp: Path, no_syft: bool = False, big: int = 0) -> dict[str, Any]:
-    from fedmtl import protocol
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.records import load_records
+    from fedmtl.contract import protocol
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.models import model_to_vector
     from fedmtl.schema import Schema
 

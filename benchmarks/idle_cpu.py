@@ -1,6 +1,6 @@
 """Idle CPU of a real datasite: % of one core, with 0 and with 50 past requests.
 
-Launches one demo-sized datasite (``fedmtl.datasites.launch.launch``, a server process of
+Launches one demo-sized datasite (``fedmtl.datasites.server.launch.launch``, a server process of
 its own, the automatic reviewer running inside it), then
 
 1. lets it settle (``--settle`` seconds) and samples the server process's CPU time
@@ -85,7 +85,7 @@ def submit_requests(url: str, n: int, folder: Path):
     bound to the records asset; the reviewer denies them). Returns the client."""
     import importlib.util
 
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     # syft reads each function's source with inspect: write them to a module file
     path = folder / "idle_bench_functions.py"
@@ -104,7 +104,7 @@ def submit_requests(url: str, n: int, folder: Path):
 
 
 def wait_decided(client, n: int, timeout: float) -> dict:
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     deadline = time.monotonic() + timeout
     while True:
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     window = args.window or (20.0 if args.quick else 60.0)
     n_req = args.requests if args.requests is not None else (10 if args.quick else 50)
 
-    from fedmtl.datasites import admin, cohort
-    from fedmtl.datasites.launch import free_port, launch
+    from fedmtl.datasites.data import cohort
+    from fedmtl.datasites.server import admin
+    from fedmtl.datasites.server.launch import free_port, launch
 
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="fedmtl-idle-cpu-"))

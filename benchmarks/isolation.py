@@ -5,7 +5,7 @@
 
 Defence in depth for PYSEC-2026-546: the round code would run in a worker process that
 cannot read the datasite's HOME (identity key, ledger, per-job secrets) instead of inside
-the datasite server. On the demo cohort's largest site (:func:`fedmtl.datasites.cohort.prepare`,
+the datasite server. On the demo cohort's largest site (:func:`fedmtl.datasites.data.cohort.prepare`,
 three sites, seed 0) and one round of a demo job (``diabetes_5y``, 20 DP-SGD steps at
 q = 0.02, sigma = 1.0), it measures one training stage of the runtime's work -- what
 ``JobRuntime._compute_payload`` does when a pass trains: split, preprocess
@@ -82,7 +82,7 @@ FRESH_CODE = (
 # ------------------------------------------------------------------------ the stage itself
 def setup_state(site_spec: dict[str, Any], df) -> dict[str, Any]:
     """What the runtime builds once per job (JobRuntime._plan caches model + preprocessor)."""
-    from fedmtl import protocol
+    from fedmtl.contract import protocol
 
     schema = protocol.schema_of(site_spec)
     job = protocol.job_of(site_spec)
@@ -158,10 +158,10 @@ def _import_heavy() -> float:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
 
+    import fedmtl.contract.protocol  # noqa: F401
     import fedmtl.models  # noqa: F401
     import fedmtl.privacy.dp  # noqa: F401
     import fedmtl.privacy.quantization  # noqa: F401
-    import fedmtl.protocol  # noqa: F401
 
     return time.perf_counter() - t0
 
@@ -366,10 +366,10 @@ def machine() -> dict[str, Any]:
 
 
 def prepare_site(tmp: Path):
-    from fedmtl.datasites import cohort
-    from fedmtl.datasites.records import load_records
+    from fedmtl.contract.jobspec import JobSpec
+    from fedmtl.datasites.data import cohort
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.datasites.template import TEMPLATE_NAME
-    from fedmtl.jobspec import JobSpec
     from fedmtl.privacy.keys import SigningKey
     from fedmtl.schema import Schema
 

@@ -1,6 +1,6 @@
 """Datasite launch at scale, before and after, side by side: 1M records and a demo-sized site.
 
-The export: the demo cohort's first hospital (``fedmtl.datasites.cohort.prepare``, the demo
+The export: the demo cohort's first hospital (``fedmtl.datasites.data.cohort.prepare``, the demo
 schema) scaled up to ``--rows`` records by resampling its rows with replacement and adding
 Gaussian noise (5% of the column's standard deviation) to every numeric feature and label,
 clipped to the schema's range and rounded as the cohort rounds it; fresh ids 1..N. Written
@@ -10,7 +10,7 @@ For two versions of the code, each from its own copy of the source laid out as i
 (``PYTHONPATH``; the same venv, so the same syft, pandas, numpy):
 
 * ``before``  this working tree with the three files of the launch path
-              (``datasites/records.py``, ``mock.py``, ``launch.py``) as they were at
+              (``datasites/data/records.py``, ``mock.py``, ``launch.py``) as they were at
               ``--before-ref`` (default: the commit before the vectorised validation and mock)
 * ``after``   this working tree
 
@@ -48,7 +48,7 @@ from benchkit import layout_installed, machine_info
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "launch_scale.json"
 BEFORE_REF = "6f4ae82"  # the last commit with the per-cell validation and the tuple-set mock check
-BEFORE_FILES = ("datasites/records.py", "datasites/mock.py", "datasites/launch.py")
+BEFORE_FILES = ("datasites/data/records.py", "datasites/data/mock.py", "datasites/server/launch.py")
 
 
 def _log(msg: str) -> None:
@@ -64,7 +64,7 @@ def make_export(out: Path, n: int, seed: int = 0) -> tuple[Path, Path, Path, Pat
     import numpy as np
     import pandas as pd
 
-    from fedmtl.datasites import cohort
+    from fedmtl.datasites.data import cohort
     from fedmtl.schema import Schema
 
     site = cohort.prepare(out / "demo", sites=1, seed=seed)[0]
@@ -106,9 +106,9 @@ def worker(spec: dict) -> dict:
     """Run in the variant's process: the phases for one export."""
     import urllib.request
 
-    import fedmtl.datasites.launch as launch_mod
-    from fedmtl.datasites.mock import make_mock
-    from fedmtl.datasites.records import load_records
+    import fedmtl.datasites.server.launch as launch_mod
+    from fedmtl.datasites.data.mock import make_mock
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.schema import Schema
 
     out: dict = {"source": str(Path(launch_mod.__file__).resolve().parent)}

@@ -3,20 +3,20 @@ side by side, in one run.
 
     python benchmarks/review_cost.py [--quick] [--repeat N]
 
-On one realistic request -- the demo cohort (:func:`fedmtl.datasites.cohort.prepare`, three
+On one realistic request -- the demo cohort (:func:`fedmtl.datasites.data.cohort.prepare`, three
 sites, seed 0) reviewed by its largest site, a five-round DP job on ``diabetes_5y``, the
 site spec exactly as :meth:`fedmtl.researcher.job.Job.create` builds it (job, job_id,
 site, a three-site roster of fresh Ed25519 keys, schema, max_count, template) and the
 site's default policy with the two other sites pinned as peers -- it times, per request:
 
-* ``old``     -- :func:`fedmtl.datasites.review.decide` on ready-made
-  :class:`~fedmtl.datasites.review.RequestFacts` (built once, outside the timing, as
+* ``old``     -- :func:`fedmtl.datasites.rules.review.decide` on ready-made
+  :class:`~fedmtl.datasites.rules.review.RequestFacts` (built once, outside the timing, as
   ``autoreview.facts_of`` builds them), once with nothing spent yet and once with one
   earlier job of the same size already spent on the dataset and by the researcher;
 * ``new``     -- the checks added in front of it:
   :func:`fedmtl.datasites.template.source_problems` and
   :func:`~fedmtl.datasites.template.is_template` on the template source the request carries,
-  :func:`fedmtl.datasites.limits.spec_problems` on the site spec, and syft's
+  :func:`fedmtl.datasites.rules.limits.spec_problems` on the site spec, and syft's
   ``parse_user_code`` on the same source (what ``autoreview.binding_problems`` re-derives
   to compare against the ``parsed_code`` syft would execute);
 * ``pricing`` -- ``JobSpec.job_records(n_train)`` + ``epsilon_of`` (the privacy price of
@@ -70,13 +70,13 @@ def machine() -> dict[str, Any]:
 def build_request(tmp: Path) -> dict[str, Any]:
     """The demo cohort's largest site, its policy, a site spec as Job.create builds it, and
     the facts the old review path consumes."""
-    from fedmtl import protocol
-    from fedmtl.datasites import cohort, site_ledger
-    from fedmtl.datasites.autoreview import job_facts
-    from fedmtl.datasites.records import load_records
-    from fedmtl.datasites.review import SpendSummary
-    from fedmtl.datasites.template import TEMPLATE_NAME, code_sha256, template_source
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract import protocol
+    from fedmtl.contract.jobspec import JobSpec
+    from fedmtl.datasites.data import cohort
+    from fedmtl.datasites.data.records import load_records
+    from fedmtl.datasites.review.autoreview import job_facts
+    from fedmtl.datasites.rules.review import SpendSummary
+    from fedmtl.datasites.template import TEMPLATE_NAME, code_sha256, default_policy, template_source
     from fedmtl.privacy.keys import SigningKey
     from fedmtl.schema import Schema
 
@@ -102,7 +102,7 @@ def build_request(tmp: Path) -> dict[str, Any]:
         "max_count": int(max(f.n_patients for f in files)),
         "template": TEMPLATE_NAME,
     }
-    policy = site_ledger.default_policy(
+    policy = default_policy(
         schema, peers={s: k.verify_key.fingerprint() for s, k in keys.items() if s != big.name}
     )
     raw = template_source(func_name)  # what syft stores as raw_code (the function's source)
@@ -134,9 +134,9 @@ def build_request(tmp: Path) -> dict[str, Any]:
 def checks(req: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     from syft.service.code.user_code import parse_user_code
 
-    from fedmtl.datasites.autoreview import TEMPLATE_KWARGS
-    from fedmtl.datasites.limits import spec_problems
-    from fedmtl.datasites.review import decide
+    from fedmtl.datasites.review.autoreview import TEMPLATE_KWARGS
+    from fedmtl.datasites.rules.limits import spec_problems
+    from fedmtl.datasites.rules.review import decide
     from fedmtl.datasites.template import is_template, source_problems
     from fedmtl.privacy.accounting import epsilon_of
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                        "new_over_old": new / old},
         "against_round": compare,
         "notes": [
-            "old = fedmtl.datasites.review.decide on RequestFacts built once outside the timing",
+            "old = fedmtl.datasites.rules.review.decide on RequestFacts built once outside the timing",
             "new = source_problems + is_template on the template source, limits.spec_problems on the "
             "site spec (as Job.create builds it), syft parse_user_code on the template source",
             "pricing = JobSpec.job_records(n_train) + epsilon_of at the policy's delta and accountant",

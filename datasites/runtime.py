@@ -2,7 +2,7 @@
 template executes. It is the only code that touches the private records.
 
 Each call handles one secure-aggregation stage of one pass (see
-:mod:`fedmtl.protocol`)::
+:mod:`fedmtl.contract.protocol`)::
 
     advertise    check the pass number and the weights, charge the privacy ledger,
                  train with DP-SGD (and/or evaluate), clip + weight the update,
@@ -35,10 +35,15 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from fedmtl import protocol
-from fedmtl.datasites.home import write_json_atomic
-from fedmtl.datasites.policy import Policy
-from fedmtl.errors import ConfigError, FedMTLError
+from fedmtl.contract import protocol
+from fedmtl.datasites.rules.policy import Policy
+from fedmtl.datasites.site.home import write_json_atomic
+from fedmtl.errors import (  # noqa: F401 - RoundError, PassAlreadyExecutedError: re-exported
+    ConfigError,
+    FedMTLError,
+    PassAlreadyExecutedError,
+    RoundError,
+)
 from fedmtl.models.metrics import finite_predictions
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.dp import effective_sample_rate, noise_only_update, train_local
@@ -50,14 +55,6 @@ _HOMES: dict[str, Path] = {}
 TEST_HOOK_ENV = "FEDMTL_TEST_HOOKS"
 #: a throw-away home of a researcher's dry run (no ledger); never in a datasite's home
 DRY_RUN_MARKER = "DRY_RUN_HOME"
-
-
-class RoundError(FedMTLError):
-    """A round call the runtime refuses (replay, beyond the approved count, bad weights...)."""
-
-
-class PassAlreadyExecutedError(RoundError):
-    """The pass was completed (and charged) at this site; it never runs twice."""
 
 
 #: preprocessed splits of running jobs: (home, job, split, records id, scaling, tasks) ->
@@ -166,7 +163,7 @@ def job_lock(home: Path, job_id: str) -> Iterator[None]:
 def _heavy_stage(home: Path, job_id: str) -> Iterator[None]:
     """Run a record-reading stage: refuse it when its researcher already has the policy's
     most jobs in such a stage here (before anything is charged), then wait for a slot."""
-    from fedmtl.datasites import site_ledger
+    from fedmtl.datasites.ledger import site_ledger
 
     researcher, cap = site_ledger.concurrency_of_job(home, job_id)
     key = (str(home), researcher or "")
@@ -299,7 +296,7 @@ class JobRuntime:
     def dispatch(self, data: Any, msg: dict[str, Any]) -> dict[str, Any]:
         stage = msg.get("stage")
         if stage == "spend":
-            from fedmtl.datasites import site_ledger
+            from fedmtl.datasites.ledger import site_ledger
 
             return {"view": site_ledger.researcher_view_of_job(self.home, self.job_id)}
         if stage not in self.STAGES:
@@ -351,7 +348,7 @@ class JobRuntime:
         return protocol.plan(self.spec, p, model=self._model)
 
     def _identity(self):
-        from fedmtl.datasites import identity
+        from fedmtl.datasites.site import identity
 
         return identity.load(self.home)
 
@@ -362,7 +359,7 @@ class JobRuntime:
         for name in ("payload.npz",):
             self._secret_path(name).unlink(missing_ok=True)
         if p == protocol.last_pass(self.job):
-            from fedmtl.datasites import site_ledger
+            from fedmtl.datasites.ledger import site_ledger
 
             drop_tensors(self.home, self.job_id)
             site_ledger.finish_job(self.home, self.spec)
@@ -628,7 +625,7 @@ class JobRuntime:
     def _max_abs_weight(self) -> float:
         """``limits.max_abs_weight`` of this datasite's current policy (the default in a
         researcher's dry-run home, which has no ledger)."""
-        from fedmtl.datasites import site_ledger
+        from fedmtl.datasites.ledger import site_ledger
 
         if (self.home / DRY_RUN_MARKER).exists():
             return float(Policy.max_abs_weight)
@@ -654,7 +651,7 @@ class JobRuntime:
     def _charge(self, p: int, n_train: int, plan: protocol.PassPlan) -> None:
         """Charge the pass's privacy records to the ledger before it runs (raises, and
         nothing is computed, when the ledger refuses)."""
-        from fedmtl.datasites import site_ledger
+        from fedmtl.datasites.ledger import site_ledger
 
         if not (plan.train or plan.evaluate or plan.stats):
             return
@@ -682,7 +679,7 @@ class JobRuntime:
         return slice_mask(model, ["trunk"])
 
     def _policy_allows_site_metrics(self) -> bool:
-        from fedmtl.datasites import site_ledger
+        from fedmtl.datasites.ledger import site_ledger
 
         return site_ledger.site_metrics_allowed(self.home)
 

@@ -17,6 +17,10 @@ import inspect
 import linecache
 import re
 import textwrap
+from typing import Any
+
+from fedmtl.datasites.rules.policy import Policy
+from fedmtl.schema import Schema
 
 TEMPLATE_NAME = "fedmtl_round"
 
@@ -118,3 +122,22 @@ def code_sha256(code: str) -> str:
 
 TEMPLATE_SOURCE = inspect.getsource(fedmtl_round)
 TEMPLATE_SHA256 = code_sha256(TEMPLATE_SOURCE)
+
+
+def default_policy(schema: Schema, **overrides: Any) -> Policy:
+    """The policy a home without one gets on first launch: templates only (this template,
+    by :data:`TEMPLATE_SHA256`), automatic approval of conforming requests, the schema's tasks.
+
+    Args:
+        schema: the datasite's schema (its label columns are the allowed tasks).
+        **overrides: fields of :meth:`Policy.default` to set otherwise (``approval``,
+            ``min_sites``, ...).
+
+    Returns:
+        The policy, not yet installed (:func:`fedmtl.datasites.ledger.site_ledger.install_policy`).
+    """
+    return Policy.default(
+        allowed_tasks=[c.name for c in schema.labels],
+        templates={TEMPLATE_NAME: TEMPLATE_SHA256},
+        **overrides,
+    )

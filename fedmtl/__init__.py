@@ -3,9 +3,10 @@
 The package is one import name with four subpackages, each a top-level folder of the
 repository: ``fedmtl.datasites`` (data owner side), ``fedmtl.researcher`` (scientist
 side), ``fedmtl.models`` (multi-task networks, metrics) and ``fedmtl.privacy`` (DP
-training, accounting, secure aggregation). ``fedmtl`` itself holds what both sides
-speak (the records schema, the job spec, the pass protocol), the errors, crash-safe file
-writes and the command line. docs/architecture.md draws the layers.
+training, accounting, secure aggregation). ``fedmtl`` itself holds the base (the records
+schema, the errors, crash-safe file writes), the round contract both sides speak
+(``fedmtl.contract``: the job spec, the pass protocol, strategies, the wire format) and the
+command line (``fedmtl.cli``). docs/architecture.md draws the layers and lists every module.
 """
 
 from fedmtl.errors import FedMTLError

@@ -49,3 +49,12 @@ class PassLostError(JobError):
     """Every site that answered had already completed this pass (and charged it), but the
     researcher never saved its aggregate (it stopped in between). The pass cannot run
     again; the job continues with the next one."""
+
+
+class RoundError(FedMTLError):
+    """A round call the datasite's runtime refuses (replay, beyond the approved count, bad
+    weights...). Raised by :mod:`fedmtl.datasites.runtime` and the ledger it charges."""
+
+
+class PassAlreadyExecutedError(RoundError):
+    """The pass was completed (and charged) at this site; it never runs twice."""

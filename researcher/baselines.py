@@ -1,6 +1,6 @@
 """Baselines the federated results are judged against, like for like, without any server.
 
-Every baseline trains **the federated job's own recipe** (a :class:`~fedmtl.jobspec.JobSpec`):
+Every baseline trains **the federated job's own recipe** (a :class:`~fedmtl.contract.jobspec.JobSpec`):
 the same model (``spec.build_model``, same trunk and widths), the same features (the
 job's preprocessor), the same optimiser, learning rate, momentum, sampling rate, clipping
 norm and number of passes over the data (``rounds x local_epochs``), and with DP the same
@@ -50,8 +50,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmtl.datasites.cohort import prepare
-from fedmtl.datasites.records import load_records
+from fedmtl.datasites.data.cohort import prepare
+from fedmtl.datasites.data.records import load_records
 from fedmtl.models.metrics import evaluation_metrics, sum_states
 from fedmtl.models.preprocessing import Preprocessor, labels_of, local_stats, sum_stats
 from fedmtl.models.tasks import TaskSpec
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = recipe_spec("baselines", [c.name for c in schema.labels], epsilon=args.epsilon, n_sites=len(sites), **kw)
     report = run_baselines(schema, sites, spec, seeds=seeds, methods=methods, log=lambda s: print(s, file=sys.stderr))
     report["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "fedmtl.researcher.baselines", *argv])
-    report["data"] = str(args.data) if args.data else f"fedmtl.datasites.cohort.prepare(sites={args.sites}, seed=0)"
+    report["data"] = str(args.data) if args.data else f"fedmtl.datasites.data.cohort.prepare(sites={args.sites}, seed=0)"
     path = args.out / "baselines.json"
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")

@@ -1,10 +1,10 @@
-"""The researcher's side of the round data plane (see :mod:`fedmtl.datasites.dataplane`).
+"""The researcher's side of the round data plane (see :mod:`fedmtl.datasites.server.dataplane`).
 
 :class:`DataPlaneTransport` sends each stage's message of an approved job straight to the
 datasite's ``/fedmtl/v1/round`` endpoint: one HTTP request on a kept-alive connection,
 signed with the job's own Ed25519 key (its public half is in the approved spec), with a
 strictly increasing sequence number per site. It has the same ``call(site, message)``
-as the syft transport, so :func:`fedmtl.passes.run_pass` runs unchanged over either.
+as the syft transport, so :func:`fedmtl.contract.passes.run_pass` runs unchanged over either.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedmtl import wire
-from fedmtl.datasites.dataplane import PING_PATH, ROUND_PATH, VERSION
+from fedmtl.contract import wire
+from fedmtl.datasites.server.dataplane import PING_PATH, ROUND_PATH, VERSION
 
 KEY_FILE = "dataplane.key"
 #: how often a request refused as one too many at once (HTTP 429) is sent again

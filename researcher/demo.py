@@ -1,6 +1,6 @@
 """``fedmtl demo``: three hospitals, one federated multi-task DP job, and the comparison.
 
-1. Prepares the real NAFLD cohort split into hospitals (:mod:`fedmtl.datasites.cohort`).
+1. Prepares the real NAFLD cohort split into hospitals (:mod:`fedmtl.datasites.data.cohort`).
 2. Launches one real syft datasite per hospital on loopback ports, each with its own home
    and a policy that auto-approves the library's template within an epsilon budget.
 3. A researcher connects, dry-runs and submits a multi-task job over all cohort tasks
@@ -39,15 +39,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fedmtl.datasites import admin, identity, site_ledger
-from fedmtl.datasites.audit import audit
-from fedmtl.datasites.cohort import prepare
-from fedmtl.datasites.launch import free_port, launch
-from fedmtl.datasites.peers import pin_federation
-from fedmtl.datasites.records import load_records
-from fedmtl.datasites.syftio import console
+from fedmtl.contract.jobspec import JobSpec
+from fedmtl.datasites.data.cohort import prepare
+from fedmtl.datasites.data.records import load_records
+from fedmtl.datasites.ledger.audit import audit
+from fedmtl.datasites.server import admin
+from fedmtl.datasites.server.launch import free_port, launch
+from fedmtl.datasites.server.peers import pin_federation
+from fedmtl.datasites.site import identity
+from fedmtl.datasites.site.syftio import console
+from fedmtl.datasites.template import default_policy
 from fedmtl.errors import ConfigError, FedMTLError
-from fedmtl.jobspec import JobSpec
 from fedmtl.models.preprocessing import Preprocessor
 from fedmtl.privacy.accounting import epsilon_of
 from fedmtl.researcher.baselines import Evaluator, run_baselines, split_sites, summarise
@@ -112,7 +114,7 @@ def run_demo(
     tasks = [c.name for c in schema.labels]
     data = {f.name: load_records(f.records, schema) for f in files}
 
-    policy = site_ledger.default_policy(
+    policy = default_policy(
         schema,
         min_sites=min(3, sites),
         max_epsilon_per_job=max(10.0, epsilon),
@@ -126,7 +128,7 @@ def run_demo(
     try:
         log(f"[2/5] launching {sites} datasites (real syft servers on loopback) ...")
         # the datasites share this machine: each trains with its share of the cores
-        # (datasites/server.py apply_thread_limit), so their thread pools do not oversubscribe it
+        # (datasites/server/process.py apply_thread_limit), so their thread pools do not oversubscribe it
         os.environ.setdefault("FEDMTL_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // sites)))
         password = secrets.token_urlsafe(16)
         for f in files:

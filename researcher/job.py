@@ -1,7 +1,7 @@
 """A federated multi-task DP job: submit, follow, run, resume.
 
 The researcher acts as the secure-aggregation server: each pass (see
-:mod:`fedmtl.protocol`) it relays the five stages between the sites, sums the
+:mod:`fedmtl.contract.protocol`) it relays the five stages between the sites, sums the
 masked vectors (masks cancel), recovers dropped sites' masks from the survivors' shares,
 de-quantises, and applies the strategy. It never sees one site's update.
 
@@ -24,23 +24,23 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedmtl import protocol
-from fedmtl.datasites import syftio
-from fedmtl.datasites.autoreview import MANUAL_REVIEW_TAG  # set by the datasite's reviewer
-from fedmtl.datasites.home import write_json_atomic
+from fedmtl.contract import protocol
+from fedmtl.contract.jobspec import JobSpec
+from fedmtl.contract.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
+from fedmtl.contract.strategies import make_strategy
+from fedmtl.datasites.review.autoreview import MANUAL_REVIEW_TAG  # set by the datasite's reviewer
 from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
+from fedmtl.datasites.site import syftio
+from fedmtl.datasites.site.home import write_json_atomic
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
 from fedmtl.errors import JobError, PassLostError
-from fedmtl.jobspec import JobSpec
 from fedmtl.models import model_to_vector
-from fedmtl.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
 from fedmtl.privacy.accounting import epsilon_of
 from fedmtl.privacy.quantization import average_by_group
 from fedmtl.researcher import dataplane_client
 from fedmtl.researcher.checkpoint import CheckpointStore
 from fedmtl.researcher.local_site import run_local_passes
 from fedmtl.researcher.result import JobResult
-from fedmtl.researcher.strategies import make_strategy
 
 # ---------------------------------------------------------------------------- transports
 
@@ -484,7 +484,7 @@ def price(session, spec, *, sites=None, budget: bool = True, prefer: str | None 
         noise_multiplier   the one the site trains with (fixed, or calibrated to
                            target_epsilon on that site's n_train)
         epsilon            the whole job at delta: rounds and evaluation releases, as
-                           the site's ledger will charge them (fedmtl.jobspec.JobSpec.epsilon_for_site)
+                           the site's ledger will charge them (fedmtl.contract.jobspec.JobSpec.epsilon_for_site)
         budget_left        your researcher budget left there, or None if unknown
         fits               epsilon <= budget_left, or None if unknown
         budget_from        where budget_left came from, or why it is unknown

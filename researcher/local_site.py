@@ -20,12 +20,12 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from fedmtl import protocol
-from fedmtl.datasites import identity
+from fedmtl.contract import protocol
+from fedmtl.contract.passes import run_pass
 from fedmtl.datasites import runtime as rt
+from fedmtl.datasites.site import identity
 from fedmtl.errors import JobError
 from fedmtl.models import model_to_vector
-from fedmtl.passes import run_pass
 from fedmtl.schema import Schema
 
 

@@ -7,7 +7,7 @@ those are its own records, and the fine-tuned model **stays at the hospital** (i
 DP with respect to them, so it must not be shared as the federated model is).
 :func:`compare_at_site` measures, on the hospital's own test split, the federated model,
 the fine-tuned one and a model trained on the hospital's records alone (without DP, the
-non-private recipe, :data:`fedmtl.jobspec.RECIPES`), through the job's own features.
+non-private recipe, :data:`fedmtl.contract.jobspec.RECIPES`), through the job's own features.
 
 ``fedmtl datasite personalise`` runs it on a hospital's export; ``fedmtl demo`` reports
 the fine-tuned row per hospital next to local-only training.
@@ -19,7 +19,7 @@ import copy
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from fedmtl.jobspec import RECIPES
+from fedmtl.contract.jobspec import RECIPES
 from fedmtl.models.preprocessing import Preprocessor, labels_of
 from fedmtl.privacy.dp import train_local
 from fedmtl.researcher.baselines import Evaluator, train_like_job, without_dp
@@ -47,7 +47,7 @@ def finetune(model, pre, train, tasks, *, epochs: float = FINETUNE["epochs"], lr
 
 def local_only_spec(spec):
     """``spec`` as one hospital training alone without DP: the non-private recipe
-    (:data:`fedmtl.jobspec.RECIPES` ``["no_dp"]``), the job's model, rounds and sampling."""
+    (:data:`fedmtl.contract.jobspec.RECIPES` ``["no_dp"]``), the job's model, rounds and sampling."""
     return dataclasses.replace(without_dp(spec), local_steps=None, **RECIPES["no_dp"])
 
 

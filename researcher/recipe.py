@@ -1,6 +1,6 @@
-"""The demo's job recipe: one :class:`~fedmtl.jobspec.JobSpec` per privacy mode.
+"""The demo's job recipe: one :class:`~fedmtl.contract.jobspec.JobSpec` per privacy mode.
 
-The recipe is the JobSpec defaults of each privacy mode (:data:`fedmtl.jobspec.RECIPES`,
+The recipe is the JobSpec defaults of each privacy mode (:data:`fedmtl.contract.jobspec.RECIPES`,
 chosen by experiment, docs/models.md "Recipe"): DP-SGD wants a large learning rate (its
 clipped, noised steps are short); training without DP wants momentum. Every row of the
 demo's comparison with DP uses :data:`RECIPE_DP`, every row without DP :data:`RECIPE_NODP`:
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmtl.jobspec import RECIPES, JobSpec
+from fedmtl.contract.jobspec import RECIPES, JobSpec
 
 #: federated rounds of the demo's jobs
 ROUNDS = 5

@@ -40,8 +40,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.errors import ConfigError
-from fedmtl.jobspec import JobSpec
 from fedmtl.researcher.checkpoint import atomic_write_bytes
 
 __all__ = ["JobResult", "head_mask"]
@@ -151,7 +151,7 @@ class JobResult:
 
         The schema's id, label and split columns are not needed and are ignored when
         present: only the features go into the model."""
-        from fedmtl.datasites import records as rec
+        from fedmtl.datasites.data import records as rec
         from fedmtl.schema import Column, Schema
 
         schema = self.schema

@@ -23,11 +23,11 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from fedmtl.datasites import syftio
-from fedmtl.datasites.identity import PublicIdentity
-from fedmtl.datasites.launch import parse_meta
+from fedmtl.contract.jobspec import JobSpec
+from fedmtl.datasites.server.launch import parse_meta
+from fedmtl.datasites.site import syftio
+from fedmtl.datasites.site.identity import PublicIdentity
 from fedmtl.errors import ConfigError, DatasiteError
-from fedmtl.jobspec import JobSpec
 from fedmtl.researcher.job import Job
 from fedmtl.schema import Schema
 

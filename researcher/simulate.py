@@ -1,6 +1,6 @@
 """Federated training simulated in one process, with the real round code.
 
-:func:`simulate` runs a :class:`~fedmtl.jobspec.JobSpec` over in-memory site
+:func:`simulate` runs a :class:`~fedmtl.contract.jobspec.JobSpec` over in-memory site
 tables through exactly the code a datasite runs (:mod:`fedmtl.datasites.runtime`) and
 exactly the researcher's pass loop and secure aggregation (:mod:`fedmtl.researcher.job`),
 but without syft servers: each site gets a throw-away home with fresh identity keys and no
@@ -17,8 +17,8 @@ from typing import Mapping
 
 import pandas as pd
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites import runtime as rt
-from fedmtl.jobspec import JobSpec
 from fedmtl.researcher.job import Job
 from fedmtl.researcher.local_site import LocalSite
 from fedmtl.researcher.result import JobResult

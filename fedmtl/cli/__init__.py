@@ -11,7 +11,7 @@ from fedmtl import __version__
 # errors, fsutil and schema; fedmtl.cli.terminal); each command imports the owner's or the
 # researcher's side (syft, torch, pandas, cryptography behind them) when it runs. Building the
 # parser stays cheap, and `fedmtl --help` or a command that needs none of them is fast
-# (tests/test_cli_help.py checks that `datasite stop` and `status` import no syft, torch, pandas).
+# (tests/cli/test_cli_help.py checks that `datasite stop` and `status` import no syft, torch, pandas).
 from fedmtl.cli import datasite, research, review
 from fedmtl.cli.terminal import console, restore_streams, say
 from fedmtl.errors import FedMTLError

@@ -19,7 +19,7 @@ from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.schema import Schema
 
 RESEARCHER_PASSWORD_ENV = "FEDMTL_RESEARCHER_PASSWORD"
-ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"  # fedmtl.datasites.launch reads it; here the parser needs no import
+ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"  # fedmtl.datasites.server.launch reads it; here the parser needs no import
 #: how to pass the researcher's password: the same words in --help, the README and the notebooks
 PASSWORD_HOWTO = (
     f"The researcher's password (at least 10 characters): set {RESEARCHER_PASSWORD_ENV}, or pipe it "
@@ -44,7 +44,7 @@ def _read_password(args: argparse.Namespace, env: str, prompt: str) -> str:
 
 
 def cmd_datasite_launch(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.launch import launch
+    from fedmtl.datasites.server.launch import launch
 
     say(f"launching datasite at {args.home} ...")
     handle = launch(
@@ -85,13 +85,13 @@ def cmd_datasite_launch(args: argparse.Namespace) -> int:
 
 
 def _split_line(home: Path) -> str:
-    from fedmtl.datasites.launch import home_split, split_note
+    from fedmtl.datasites.server.launch import home_split, split_note
 
     return split_note(home_split(home))
 
 
 def cmd_datasite_schema_infer(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.schema_infer import infer_file
+    from fedmtl.datasites.data.schema_infer import infer_file
 
     if args.out is not None and args.out.exists() and not args.force:
         raise FedMTLError(f"{args.out} exists; choose another --out, or add --force to replace it")
@@ -149,14 +149,14 @@ def _add_schema_parser(dsub) -> None:
 
 
 def cmd_datasite_stop(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.admin import stop
+    from fedmtl.datasites.server.admin import stop
 
     print("stopped" if stop(args.home) else "not running")
     return 0
 
 
 def cmd_datasite_status(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.admin import status
+    from fedmtl.datasites.server.admin import status
 
     st = status(args.home)
     print(json.dumps(st.to_dict(), indent=2) if args.json else st.render())
@@ -164,7 +164,7 @@ def cmd_datasite_status(args: argparse.Namespace) -> int:
 
 
 def cmd_datasite_add_researcher(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.admin import add_researcher
+    from fedmtl.datasites.server.admin import add_researcher
 
     password = _read_password(args, RESEARCHER_PASSWORD_ENV, f"password for {args.email}: ")
     add_researcher(home=args.home, email=args.email, password=password, name=args.full_name)
@@ -176,7 +176,7 @@ def cmd_datasite_add_researcher(args: argparse.Namespace) -> int:
 
 
 def cmd_datasite_peers(args: argparse.Namespace) -> int:
-    from fedmtl.datasites import peers
+    from fedmtl.datasites.server import peers
 
     if args.peers_action == "list":
         own = peers.own_fingerprint(args.home)
@@ -233,7 +233,7 @@ def _add_peers_parser(dsub) -> None:
 
 
 def cmd_datasite_proxy_config(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.proxy import nginx_server_block
+    from fedmtl.datasites.server.proxy import nginx_server_block
 
     text = nginx_server_block(
         domain=args.domain,
@@ -281,7 +281,7 @@ def _add_proxy_parser(dsub) -> None:
 
 
 def cmd_datasite_personalise(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.models.flat import model_to_vector
     from fedmtl.researcher.baselines import split_sites
     from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table

@@ -15,7 +15,7 @@ from fedmtl.errors import FedMTLError
 
 
 def cmd_demo_prepare(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.cohort import prepare, summary_table
+    from fedmtl.datasites.data.cohort import prepare, summary_table
 
     files = prepare(args.out, sites=args.sites, seed=args.seed)
     print(summary_table(files))
@@ -28,7 +28,7 @@ def cmd_demo_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
     from fedmtl.researcher.job import Job
     from fedmtl.researcher.session import Session
 
@@ -82,7 +82,7 @@ def hospital_lines(result) -> list[str]:
 
 
 def cmd_job_price(args: argparse.Namespace) -> int:
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
     from fedmtl.researcher.job import price, price_table
     from fedmtl.researcher.session import Session
 

@@ -88,8 +88,8 @@ def _verification_lines(v, key_source: str) -> list[str]:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.audit import audit, researcher_view
-    from fedmtl.datasites.ledger import LEDGER_FILE, verify
+    from fedmtl.datasites.ledger.audit import audit, researcher_view
+    from fedmtl.datasites.ledger.ledger import LEDGER_FILE, verify
 
     home = Path(args.home)
     if not home.is_dir():
@@ -143,9 +143,9 @@ def _confirm(question: str) -> bool:
 
 
 def cmd_datasite_review(args: argparse.Namespace) -> int:
-    from fedmtl.datasites import manual_review as mr
-    from fedmtl.datasites.admin import admin_client
-    from fedmtl.datasites.policy import ADVISORY_ID
+    from fedmtl.datasites.review import manual_review as mr
+    from fedmtl.datasites.rules.policy import ADVISORY_ID
+    from fedmtl.datasites.server.admin import admin_client
 
     target = args.approve or args.deny
     if (args.reason or args.acknowledge) and not target:

@@ -7,7 +7,7 @@ import getpass
 import socket
 from typing import IO
 
-from fedmtl.datasites import syftio
+from fedmtl.datasites.site import syftio
 
 
 def console(err: bool = False) -> IO[str]:
@@ -17,7 +17,7 @@ def console(err: bool = False) -> IO[str]:
         err: the error stream instead of the output stream.
 
     Returns:
-        The stream to print to (:func:`fedmtl.datasites.syftio.console`).
+        The stream to print to (:func:`fedmtl.datasites.site.syftio.console`).
     """
     return syftio.console(err)
 
@@ -35,7 +35,7 @@ def say(*values: object, err: bool = False) -> None:
 
 def restore_streams() -> None:
     """Give the user's stdout and stderr back now, whatever an interrupted syft call left
-    (:func:`fedmtl.datasites.syftio.restore_streams`)."""
+    (:func:`fedmtl.datasites.site.syftio.restore_streams`)."""
     syftio.restore_streams()
 
 

@@ -41,19 +41,23 @@ def test_the_tree_keeps_every_contract(tmp_path, lint_bin_available):
     res = _lint(_copy_tree(tmp_path))
     # Assert
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "3 kept, 0 broken" in res.stdout
+    assert "5 kept, 0 broken" in res.stdout
 
 
 @pytest.mark.parametrize(
     ("module", "line", "contract"),
     [
         ("models/flat.py", "import fedmtl.researcher.session  # noqa: F401\n", "One-way layers"),
-        ("privacy/accounting.py", "import fedmtl.datasites.ledger  # noqa: F401\n", "One-way layers"),
+        ("privacy/accounting.py", "import fedmtl.datasites.ledger.ledger  # noqa: F401\n", "One-way layers"),
         ("datasites/runtime.py", "import fedmtl.researcher.job  # noqa: F401\n", "One-way layers"),
         ("fedmtl/schema.py", "import fedmtl.models  # noqa: F401\n", "One-way layers"),
-        ("datasites/review.py", "import syft  # noqa: F401\n", "Only the syft-facing modules import syft"),
-        ("datasites/ledger.py", "from cryptography.hazmat.primitives import hashes  # noqa: F401\n",
+        ("datasites/rules/review.py", "import syft  # noqa: F401\n", "Only the syft-facing modules import syft"),
+        ("datasites/ledger/ledger.py", "from cryptography.hazmat.primitives import hashes  # noqa: F401\n",
          "Only fedmtl.privacy.keys imports cryptography"),
+        ("datasites/ledger/site_ledger.py", "import fedmtl.datasites.review.autoreview  # noqa: F401\n",
+         "The owner's side in layers"),
+        ("datasites/site/home.py", "import fedmtl.datasites.data.records  # noqa: F401\n", "The owner's side in layers"),
+        ("fedmtl/contract/wire.py", "import fedmtl.contract.passes  # noqa: F401\n", "The round contract in layers"),
     ],
 )
 def test_an_import_that_breaks_a_contract_fails_the_lint(tmp_path, lint_bin_available, module, line, contract):

@@ -10,8 +10,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from fedmtl.datasites.policy import Policy, code_hash
-from fedmtl.datasites.review import RequestFacts, manual_decision
+from fedmtl.datasites.rules.policy import Policy, code_hash
+from fedmtl.datasites.rules.review import RequestFacts, manual_decision
 from fedmtl.privacy.accounting import PrivacyRecord
 from fedmtl.privacy.keys import SigningKey
 
@@ -82,7 +82,7 @@ def populate(home: Path, key: SigningKey) -> dict[str, str]:
     """A realistic ledger: two researchers with auto-approved jobs and their rounds, a
     denied non-template request, a manual approval of non-template code with the
     advisory warning shown, two policy changes. Returns request ids by role."""
-    from fedmtl.datasites.ledger import Ledger
+    from fedmtl.datasites.ledger.ledger import Ledger
 
     led = Ledger.open(home, key, clock=FakeClock())
     led.record_policy(make_policy(), who=OWNER)

@@ -79,7 +79,7 @@ def write_file(tmp_path: Path) -> Callable[[str, str | bytes], Path]:
 @pytest.fixture(scope="session")
 def demo_cohort(tmp_path_factory):
     """``(out_dir, [SiteFiles])``: the demo cohort (3 sites, seed 0), prepared once per session."""
-    from fedmtl.datasites.cohort import prepare
+    from fedmtl.datasites.data.cohort import prepare
 
     out = tmp_path_factory.mktemp("demo-cohort")
     return out, prepare(out, sites=3, seed=0)
@@ -88,7 +88,7 @@ def demo_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_records(demo_cohort):
     """``{site name: (schema, records DataFrame)}`` for the demo cohort."""
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.records import load_records
 
     _, files = demo_cohort
     out = {}
@@ -176,7 +176,7 @@ def _start_postgres(bindir: Path) -> PostgresServer:
     import pwd
     import secrets as _secrets
 
-    from fedmtl.datasites.launch import free_port
+    from fedmtl.datasites.server.launch import free_port
 
     run_as: list[str] = []
     owner = None

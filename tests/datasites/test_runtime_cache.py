@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites import runtime as rt
-from fedmtl.jobspec import JobSpec
 from fedmtl.models.preprocessing import Preprocessor
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.schema import Schema
 
     files = prepare(tmp_path_factory.mktemp("cohort"), sites=2, seed=0)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites import runtime as rt
-from fedmtl.jobspec import JobSpec
 from fedmtl.models import model_to_vector
 from fedmtl.researcher.job import Job
 from fedmtl.researcher.session import Session
@@ -24,8 +24,8 @@ from fedmtl.researcher.simulate import LocalSite
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.schema import Schema
 
     files = prepare(tmp_path_factory.mktemp("cohort"), sites=3, seed=0)

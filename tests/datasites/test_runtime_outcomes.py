@@ -9,15 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmtl import protocol
+from fedmtl.contract import protocol
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites import runtime as rt
-from fedmtl.jobspec import JobSpec
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.schema import Schema
 
     files = prepare(tmp_path_factory.mktemp("cohort"), sites=3, seed=0)

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fedmtl import protocol
+from fedmtl.contract import protocol
 from fedmtl.models import TaskSpec
 from fedmtl.models.metrics import RegressionError, TaskMetrics, flatten_state
 from fedmtl.privacy.accounting import RDP_ORDERS, PrivacyRecord, epsilon_of

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
+from fedmtl.contract.strategies import FedAdam
 from fedmtl.errors import ConfigError
 from fedmtl.researcher.checkpoint import CheckpointStore
-from fedmtl.researcher.strategies import FedAdam
 
 HASH = "ab" * 32
 OTHER = "cd" * 32

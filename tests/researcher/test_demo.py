@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmtl.datasites import home as home_mod
+from fedmtl.datasites.site import home as home_mod
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -79,7 +79,7 @@ def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
 
 def _stop_leftover_sites(out: Path) -> None:
     """A failing run must not leave datasites behind (they would hold ports and CPU)."""
-    from fedmtl.datasites.launch import _terminate_pid
+    from fedmtl.datasites.server.launch import _terminate_pid
 
     sites = out / "sites"
     for h in sites.iterdir() if sites.is_dir() else ():
@@ -152,7 +152,7 @@ def _interrupt_at_checkpoint(n: int, body) -> bool:
     import contextlib
     import dis
 
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     files = {syftio.__file__, contextlib.__file__}
     seen = [0]
@@ -192,7 +192,7 @@ def _interrupt_at_checkpoint(n: int, body) -> bool:
 
 def test_ctrl_c_anywhere_in_quiet_keeps_the_users_streams(monkeypatch):
     # Arrange: the user's terminal
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     term_out, term_err = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", term_out)
@@ -220,7 +220,7 @@ def test_ctrl_c_anywhere_in_quiet_keeps_the_users_streams(monkeypatch):
 
 
 def test_console_is_the_users_stream_while_another_thread_is_quiet(monkeypatch):
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     term = io.StringIO()
     monkeypatch.setattr(sys, "stdout", term)

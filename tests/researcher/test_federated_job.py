@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmtl import protocol
-from fedmtl.datasites import admin
-from fedmtl.datasites.launch import free_port, launch
-from fedmtl.datasites.peers import pin_federation
+from fedmtl.contract import protocol
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites.runtime import TEST_HOOK_ENV
-from fedmtl.jobspec import JobSpec
+from fedmtl.datasites.server import admin
+from fedmtl.datasites.server.launch import free_port, launch
+from fedmtl.datasites.server.peers import pin_federation
 from fedmtl.researcher.job import JobError, SyftTransport
 from fedmtl.researcher.session import Session
 
@@ -22,7 +22,7 @@ EMAIL = "ada@uni.example"
 def three_sites(tmp_path_factory):
     import os
 
-    from fedmtl.datasites.cohort import prepare
+    from fedmtl.datasites.data.cohort import prepare
 
     os.environ[TEST_HOOK_ENV] = "1"  # test-only: sites keep their unmasked payloads on disk
     out = tmp_path_factory.mktemp("cohort")
@@ -213,7 +213,7 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     import sys
     import time
 
-    from fedmtl.datasites import site_ledger
+    from fedmtl.datasites.ledger import site_ledger
 
     # Prepare: a sites file and a job file for the CLI
     sites = tmp_path / "sites.toml"
@@ -258,7 +258,7 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
 @pytest.mark.integration
 def test_modified_template_is_denied_naming_the_advisory(three_sites, tmp_path):
 
-    from fedmtl.datasites import syftio
+    from fedmtl.datasites.site import syftio
 
     sy = syftio.import_syft()
     from syft.service.policy.policy import OutputPolicyExecuteCount

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedmtl.jobspec import JobSpec
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.researcher import job as jobmod
 from fedmtl.researcher.job import PENDING_AUTO, PENDING_MANUAL, Job, price, price_table
 from fedmtl.schema import Schema

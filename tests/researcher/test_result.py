@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.errors import ConfigError
-from fedmtl.jobspec import JobSpec
 from fedmtl.models import Preprocessor, model_to_vector
 from fedmtl.researcher.result import JobResult, head_mask
 from fedmtl.schema import Schema
@@ -217,7 +217,7 @@ def test_predict_reads_a_csv_export_like_launch(tmp_path):
     ],
 )
 def test_predict_refuses_records_that_do_not_fit_the_schema_with_launchs_message(tmp_path, change, expected):
-    from fedmtl.datasites.records import load_records
+    from fedmtl.datasites.data.records import load_records
     from fedmtl.errors import RecordsValidationError
 
     # Prepare: the same bad records as a DataFrame and as an export launch would read

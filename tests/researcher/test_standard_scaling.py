@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmtl import protocol
+from fedmtl.contract import protocol
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites import runtime as rt
-from fedmtl.datasites import site_ledger
-from fedmtl.jobspec import JobSpec
+from fedmtl.datasites.ledger import site_ledger
 from fedmtl.models import model_to_vector
 from fedmtl.models.preprocessing import Preprocessor, local_stats, sum_stats
 from fedmtl.privacy import stats_release

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmtl.datasites.launch import free_port, launch
+from fedmtl.datasites.server.launch import free_port, launch
 
 
 def _register_security_kit() -> None:
@@ -42,7 +42,7 @@ def federation(tmp_path_factory):
     owners pinning each other (name + identity fingerprint); stopped at the end."""
     import security_kit as K
 
-    from fedmtl.datasites.cohort import prepare
+    from fedmtl.datasites.data.cohort import prepare
 
     out = tmp_path_factory.mktemp("security-cohort")
     files = prepare(out, sites=3, seed=0)
@@ -52,7 +52,7 @@ def federation(tmp_path_factory):
         for f in files:
             h = launch(home=homes / f.name, name=f.name, records=f.records, schema=f.schema, port=free_port())
             handles.append(h)
-        from fedmtl.datasites.peers import pin_federation  # lazily: it may land after collection
+        from fedmtl.datasites.server.peers import pin_federation  # lazily: it may land after collection
 
         pin_federation([h.home for h in handles])
         fed = K.Federation(handles, tmp_path_factory.mktemp("security-jobs"))

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedmtl.datasites import admin, syftio
+from fedmtl.datasites.server import admin
+from fedmtl.datasites.site import syftio
 
 PW = "researcher-password-1"
 #: the attacker's own account (all forged requests come from it unless said otherwise)
@@ -35,20 +36,20 @@ FORBIDDEN_REPORT_KEYS = frozenset({"loss", "losses", "counts", "n_train", "n_tes
 
 
 def JobSpec():  # noqa: N802 - returns the class
-    from fedmtl.jobspec import JobSpec
+    from fedmtl.contract.jobspec import JobSpec
 
     return JobSpec
 
 
 def protocol():
-    from fedmtl import protocol
+    from fedmtl.contract import protocol
 
     return protocol
 
 
 def site_ledger():
     """The datasite's open ledger and policy (``open_ledger(home)``)."""
-    from fedmtl.datasites import site_ledger
+    from fedmtl.datasites.ledger import site_ledger
 
     return site_ledger
 

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 import security_kit as K
 
-from fedmtl import wire
-from fedmtl.datasites import dataplane, http_guard
-from fedmtl.datasites.launch import launch
+from fedmtl.contract import wire
+from fedmtl.datasites.server import dataplane, http_guard
+from fedmtl.datasites.server.launch import launch
 from fedmtl.privacy.keys import SigningKey
 from fedmtl.researcher.dataplane_client import DataPlaneTransport, load_or_create_key
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 import security_kit as K
 
-from fedmtl.datasites import syftio
+from fedmtl.datasites.site import syftio
 
 pytestmark = pytest.mark.integration
 

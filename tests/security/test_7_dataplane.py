@@ -1,7 +1,7 @@
 """Attack class 7 — the round data plane: "only the researcher who submitted an approved
 job can drive it, only within what was approved, and records never leave".
 
-The datasites serve ``POST /fedmtl/v1/round`` (fedmtl.datasites.dataplane). An attacker
+The datasites serve ``POST /fedmtl/v1/round`` (fedmtl.datasites.server.dataplane). An attacker
 who read the source holds: a researcher account, the approved job's site spec (it is in
 their own request; or anyone's spec if they can guess it), any key of their own, raw HTTP.
 Each attack below fails if the datasite executes anything: a reply ``ok=True`` or a new
@@ -23,19 +23,19 @@ pytestmark = pytest.mark.integration
 
 
 def _wire():
-    from fedmtl import wire
+    from fedmtl.contract import wire
 
     return wire
 
 
 def _plane():
-    from fedmtl.datasites import dataplane
+    from fedmtl.datasites.server import dataplane
 
     return dataplane
 
 
 def _post(url: str, req, **headers) -> httpx.Response:
-    """POST a :class:`fedmtl.wire.SignedRequest` (its body and auth header), or raw bytes."""
+    """POST a :class:`fedmtl.contract.wire.SignedRequest` (its body and auth header), or raw bytes."""
     body, auth = (req.body, req.headers()) if hasattr(req, "auth") else (req, {})
     return httpx.post(url.rstrip("/") + _plane().ROUND_PATH, content=body, timeout=120,
                       headers={"content-type": "application/x-fedmtl", **auth, **headers})

@@ -29,7 +29,7 @@ import pytest
 import security_kit as K
 import torch
 
-from fedmtl.datasites.launch import free_port, launch
+from fedmtl.datasites.server.launch import free_port, launch
 from fedmtl.errors import JobError
 
 pytestmark = pytest.mark.integration
@@ -62,8 +62,8 @@ def _twin_records(src: pd.DataFrame) -> dict[str, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     """Three datasites launched as ``fedmtl datasite launch`` does, differing in one record."""
-    from fedmtl.datasites.cohort import prepare
-    from fedmtl.datasites.peers import pin_federation
+    from fedmtl.datasites.data.cohort import prepare
+    from fedmtl.datasites.server.peers import pin_federation
 
     cohort = tmp_path_factory.mktemp("oracle-cohort")
     src = prepare(cohort, sites=3, seed=0)[1]
@@ -183,7 +183,7 @@ def _blank(x: Any) -> Any:
 
 
 def _size(reply: dict) -> int:
-    from fedmtl import wire
+    from fedmtl.contract import wire
 
     return len(wire.encode(_blank(reply)))
 
@@ -237,7 +237,7 @@ def oracle_run(twins):
     """Every pass of one approved job, each first tried with the issue's weights and with
     weights just over the cap (both must be refused the same way, uncharged), then run
     in full with the crafted weights at the cap. Returns what each stage answered."""
-    from fedmtl.passes import run_pass
+    from fedmtl.contract.passes import run_pass
 
     email = twins.researcher("oracle")
     spec = K.legit_spec(

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import security_kit as K
 
-from fedmtl.datasites import peers
+from fedmtl.datasites.server import peers
 from fedmtl.privacy.keys import SigningKey
 from fedmtl.privacy.secagg import ServerSession, SiteSession, UnmaskRefusedError
 from fedmtl.researcher.job import SyftTransport

@@ -17,8 +17,9 @@ from typing import Any, Callable
 
 import pytest
 
-from fedmtl.datasites import admin, syftio
-from fedmtl.datasites.launch import META_FENCE, free_port, launch
+from fedmtl.datasites.server import admin
+from fedmtl.datasites.server.launch import META_FENCE, free_port, launch
+from fedmtl.datasites.site import syftio
 from fedmtl.errors import CredentialsError
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,130 @@
+"""What a ledger's entries say, folded in order: requests and their decisions, charged
+rounds, spend and committed budget per dataset and researcher, the current policy.
+Pure: no file access (see :mod:`fedmtl.datasites.ledger.ledger`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedmtl.datasites.ledger.ledger_format import _eps, _over  # noqa: F401
+from fedmtl.datasites.rules.policy import Policy
+from fedmtl.datasites.rules.review import Decision, RequestFacts
+from fedmtl.privacy.accounting import PrivacyRecord
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RoundCharge:
+    """What :meth:`Ledger.charge_round` charged (and acknowledged)."""
+
+    request_id: str
+    round: int
+    seq: int
+    epsilon_round: float
+    epsilon_job: float
+    epsilon_dataset: float
+    epsilon_researcher: float
+    budget_left: Mapping[str, float]
+
+
+@dataclass
+class RequestState:
+    """A request as the ledger knows it. ``status``: pending (no decision yet),
+    pending_manual, approved, denied, finished, aborted."""
+
+    request_id: str
+    facts: RequestFacts
+    received_seq: int
+    received_ts: str
+    status: str = "pending"
+    decision: Decision | None = None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    records: list[PrivacyRecord] = field(default_factory=list)
+    epsilon_charged: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "researcher": self.facts.researcher,
+            "dataset": self.facts.dataset,
+            "code_name": self.facts.code_name,
+            "code_hash": self.facts.code_hash,
+            "spec_hash": self.facts.spec_hash,
+            "received": self.received_ts,
+            "status": self.status,
+            "decision": self.decision.to_dict() if self.decision else None,
+            "decisions": list(self.decisions),
+            "rounds_approved": self.facts.rounds,
+            "rounds_executed": list(self.rounds),
+            "epsilon_charged": self.epsilon_charged,
+        }
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class _State:
+    """What the entries say, folded in order (requests, spend, policy)."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.requests: dict[str, RequestState] = {}
+        self.policy: Policy | None = None
+        self.policy_hash: str | None = None
+        self.round_records: list[tuple[str, str, list[PrivacyRecord]]] = []  # dataset, researcher, recs
+
+    def apply(self, e: dict[str, Any]) -> None:
+        self.entries.append(e)
+        kind, b = e["kind"], e["body"]
+        if kind == "policy_changed":
+            self.policy = Policy.from_dict(b["policy"])
+            self.policy_hash = b["new_hash"]
+        elif kind == "request_received":
+            facts = RequestFacts.from_dict(b["facts"])
+            self.requests[facts.request_id] = RequestState(
+                request_id=facts.request_id, facts=facts, received_seq=e["seq"], received_ts=e["ts"]
+            )
+        elif kind == "decision":
+            st = self.requests.get(b["request_id"])
+            if st is not None:
+                st.decision = Decision.from_dict(b["decision"])
+                st.decisions.append({"seq": e["seq"], "ts": e["ts"], **b["decision"]})
+                st.status = st.decision.status
+        elif kind == "round_executed":
+            st = self.requests.get(b["request_id"])
+            recs = [PrivacyRecord.from_dict(r) for r in b["records"]]
+            if st is not None:
+                st.rounds.append(int(b["round"]))
+                st.records.extend(recs)
+                st.epsilon_charged = float(b["epsilon_job"])
+            self.round_records.append((b["dataset"], b["researcher"], recs))
+        elif kind in ("job_finished", "job_aborted"):
+            st = self.requests.get(b["request_id"])
+            if st is not None:
+                st.status = "finished" if kind == "job_finished" else "aborted"
+
+    def spent(self, *, dataset: str | None = None, researcher: str | None = None) -> list[PrivacyRecord]:
+        out: list[PrivacyRecord] = []
+        for ds, rs, recs in self.round_records:
+            if (dataset is None or ds == dataset) and (researcher is None or rs == researcher):
+                out.extend(recs)
+        return out
+
+    def committed(self, *, dataset: str | None = None, researcher: str | None = None) -> list[PrivacyRecord]:
+        """Records approved jobs have not spent yet (their remaining planned rounds)."""
+        out: list[PrivacyRecord] = []
+        for st in self.requests.values():
+            if st.status != "approved":
+                continue
+            if dataset is not None and st.facts.dataset != dataset:
+                continue
+            if researcher is not None and st.facts.researcher != researcher:
+                continue
+            planned = st.facts.privacy_records()
+            out.extend(planned[len(st.records):])
+        return out
+
+
