@@ -70,8 +70,8 @@ def machine() -> dict[str, Any]:
 def build_request(tmp: Path) -> dict[str, Any]:
     """The demo cohort's largest site, its policy, a site spec as Job.create builds it, and
     the facts the old review path consumes."""
-    from fedmtl.contract import protocol
     from fedmtl.contract.jobspec import JobSpec
+    from fedmtl.contract.site_spec import SiteSpec
     from fedmtl.datasites.data import cohort
     from fedmtl.datasites.data.records import load_records
     from fedmtl.datasites.review.autoreview import job_facts
@@ -109,8 +109,9 @@ def build_request(tmp: Path) -> dict[str, Any]:
     # syft's unique_func_name: user_func_<name>_<verify key>_<code hash>
     unique = f"user_func_{func_name}_{'ab' * 32}_{'cd' * 32}"
 
-    job = protocol.job_of(site_spec)
-    facts = job_facts(job, site_spec, n_train=n_train, request_id=job_id, roster=tuple(sorted(roster.items())),
+    parsed = SiteSpec.parse(site_spec)
+    job = parsed.job
+    facts = job_facts(parsed, n_train=n_train, request_id=job_id, roster=tuple(sorted(roster.items())),
                       site=big.name, researcher="bench@uni.example", dataset=big.name, code_name=func_name,
                       code_hash=code_sha256(raw))
     return {

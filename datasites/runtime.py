@@ -36,6 +36,22 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from fedmtl.contract import protocol
+from fedmtl.contract.messages import (
+    PASS_STAGES,
+    QUERIES,
+    Advertise,
+    Consistency,
+    MaskedInput,
+    Reply,
+    ShareKeys,
+    Spend,
+    StageMessage,
+    parse_message,
+)
+from fedmtl.contract.site_spec import SiteSpec
+from fedmtl.contract.strategies import make_strategy
+from fedmtl.datasites.ledger import site_ledger
+from fedmtl.datasites.ledger.site_ledger import DRY_RUN_MARKER
 from fedmtl.datasites.rules.policy import Policy
 from fedmtl.datasites.site.home import write_json_atomic
 from fedmtl.errors import (  # noqa: F401 - RoundError, PassAlreadyExecutedError: re-exported
@@ -46,15 +62,13 @@ from fedmtl.errors import (  # noqa: F401 - RoundError, PassAlreadyExecutedError
 )
 from fedmtl.models.metrics import finite_predictions
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
-from fedmtl.privacy.dp import effective_sample_rate, noise_only_update, train_local
+from fedmtl.privacy.dp import DPTrainingConfig, effective_sample_rate, noise_only_update, prepare, train
 
 log = logging.getLogger("fedmtl.runtime")
 
 #: site name -> home, registered by the server process(es) living in this interpreter
 _HOMES: dict[str, Path] = {}
 TEST_HOOK_ENV = "FEDMTL_TEST_HOOKS"
-#: a throw-away home of a researcher's dry run (no ledger); never in a datasite's home
-DRY_RUN_MARKER = "DRY_RUN_HOME"
 
 
 #: preprocessed splits of running jobs: (home, job, split, records id, scaling, tasks) ->
@@ -127,13 +141,6 @@ def _heavy_pool() -> threading.BoundedSemaphore:
         return _HEAVY_POOL
 
 
-def _job_id_of(spec: Mapping[str, Any]) -> str:
-    job_id = str(spec.get("job_id", ""))
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise ConfigError(f"invalid job id {job_id!r}")
-    return job_id
-
-
 @contextmanager
 def job_lock(home: Path, job_id: str) -> Iterator[None]:
     """Hold the lock of one job: its round calls run one at a time, other jobs' do not
@@ -163,8 +170,6 @@ def job_lock(home: Path, job_id: str) -> Iterator[None]:
 def _heavy_stage(home: Path, job_id: str) -> Iterator[None]:
     """Run a record-reading stage: refuse it when its researcher already has the policy's
     most jobs in such a stage here (before anything is charged), then wait for a slot."""
-    from fedmtl.datasites.ledger import site_ledger
-
     researcher, cap = site_ledger.concurrency_of_job(home, job_id)
     key = (str(home), researcher or "")
     if researcher is not None:
@@ -217,54 +222,73 @@ def home_for(site: str) -> Path:
     raise RoundError(f"this datasite is not {site!r}; the job spec names another site")
 
 
-def handle(*, data: Any, spec: Mapping[str, Any], message: Mapping[str, Any]) -> dict[str, Any]:
+def handle(*, data: Any, spec: SiteSpec | Mapping[str, Any], message: Mapping[str, Any]) -> dict[str, Any]:
     """Entry point of the round template. Never raises.
 
-    A query (:attr:`JobRuntime.QUERIES`: read-only, it reads the ledger) runs at once. A
-    stage runs under its job's lock (:func:`job_lock`); a stage that reads the records
+    The edge: the site spec syft binds (or the data plane carries) is parsed here once
+    (:meth:`SiteSpec.parse <fedmtl.contract.site_spec.SiteSpec.parse>`), and so is the
+    message (:func:`fedmtl.contract.messages.parse_message`). A query
+    (:attr:`JobRuntime.QUERIES`: read-only, it reads the ledger) runs at once. A stage runs
+    under its job's lock (:func:`job_lock`); a stage that reads the records
     (:data:`HEAVY_STAGES`) also under the per-researcher cap and in one of
-    :func:`heavy_slots` slots. Nothing is held across jobs."""
+    :func:`heavy_slots` slots. Nothing is held across jobs.
+
+    Args:
+        data: the records asset (``None`` for a stage that reads no records).
+        spec: the site spec, as bound or already parsed.
+        message: the stage message, as sent.
+
+    Returns:
+        The reply's wire dict (:class:`fedmtl.contract.messages.Reply`): a refusal
+        ``{"ok": False, "error", "kind"}`` for anything refused or failed.
+    """
     try:
-        home = home_for(str(spec.get("site")))
-        message = dict(message)
-        stage = message.get("stage")
-        if stage in JobRuntime.QUERIES:
-            return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
-        job_id = _job_id_of(spec)
+        site_spec = SiteSpec.coerce(spec)
+        home = home_for(site_spec.site)
+        msg = parse_message(message)
+        if msg.stage in JobRuntime.QUERIES:
+            return JobRuntime(home, site_spec).dispatch(data, msg).to_dict()
+        job_id = site_spec.job_id
         with job_lock(home, job_id):
-            if stage in HEAVY_STAGES:
+            if msg.stage in HEAVY_STAGES:
                 with _heavy_stage(home, job_id):
-                    return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
-            return {"ok": True, **JobRuntime(home, spec).dispatch(data, message)}
+                    return JobRuntime(home, site_spec).dispatch(data, msg).to_dict()
+            return JobRuntime(home, site_spec).dispatch(data, msg).to_dict()
     except FedMTLError as e:
         log.warning("round call refused: %s", e)
-        return {"ok": False, "error": str(e), "kind": type(e).__name__}
+        return Reply.refusal(str(e), type(e).__name__).to_dict()
     except Exception as e:  # noqa: BLE001 - report without leaking data
         log.exception("round runtime failed")
-        return {
-            "ok": False,
-            "error": f"internal error in the datasite runtime ({type(e).__name__}); "
+        return Reply.refusal(
+            f"internal error in the datasite runtime ({type(e).__name__}); "
             "the datasite's log (HOME/logs/server.log) has the details",
-            "kind": "InternalError",
-        }
+            "InternalError",
+        ).to_dict()
 
 
 class JobRuntime:
-    STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
-    QUERIES = ("spend",)
+    STAGES = PASS_STAGES
+    QUERIES = QUERIES
 
-    def __init__(self, home: Path, spec: Mapping[str, Any]):
+    def __init__(self, home: Path, site_spec: SiteSpec):
+        """The runtime of one job at this datasite, for one call.
+
+        Args:
+            home: the datasite home.
+            site_spec: the job's parsed site spec (its schema is replaced by this
+                datasite's own, when the home has one).
+        """
         self.home = Path(home)
-        self.spec = dict(spec)
-        job_id = _job_id_of(spec)
+        job_id = site_spec.job_id
         self.job_id = job_id
         own_schema = self.home / "schema.toml"
         if own_schema.is_file():
             # the datasite's own schema is authoritative, never the researcher's copy
             from fedmtl.schema import Schema
 
-            self.spec["schema"] = Schema.load(own_schema).to_dict()
-        self.job = protocol.job_of(self.spec)
+            site_spec = site_spec.with_schema(Schema.load(own_schema))
+        self.site_spec = site_spec
+        self.job = site_spec.job
         self.dir = self.home / "jobs" / job_id
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -293,18 +317,25 @@ class JobRuntime:
         return load_private_key(self._secret_path(name))
 
     # -- dispatch ------------------------------------------------------------
-    def dispatch(self, data: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        stage = msg.get("stage")
-        if stage == "spend":
-            from fedmtl.datasites.ledger import site_ledger
+    def dispatch(self, data: Any, msg: StageMessage) -> Reply:
+        """Run one parsed message.
 
-            return {"view": site_ledger.researcher_view_of_job(self.home, self.job_id)}
-        if stage not in self.STAGES:
-            raise RoundError(f"unknown stage {stage!r}; expected one of {list(self.STAGES + self.QUERIES)}")
-        p = msg.get("pass")
-        if isinstance(p, bool) or not isinstance(p, int):
-            raise RoundError(f"'pass' must be an int, got {p!r}")
-        last = protocol.last_pass(self.job)
+        Args:
+            data: the records asset (read by ``advertise`` only).
+            msg: the message (:func:`fedmtl.contract.messages.parse_message`).
+
+        Returns:
+            The reply.
+
+        Raises:
+            RoundError: the runtime refuses the message (replay, beyond the approved
+                passes, out of order, bad weights...).
+        """
+        if isinstance(msg, Spend):
+            return Reply.query_reply(site_ledger.researcher_view_of_job(self.home, self.job_id))
+        stage = msg.stage
+        p = msg.pass_no
+        last = self.site_spec.schedule.last_pass
         if p in self.state["completed"]:
             raise PassAlreadyExecutedError(f"pass {p} of job {self.job_id} was already executed; a replay is refused")
         if p > last:
@@ -314,7 +345,7 @@ class JobRuntime:
             )
         if p < 1 or (self.state["completed"] and p <= max(self.state["completed"])):
             raise RoundError(f"pass {p} is not after the last executed pass; refused")
-        if stage == "advertise":
+        if isinstance(msg, Advertise):
             return self._advertise(data, p, msg)
         cur = self.state.get("current")
         if not cur or cur["pass"] != p:
@@ -322,30 +353,30 @@ class JobRuntime:
         from fedmtl.privacy.secagg import SiteSession
 
         ident = self._identity()
-        params = protocol.secagg_params(self.spec, p, cur["attempt"], self._plan(p))
+        params = protocol.secagg_params(self.site_spec, p, cur["attempt"], self._plan(p))
         session = SiteSession.from_bytes(self._read_secret("secagg.session"), identity=ident.signing_key)
         if session.params.digest() != params.digest():
             raise RoundError("secure-aggregation parameters changed within a pass; refused")
-        if stage == "share_keys":
-            out = session.share_keys(msg["keys"])
-        elif stage == "masked_input":
+        if isinstance(msg, ShareKeys):
+            out = session.share_keys(msg.keys)
+        elif isinstance(msg, MaskedInput):
             payload = np.load(self._secret_path("payload.npz"))
             arrays = [payload[n] for n in self._plan(p).names]
-            out = session.masked_input(msg["delivery"], arrays)
-        elif stage == "consistency":
+            out = session.masked_input(msg.delivery, arrays)
+        elif isinstance(msg, Consistency):
             # signs the survivor set once per pass and attempt (kept in the session)
-            out = session.consistency_check(msg["request"])
+            out = session.consistency_check(msg.request)
         else:
-            out = session.unmask(msg["request"])
+            out = session.unmask(msg.request)
         self._write_secret("secagg.session", session.to_bytes())
         if stage == "unmask":
             self._complete(p)
-        return {"message": out}
+        return Reply.stage_reply(out)
 
     def _plan(self, p: int) -> protocol.PassPlan:
         if not hasattr(self, "_model"):
-            self._model, self._pre = protocol.build_model(self.spec)
-        return protocol.plan(self.spec, p, model=self._model)
+            self._model, self._pre = protocol.build_model(self.site_spec)
+        return protocol.plan(self.site_spec, p, model=self._model)
 
     def _identity(self):
         from fedmtl.datasites.site import identity
@@ -358,21 +389,19 @@ class JobRuntime:
         self._save()
         for name in ("payload.npz",):
             self._secret_path(name).unlink(missing_ok=True)
-        if p == protocol.last_pass(self.job):
-            from fedmtl.datasites.ledger import site_ledger
-
+        if p == self.site_spec.schedule.last_pass:
             drop_tensors(self.home, self.job_id)
-            site_ledger.finish_job(self.home, self.spec)
+            site_ledger.finish_job(self.home, self.site_spec.to_dict())
 
     # -- stage 1: train / evaluate ---------------------------------------------
-    def _advertise(self, data: Any, p: int, msg: Mapping[str, Any]) -> dict[str, Any]:
+    def _advertise(self, data: Any, p: int, msg: Advertise) -> Reply:
         from fedmtl.models import model_to_vector
         from fedmtl.privacy.secagg import SiteSession
 
         plan = self._plan(p)
         model = self._model
         size = model_to_vector(model).size
-        weights = msg.get("weights")
+        weights = msg.weights
         if not isinstance(weights, np.ndarray) or weights.shape != (size,):
             raise RoundError(
                 f"weights must be a float array of shape ({size},) for this job's model; got "
@@ -393,12 +422,12 @@ class JobRuntime:
         # the scaling of this pass: none for the statistics pass; the schema's ranges, or
         # the researcher's mean/std (checked, and pinned to the first pass that used them)
         if plan.stats:
-            if msg.get("scaling") is not None:
+            if msg.scaling is not None:
                 raise RoundError(f"pass {p} is the statistics pass; it takes no 'scaling'")
             self._pass_pre = None
         else:
             try:
-                self._pass_pre = protocol.scaling_preprocessor(self.spec, msg.get("scaling"))
+                self._pass_pre = protocol.scaling_preprocessor(self.site_spec, msg.scaling)
             except ConfigError as e:
                 raise RoundError(f"pass {p}: {e}") from None
             if self.job.scaling == "standard":
@@ -414,9 +443,7 @@ class JobRuntime:
         if cur is not None and cur["pass"] != p:
             # an unfinished earlier pass was abandoned by the researcher: it stays charged
             self.state["current"] = None
-        attempt = msg.get("attempt", 0)
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
-            raise RoundError(f"'attempt' must be an int >= 0, got {attempt!r}")
+        attempt = msg.attempt  # an int >= 0 (parse_message)
         if resumed:
             # the researcher restarted this pass (e.g. after a crash): reuse the payload,
             # do not train or charge again; fresh secure-aggregation keys
@@ -437,20 +464,19 @@ class JobRuntime:
                 np.savez(hook / f"pass-{p}.npz", **payload)
         self.state["current"] = {"pass": p, "attempt": attempt}
         ident = self._identity()
-        params = protocol.secagg_params(self.spec, p, attempt, plan)
-        session = SiteSession(params, site_id=self.spec["site"], identity=ident.signing_key)
+        params = protocol.secagg_params(self.site_spec, p, attempt, plan)
+        session = SiteSession(params, site_id=self.site_spec.site, identity=ident.signing_key)
         advert = session.advertise_keys()
         self._write_secret("secagg.session", session.to_bytes())
         self._save()
-        out: dict[str, Any] = {"message": advert, "report": self.state.get("last_report", {})}
-        return out
+        return Reply.stage_reply(advert, report=self.state.get("last_report", {}))
 
     def _compute_payload(self, data, p: int, plan: protocol.PassPlan, weights: np.ndarray):
         import pandas as pd
 
         if not isinstance(data, pd.DataFrame):
             raise RoundError(f"the records asset is a {type(data).__name__}, not a table")
-        schema = protocol.schema_of(self.spec)
+        schema = self.site_spec.schema
         tasks = self.job.task_specs(schema)
         model = self._model
         pre = getattr(self, "_pass_pre", None) or self._pre  # checked in _advertise
@@ -459,13 +485,13 @@ class JobRuntime:
         df = data
         train_df = df[df[split] == "train"] if split else df
         test_df = df[df[split] == "test"] if split else df
-        personal = self.job.strategy.name == "fedper"
+        # the entries this site keeps to itself (FedPer's heads) start from its own last pass
+        personal = self._personal_mask(groups)
         heads_file = self._secret_path("heads.npy")
         start = weights.copy()
-        if personal and heads_file.exists():
+        if personal.any() and heads_file.exists():
             local = np.load(heads_file)
-            shared = self._shared_mask(model)
-            start[~shared] = local[~shared]
+            start[personal] = local[personal]
         payload: dict[str, np.ndarray] = {}
         # no per-site figure (loss, counts, split sizes, exact metrics) leaves the site:
         # the report holds only what the approved spec already determines
@@ -562,7 +588,8 @@ class JobRuntime:
         X, Y, M = self._tensors(data, "train", train_df, pre, tasks)
         box["counts"] = self._group_counts(M, tasks, groups)
         vector_to_model(model, start)
-        train_local(model=model, X=X, Y=Y, mask=M, tasks=tasks, **self._train_kwargs(n, weights))
+        config = DPTrainingConfig(**self._train_kwargs(n, weights))
+        train(prepare(model=model, X=X, Y=Y, mask=M, tasks=tasks, config=config))
         delta = (model_to_vector(model) - start).astype(np.float64)
         return self._weighted_update(delta, start, groups, box["counts"])
 
@@ -587,11 +614,12 @@ class JobRuntime:
         # the final vector is finite whatever happened in training: a coordinate that is
         # not is 0 (no change), the same way every time
         delta = np.where(np.isfinite(delta), delta, 0.0)
-        if self.job.strategy.name == "fedper":
+        personal = self._personal_mask(groups)
+        if personal.any():  # kept here for the next pass, never sent
             heads_file = self._secret_path("heads.npy")
             np.save(heads_file, (start.astype(np.float64) + delta).astype(np.float32))
             os.chmod(heads_file, 0o600)
-            delta[~self._shared_mask(self._model)] = 0.0
+            delta[personal] = 0.0
         return weight_by_group(delta, groups=groups, counts=counts, clip=float(self.job.secagg.clip))
 
     def _train_report(self, n: int, weights: np.ndarray) -> dict[str, Any]:
@@ -625,8 +653,6 @@ class JobRuntime:
     def _max_abs_weight(self) -> float:
         """``limits.max_abs_weight`` of this datasite's current policy (the default in a
         researcher's dry-run home, which has no ledger)."""
-        from fedmtl.datasites.ledger import site_ledger
-
         if (self.home / DRY_RUN_MARKER).exists():
             return float(Policy.max_abs_weight)
         return float(site_ledger.current_policy(self.home).max_abs_weight)
@@ -651,14 +677,12 @@ class JobRuntime:
     def _charge(self, p: int, n_train: int, plan: protocol.PassPlan) -> None:
         """Charge the pass's privacy records to the ledger before it runs (raises, and
         nothing is computed, when the ledger refuses)."""
-        from fedmtl.datasites.ledger import site_ledger
-
         if not (plan.train or plan.evaluate or plan.stats):
             return
         records = self.job.pass_records(n_train, p)
         if plan.train and not self.job.dp:
             records = []  # the ledger refuses non-private training on a datasite
-        site_ledger.charge_round(self.home, self.spec, p, records)
+        site_ledger.charge_pass(self.home, self.site_spec.to_dict(), p, records)
         self.state["charged"].append(p)
         self._save()
 
@@ -673,23 +697,32 @@ class JobRuntime:
             kw["global_vector"] = weights
         return kw
 
-    def _shared_mask(self, model) -> np.ndarray:
-        from fedmtl.models import slice_mask
-
-        return slice_mask(model, ["trunk"])
+    def _personal_mask(self, groups) -> np.ndarray:
+        """The entries the job's strategy keeps at this site (none unless it personalises)."""
+        return make_strategy(self.job.strategy).personal_mask(groups)
 
     def _policy_allows_site_metrics(self) -> bool:
-        from fedmtl.datasites.ledger import site_ledger
-
         return site_ledger.site_metrics_allowed(self.home)
 
 
 class LocalTransport:
-    """Runs the round runtime in this process on mock data (the dry run)."""
+    """A :class:`fedmtl.contract.transport.Transport` that runs the round runtime in this
+    process (the dry run, the simulator, a hospital's local run).
+
+    Args:
+        data: site -> the records it trains on (mock or local).
+        site_specs: site -> the site spec syft would bind for it.
+    """
 
     def __init__(self, data: Mapping[str, Any], site_specs: Mapping[str, dict]):
         self.data = dict(data)
         self.site_specs = dict(site_specs)
 
-    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+    def call(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Handle one stage's ``message`` as ``site`` would; its reply (``{"ok": False, ...}``
+        when the runtime refuses, see :func:`handle`).
+
+        Raises:
+            KeyError: ``site`` is not one this transport was made with.
+        """
         return handle(data=self.data[site], spec=self.site_specs[site], message=message)

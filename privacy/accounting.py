@@ -16,19 +16,25 @@ with their ``history``, so the numbers match Opacus on the same records (tested)
 * ``"prv"``: numerical composition of privacy loss random variables (Gopi et al. 2021);
   tighter; returns the upper bound of the estimate (``eps_error`` 0.01 by default).
 
+Each is an :class:`Accountant` registered by name, as in Opacus's
+``accountants/registry.py``: :func:`create_accountant` builds one and raises
+``ValueError`` on an unknown name; :func:`epsilon_of` and :func:`calibrate_noise` take the
+name. The math is :func:`rdp_epsilon` / :func:`prv_epsilon`, pure functions of the records.
+
 This module imports neither torch nor syft.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+from fedmtl.errors import PrivacyBudgetError
 
 #: RDP orders, the same as ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS``.
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -79,10 +85,26 @@ class PrivacyRecord:
         return self.steps == 0 or self.sample_rate == 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as ``{"noise_multiplier", "sample_rate", "steps"}``.
+
+        Returns:
+            A plain dict (what the ledger stores).
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PrivacyRecord":
+        """The record of :meth:`to_dict`'s output.
+
+        Args:
+            d: a mapping with the three fields.
+
+        Returns:
+            The record.
+
+        Raises:
+            ValueError: a missing field or a value out of range.
+        """
         missing = {"noise_multiplier", "sample_rate", "steps"} - set(d)
         if missing:
             raise ValueError(
@@ -96,11 +118,6 @@ class PrivacyRecord:
         )
 
 
-def _check_accountant(accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
-
-
 def _check_delta(delta: float) -> None:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
@@ -111,6 +128,15 @@ def merge_records(records: Iterable[PrivacyRecord]) -> list[PrivacyRecord]:
 
     Composition is commutative, so this does not change epsilon; it keeps the PRV
     convolution small. Free records are dropped. Order of first appearance is kept.
+
+    Args:
+        records: the records.
+
+    Returns:
+        One record per distinct (noise_multiplier, sample_rate).
+
+    Raises:
+        TypeError: an entry that is not a :class:`PrivacyRecord`.
     """
     steps: dict[tuple[float, float], int] = {}
     for r in records:
@@ -135,7 +161,16 @@ def _rdp_per_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarr
 def rdp_epsilon(
     records: Sequence[PrivacyRecord], *, delta: float, orders: Sequence[float] = RDP_ORDERS
 ) -> tuple[float, float]:
-    """(epsilon, best order) of the composed records under RDP."""
+    """(epsilon, best order) of the composed records under RDP.
+
+    Args:
+        records: the records (free ones are dropped).
+        delta: in (0, 1).
+        orders: the RDP orders to try.
+
+    Returns:
+        ``(epsilon, best order)``; ``(0.0, nan)`` for no costly record.
+    """
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     recs = merge_records(records)
@@ -159,6 +194,15 @@ def prv_epsilon(
     """Upper bound on epsilon of the composed records under PRV composition.
 
     Mirrors ``opacus.accountants.PRVAccountant.get_epsilon`` step for step.
+
+    Args:
+        records: the records (free ones are dropped; each needs noise > 0).
+        delta: in (0, 1).
+        eps_error: the allowed error in epsilon.
+        delta_error: the allowed error in delta (``delta / 1000`` by default).
+
+    Returns:
+        The upper bound of the estimate; 0.0 for no costly record.
     """
     from opacus.accountants.analysis.prv import (
         Domain,
@@ -188,24 +232,104 @@ def prv_epsilon(
     return float(eps_upper)
 
 
+class Accountant(abc.ABC):
+    """Composes privacy records into one epsilon (Opacus's ``IAccountant``, without the
+    state: the records are the state, kept by the ledger). Subclasses hold settings only;
+    the math is :func:`rdp_epsilon` / :func:`prv_epsilon` (Opacus's analysis)."""
+
+    #: the name :func:`create_accountant` knows it by (also Opacus's name for it)
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def epsilon(self, records: Sequence[PrivacyRecord], *, delta: float) -> float:
+        """Epsilon at ``delta`` of ``records`` composed.
+
+        Args:
+            records: costly records with noise (:func:`epsilon_of` handles free and
+                noiseless ones before it asks an accountant).
+            delta: in (0, 1).
+
+        Returns:
+            The epsilon.
+        """
+
+
+class RDPAccountant(Accountant):
+    """Renyi DP of the sampled Gaussian mechanism at ``orders``, converted at the best one."""
+
+    name = "rdp"
+
+    def __init__(self, orders: Sequence[float] = RDP_ORDERS) -> None:
+        self.orders = tuple(orders)
+
+    def epsilon(self, records: Sequence[PrivacyRecord], *, delta: float) -> float:
+        return rdp_epsilon(records, delta=delta, orders=self.orders)[0]
+
+
+class PRVAccountant(Accountant):
+    """Numerical composition of privacy loss random variables; the upper bound."""
+
+    name = "prv"
+
+    def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
+        self.eps_error = eps_error
+        self.delta_error = delta_error
+
+    def epsilon(self, records: Sequence[PrivacyRecord], *, delta: float) -> float:
+        return prv_epsilon(records, delta=delta, eps_error=self.eps_error, delta_error=self.delta_error)
+
+
+#: name -> accountant class; a new accountant is a class and one line here
+ACCOUNTANT_TYPES: dict[str, type[Accountant]] = {cls.name: cls for cls in (RDPAccountant, PRVAccountant)}
+
+#: the names :func:`create_accountant` accepts (what a spec's or a policy's ``accountant`` may say)
+ACCOUNTANTS: tuple[str, ...] = tuple(ACCOUNTANT_TYPES)
+
+
+def create_accountant(name: str) -> Accountant:
+    """The accountant registered as ``name``, with its default settings.
+
+    Args:
+        name: one of :data:`ACCOUNTANTS` (``"rdp"``, ``"prv"``).
+
+    Returns:
+        A new :class:`Accountant`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    cls = ACCOUNTANT_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown accountant {name!r}; choose one of {list(ACCOUNTANTS)}")
+    return cls()
+
+
 def epsilon_of(
     records: Sequence[PrivacyRecord], *, delta: float, accountant: str = "rdp"
 ) -> float:
     """Epsilon at ``delta`` of all ``records`` composed (rounds, jobs, in any order).
 
-    Returns 0.0 for no (or only free) records and ``inf`` when any costly record has
-    no noise. Raises ``ValueError`` for an unknown accountant or a delta outside (0, 1).
+    Args:
+        records: the records to compose.
+        delta: in (0, 1).
+        accountant: a name :func:`create_accountant` knows.
+
+    Returns:
+        0.0 for no (or only free) records, ``inf`` when any costly record has no noise,
+        else the accountant's epsilon.
+
+    Raises:
+        ValueError: an unknown accountant or a delta outside (0, 1).
+        TypeError: an entry of ``records`` that is not a :class:`PrivacyRecord`.
     """
-    _check_accountant(accountant)
+    acc = create_accountant(accountant)
     _check_delta(delta)
     recs = merge_records(records)
     if not recs:
         return 0.0
     if any(r.noise_multiplier == 0.0 for r in recs):
         return math.inf
-    if accountant == "rdp":
-        return rdp_epsilon(recs, delta=delta)[0]
-    return prv_epsilon(recs, delta=delta)
+    return acc.epsilon(recs, delta=delta)
 
 
 def calibrate_noise(
@@ -222,12 +346,24 @@ def calibrate_noise(
     at ``sample_rate``, composed with the already-spent ``prior`` records, stay within
     ``target_epsilon`` at ``delta``.
 
-    Raises ``PrivacyBudgetError`` when ``prior`` alone already exceeds the target or no
-    noise multiplier up to ``MAX_NOISE_MULTIPLIER`` fits.
-    """
-    from fedmtl.errors import PrivacyBudgetError
+    Args:
+        target_epsilon: the budget, a positive finite number.
+        delta: in (0, 1).
+        sample_rate: the Poisson rate of the planned steps, in (0, 1].
+        steps: the planned steps, a positive int.
+        accountant: a name :func:`create_accountant` knows.
+        prior: records already spent on the same data.
+        tolerance: how far below the target the result may stay.
 
-    _check_accountant(accountant)
+    Returns:
+        The noise multiplier.
+
+    Raises:
+        PrivacyBudgetError: ``prior`` alone already reaches the target, or no noise
+            multiplier up to ``MAX_NOISE_MULTIPLIER`` fits.
+        ValueError: an argument out of range or an unknown accountant.
+    """
+    create_accountant(accountant)
     _check_delta(delta)
     if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
@@ -271,8 +407,13 @@ def calibrate_noise(
 
 __all__ = [
     "ACCOUNTANTS",
+    "ACCOUNTANT_TYPES",
+    "Accountant",
+    "PRVAccountant",
     "PrivacyRecord",
+    "RDPAccountant",
     "calibrate_noise",
+    "create_accountant",
     "epsilon_of",
     "merge_records",
     "prv_epsilon",

@@ -3,6 +3,11 @@
 :func:`train_local` trains ``model`` in place on ``(X, Y, mask)`` and returns a
 :class:`TrainResult` holding the privacy record(s) the run cost, which
 :mod:`fedmtl.privacy.accounting` composes with everything else spent on the dataset.
+It is three steps, the way Opacus's ``make_private`` is split into its ``_prepare_*``
+parts: a :class:`DPTrainingConfig` (the settings, validated once, independent of the
+data), :func:`prepare` (checks the data and model against it, resolves the effective
+sample rate, the steps and a calibrated noise multiplier, builds the generator,
+optimiser, criterion and loader) and :func:`train` (Opacus's wrapping and the loop).
 
 What it does, per step:
 
@@ -64,17 +69,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedmtl.errors import SecureRNGUnavailableWarning
 from fedmtl.models.flat import vector_size
 from fedmtl.models.losses import masked_multitask_loss, task_mean_losses
 from fedmtl.models.tasks import TaskSpec, check_tasks
-from fedmtl.privacy.accounting import PrivacyRecord, calibrate_noise, epsilon_of
+from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
 
 CLIPPINGS = ("flat", "per_layer")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
-
-
-class SecureRNGUnavailableWarning(UserWarning):
-    """secure_mode was requested but torchcsprng is unavailable; a weaker RNG is used."""
 
 
 @dataclass
@@ -366,6 +368,406 @@ def noise_only_update(
     return change
 
 
+@dataclass(frozen=True)
+class DPTrainingConfig:
+    """How to train, validated once: the steps, the optimiser, the privacy mechanism.
+
+    Everything here is independent of the model and the records; :func:`prepare` checks
+    the rest (shapes, the number of records) and resolves what depends on it (the
+    effective sample rate, the steps of ``epochs``, a noise multiplier calibrated to a
+    ``target``). Frozen: a config can be built once and used for many runs.
+
+    Args:
+        sample_rate: the requested Poisson rate, in (0, 1] (rounded as
+            :func:`effective_sample_rate` says).
+        lr: learning rate, > 0.
+        epochs: passes over the data (``steps = max(1, round(epochs / q))``); give exactly
+            one of ``epochs`` and ``steps``.
+        steps: optimiser steps, a positive int.
+        momentum: SGD momentum.
+        dp: train with DP-SGD (clipping and noise); False runs the same loop without them.
+        noise_multiplier: DP-SGD's noise multiplier, > 0; with ``dp=True`` give exactly
+            one of it and ``target``. Set to 0.0 when ``dp=False``.
+        target: ``(epsilon, delta)`` to calibrate the noise for, composed with ``prior``.
+        delta: the delta at which :class:`TrainResult` reports epsilon (``target``'s
+            delta when a target is given).
+        accountant: ``"rdp"`` or ``"prv"`` (:func:`fedmtl.privacy.accounting.create_accountant`).
+        prior: records already spent on the same data (used to calibrate a ``target``).
+        max_grad_norm: the clipping norm, > 0 with ``dp=True``.
+        clipping: ``"flat"`` or ``"per_layer"``.
+        grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"`` (flat clipping only).
+        fedprox_mu: FedProx's ``mu``, >= 0; ``> 0`` needs ``global_vector``.
+        global_vector: the global weights as :func:`fedmtl.models.flat.model_to_vector`
+            lays them out (stored as float32).
+        secure_mode: Opacus's secure mode (see the module docs); refuses a ``seed``.
+        seed: a fixed seed for sampling, noise and dropout (tests and baselines only).
+
+    Raises:
+        ValueError: an argument out of range, or arguments that disagree (the message
+            says which and what to pass instead).
+    """
+
+    sample_rate: float
+    lr: float
+    epochs: float | None = None
+    steps: int | None = None
+    momentum: float = 0.0
+    dp: bool = True
+    noise_multiplier: float | None = None
+    target: tuple[float, float] | None = None
+    delta: float | None = None
+    accountant: str = "rdp"
+    prior: tuple[PrivacyRecord, ...] = ()
+    max_grad_norm: float = 1.0
+    clipping: Literal["flat", "per_layer"] = "flat"
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    fedprox_mu: float = 0.0
+    global_vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    secure_mode: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs and steps")
+        if self.steps is None and (not self.epochs or self.epochs <= 0):
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+                raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+            object.__setattr__(self, "steps", int(self.steps))
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.clipping not in CLIPPINGS:
+            raise ValueError(f"unknown clipping {self.clipping!r}; choose one of {list(CLIPPINGS)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"unknown grad_sample_mode {self.grad_sample_mode!r}; choose one of {list(GRAD_SAMPLE_MODES)}"
+            )
+        if self.grad_sample_mode == "ghost" and self.clipping != "flat":
+            raise ValueError("ghost clipping only supports clipping='flat'")
+        if self.fedprox_mu < 0:
+            raise ValueError(f"fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
+        if self.fedprox_mu > 0:
+            if self.global_vector is None:
+                raise ValueError("fedprox_mu > 0 needs global_vector, the global model's flat weights")
+            object.__setattr__(self, "global_vector", np.asarray(self.global_vector, dtype=np.float32))
+        if self.secure_mode and self.seed is not None:
+            raise ValueError("a fixed seed is not allowed in secure_mode; drop seed or secure_mode")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.accountant!r}; choose one of {list(ACCOUNTANTS)}")
+        object.__setattr__(self, "prior", tuple(self.prior))
+        if self.dp:
+            self._check_dp()
+        else:
+            if self.noise_multiplier not in (None, 0, 0.0) or self.target is not None:
+                raise ValueError("dp=False trains without noise; do not pass noise_multiplier or target")
+            object.__setattr__(self, "noise_multiplier", 0.0)
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+
+    def _check_dp(self) -> None:
+        if (self.noise_multiplier is None) == (self.target is None):
+            raise ValueError("with dp=True give exactly one of noise_multiplier and target=(epsilon, delta)")
+        if self.target is not None:
+            if not isinstance(self.target, (tuple, list)) or len(self.target) != 2:
+                raise ValueError(f"target must be a pair (epsilon, delta), got {self.target!r}")
+            t_eps, t_delta = self.target
+            if self.delta is not None and self.delta != t_delta:
+                raise ValueError(f"delta={self.delta} disagrees with target delta {t_delta}")
+            object.__setattr__(self, "target", (t_eps, t_delta))
+            object.__setattr__(self, "delta", t_delta)
+        elif not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0 with dp=True, got {self.noise_multiplier!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+
+
+@dataclass
+class PreparedTraining:
+    """One run, set up by :func:`prepare` and consumed by :func:`train` (once).
+
+    Holds the config, the model, the data and tasks, what the config resolved to on this
+    data (``sample_rate`` is the effective ``q``, ``steps``, ``noise_multiplier``,
+    ``delta``), the clipping bound(s) handed to Opacus, the randomness (``generator`` for
+    Poisson sampling and noise; ``secure_rng`` as :class:`TrainResult` reports it), and the
+    plain optimiser, criterion and data loader that :func:`train` makes private.
+    """
+
+    config: DPTrainingConfig
+    model: nn.Module
+    tasks: list[TaskSpec]
+    X: torch.Tensor
+    Y: torch.Tensor
+    mask: torch.Tensor
+    n_samples: int
+    sample_rate: float
+    batch_size: int
+    steps: int
+    noise_multiplier: float
+    delta: float | None
+    max_grad_norm: float | list[float]
+    secure_rng: str
+    native_secure: bool
+    generator: torch.Generator
+    data_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    criterion: _MaskedCriterion
+    global_vector: torch.Tensor | None
+
+
+def prepare(
+    *,
+    model: nn.Module,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    mask: torch.Tensor,
+    tasks: Sequence[TaskSpec],
+    config: DPTrainingConfig,
+) -> PreparedTraining:
+    """Check ``(X, Y, mask)`` and the model against ``config`` and set the run up: the
+    effective sample rate and steps, the noise multiplier (calibrated when the config
+    gives a target), the clipping bound(s), the generator, the optimiser, the criterion
+    and the data loader. Nothing touches the model's weights; Opacus's wrapping happens
+    in :func:`train`, inside the forked global RNG it trains in.
+
+    Args:
+        model: the multi-task network to train in place.
+        X: ``(n, features)`` inputs.
+        Y: ``(n, tasks)`` labels.
+        mask: ``(n, tasks)``, True where a label is present.
+        tasks: the tasks, in ``Y``'s column order.
+        config: the validated settings.
+
+    Returns:
+        The :class:`PreparedTraining` to pass to :func:`train`.
+
+    Raises:
+        ValueError: shapes that do not fit, no records, a ``global_vector`` of the wrong size.
+        PrivacyBudgetError: a ``target`` that no noise multiplier meets (with the ``prior``).
+    """
+    tasks = check_tasks(tasks)
+    if not isinstance(X, torch.Tensor) or X.dim() < 2:
+        raise ValueError("X must be a tensor (n, features)")
+    n = int(X.shape[0])
+    if Y.shape != (n, len(tasks)) or mask.shape != (n, len(tasks)):
+        raise ValueError(
+            f"Y and mask must be ({n}, {len(tasks)}) for {n} samples and {len(tasks)} tasks; "
+            f"got {tuple(Y.shape)} and {tuple(mask.shape)}"
+        )
+    q, batch_size = effective_sample_rate(config.sample_rate, n)
+    steps = config.steps if config.steps is not None else max(1, round(float(config.epochs) / q))
+    if config.fedprox_mu > 0 and config.global_vector.shape != (vector_size(model),):
+        raise ValueError(
+            f"global_vector has shape {config.global_vector.shape}; the model has {vector_size(model)} parameters"
+        )
+    noise_multiplier = config.noise_multiplier
+    if config.dp and config.target is not None:
+        t_eps, t_delta = config.target
+        noise_multiplier = calibrate_noise(target_epsilon=t_eps, delta=t_delta, sample_rate=q, steps=steps,
+                                           accountant=config.accountant, prior=config.prior)
+    assert noise_multiplier is not None
+
+    secure_rng, native_secure = _secure_rng(config.secure_mode)
+    gen = torch.Generator()
+    gen.manual_seed(config.seed if config.seed is not None else _urandom_seed())
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_tensors = len(params)
+    mgn: float | list[float] = (
+        config.max_grad_norm if config.clipping == "flat" else [config.max_grad_norm / math.sqrt(n_tensors)] * n_tensors
+    )
+    return PreparedTraining(
+        config=config,
+        model=model,
+        tasks=tasks,
+        X=X,
+        Y=Y,
+        mask=mask,
+        n_samples=n,
+        sample_rate=q,
+        batch_size=batch_size,
+        steps=steps,
+        noise_multiplier=float(noise_multiplier),
+        delta=config.delta,
+        max_grad_norm=mgn,
+        secure_rng=secure_rng,
+        native_secure=native_secure,
+        generator=gen,
+        data_loader=DataLoader(TensorDataset(X.float(), Y.float(), mask.bool()), batch_size=batch_size, generator=gen),
+        optimizer=torch.optim.SGD(params, lr=config.lr, momentum=config.momentum),
+        criterion=_MaskedCriterion(tasks),
+        global_vector=torch.from_numpy(config.global_vector) if config.fedprox_mu > 0 else None,
+    )
+
+
+def _secure_rng(secure_mode: bool) -> tuple[str, bool]:
+    """``(secure_rng, native)``: what randomness a run uses (warning when secure mode
+    falls back to the reseeded generator) and whether Opacus's own secure mode runs."""
+    if not secure_mode:
+        return "none", False
+    if _csprng_available():
+        return "torchcsprng", True
+    warnings.warn(
+        "secure_mode=True but torchcsprng is not installed (its last release, 0.2.1, is "
+        "built for torch 1.8.1 and does not work with this torch). Falling back to torch's "
+        "Mersenne Twister generator re-seeded from os.urandom before every step, with "
+        "Opacus's floating-point-attack-resistant noise sampling. This is NOT a "
+        "cryptographically secure generator; see docs/models.md.",
+        SecureRNGUnavailableWarning,
+        stacklevel=3,
+    )
+    return "urandom-reseeded-mt19937", False
+
+
+def _make_private(run: PreparedTraining) -> tuple[Any, Any, Any, Any]:
+    """Opacus's ``make_private`` on the prepared model, optimiser and loader, with our
+    non-finite protections installed: ``(wrapped model, DP optimiser, criterion, Poisson
+    loader)``. The caller closes the wrapped model."""
+    from opacus import PrivacyEngine
+
+    cfg = run.config
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=run.native_secure)
+    kwargs: dict[str, Any] = {}
+    if cfg.secure_mode and not run.native_secure:
+        # use Opacus's secure-noise path with our own generator
+        engine.secure_mode = True
+        engine.secure_rng = run.generator
+    elif not cfg.secure_mode:
+        kwargs["noise_generator"] = run.generator
+    out = engine.make_private(
+        module=run.model,
+        optimizer=run.optimizer,
+        criterion=run.criterion,
+        data_loader=run.data_loader,
+        noise_multiplier=run.noise_multiplier,
+        max_grad_norm=run.max_grad_norm,
+        poisson_sampling=True,
+        clipping=cfg.clipping,
+        grad_sample_mode=cfg.grad_sample_mode,
+        **kwargs,
+    )
+    if cfg.grad_sample_mode == "ghost":
+        wrapped, dp_opt, dp_crit, loader = out
+        _lean_accumulate(dp_opt)
+    else:
+        wrapped, dp_opt, loader = out
+        dp_crit = run.criterion
+        _zero_nonfinite_before_clipping(dp_opt)
+    return wrapped, dp_opt, dp_crit, loader
+
+
+def train(run: PreparedTraining) -> TrainResult:
+    """Run the prepared training (module docs, steps 1-4) and report what it cost.
+
+    Trains ``run.model`` in place in a fork of torch's global RNG (dropout draws from it:
+    reproducible with a seed, unpredictable without one; the caller's state is left as
+    it was); the model is unwrapped and its gradients cleared afterwards, whatever happened.
+
+    Args:
+        run: from :func:`prepare`; consumed (train each prepared run once).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        RuntimeError: Opacus sampled at another rate than the one accounted.
+    """
+    cfg = run.config
+    model = run.model
+    wrapped = None
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(cfg.seed if cfg.seed is not None else _urandom_seed())
+            model.train()
+            # Opacus's hooks fire on module outputs when X does not require grad: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            if cfg.dp:
+                wrapped, opt, crit, loader = _make_private(run)
+                q_used = loader.sample_rate if hasattr(loader, "sample_rate") else 1.0 / len(loader)
+                if not math.isclose(q_used, run.sample_rate, rel_tol=1e-12):
+                    raise RuntimeError(
+                        f"Opacus sampled at rate {q_used}, expected {run.sample_rate}; refusing to mis-account"
+                    )
+                net = wrapped
+            else:
+                from opacus.data_loader import DPDataLoader
+
+                loader = DPDataLoader.from_data_loader(run.data_loader, generator=run.generator)
+                net, opt, crit = model, run.optimizer, run.criterion
+            losses, seen, loop_seconds = _run_steps(run, net, opt, crit, loader)
+    finally:
+        if wrapped is not None:
+            wrapped._close()
+        for p in model.parameters():
+            p.grad = None
+
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        task_losses = task_mean_losses(model(run.X.float()), run.Y.float(), run.mask.bool(), run.tasks)
+        model.train(was)
+    records = [PrivacyRecord(noise_multiplier=run.noise_multiplier, sample_rate=run.sample_rate, steps=run.steps)]
+    delta = run.delta
+    eps = epsilon_of(records, delta=delta, accountant=cfg.accountant) if delta is not None else None
+    return TrainResult(
+        privacy_records=records,
+        noise_multiplier=run.noise_multiplier,
+        sample_rate=run.sample_rate,
+        steps=run.steps,
+        n_samples=run.n_samples,
+        epsilon=eps,
+        delta=delta,
+        losses=losses,
+        task_losses=task_losses,
+        dp=cfg.dp,
+        secure_rng=run.secure_rng,
+        samples_seen=seen,
+        seconds=loop_seconds,
+    )
+
+
+def _run_steps(run: PreparedTraining, net, opt, crit, loader) -> tuple[list[float], int, float]:
+    """The loop: ``run.steps`` steps over the Poisson batches of ``loader``.
+    Returns ``(losses, samples seen, seconds)``."""
+    cfg = run.config
+    reseed = cfg.secure_mode and not run.native_secure
+    lean_ghost = cfg.dp and cfg.grad_sample_mode == "ghost" and GHOST_FIRST_PASS_TO_INPUTS
+    model, criterion = run.model, run.criterion
+    losses: list[float] = []
+    done = seen = 0
+    t_start = time.perf_counter()
+    while done < run.steps:
+        for xb, yb, mb in loader:
+            if reseed:
+                run.generator.manual_seed(_urandom_seed())
+            opt.zero_grad(set_to_none=True)
+            lean = lean_ghost and len(xb) > 0
+            if lean:
+                xb = xb.detach().requires_grad_(True)
+            rng_state = torch.get_rng_state() if lean else None  # dropout's masks, for a replay
+            outputs = net(xb)
+            loss = crit(outputs, (yb, mb))
+            if lean:
+                ghost_backward(loss, xb, replay=lambda bad, xb=xb, yb=yb, mb=mb, rng_state=rng_state: _replay_losses(
+                    model, criterion, xb, yb, mb, bad, rng_state))
+            else:
+                loss.backward()
+            losses.append(float(loss.item()) if len(xb) else float("nan"))
+            seen += len(xb)
+            stepped = opt.pre_step() if cfg.dp else True
+            if stepped:
+                if run.global_vector is not None:
+                    _add_proximal_grad(list(model.parameters()), run.global_vector, cfg.fedprox_mu)
+                (opt.original_optimizer if cfg.dp else opt).step()
+            done += 1
+            if done >= run.steps:
+                break
+    return losses, seen, time.perf_counter() - t_start
+
+
 def train_local(
     *,
     model: nn.Module,
@@ -392,226 +794,29 @@ def train_local(
     secure_mode: bool = False,
     seed: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; see the module docs.
+    """Train ``model`` in place: ``train(prepare(..., config=DPTrainingConfig(...)))``.
 
-    Give exactly one of ``epochs`` (passes over the data: ``steps = round(epochs / q)``)
-    and ``steps``. With ``dp=True`` give exactly one of ``noise_multiplier`` and
-    ``target=(epsilon, delta)``; a target is met by calibrating the noise for this run
-    composed with the ``prior`` records already spent on the same data.
-    ``fedprox_mu > 0`` needs ``global_vector`` (the global weights, as
-    :func:`fedmtl.models.flat.model_to_vector` lays them out).
+    Args:
+        model, X, Y, mask, tasks: as :func:`prepare` takes them.
+        epochs, steps, sample_rate, lr, momentum, dp, noise_multiplier, target, delta,
+            accountant, prior, max_grad_norm, clipping, grad_sample_mode, fedprox_mu,
+            global_vector, secure_mode, seed: the fields of :class:`DPTrainingConfig`.
+
+    Returns:
+        The :class:`TrainResult` of :func:`train`.
+
+    Raises:
+        ValueError: from :class:`DPTrainingConfig` or :func:`prepare`, before the model
+            is touched.
+        PrivacyBudgetError: a ``target`` that cannot be met.
     """
-    tasks = check_tasks(tasks)
-    # -- validate everything before touching the model ----------------------
-    if not isinstance(X, torch.Tensor) or X.dim() < 2:
-        raise ValueError("X must be a tensor (n, features)")
-    n = int(X.shape[0])
-    if Y.shape != (n, len(tasks)) or mask.shape != (n, len(tasks)):
-        raise ValueError(
-            f"Y and mask must be ({n}, {len(tasks)}) for {n} samples and {len(tasks)} tasks; "
-            f"got {tuple(Y.shape)} and {tuple(mask.shape)}"
-        )
-    q, batch_size = effective_sample_rate(sample_rate, n)
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs and steps")
-    if steps is None:
-        if not epochs or epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {epochs!r}")
-        steps = max(1, round(float(epochs) / q))
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    steps = int(steps)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if clipping not in CLIPPINGS:
-        raise ValueError(f"unknown clipping {clipping!r}; choose one of {list(CLIPPINGS)}")
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {list(GRAD_SAMPLE_MODES)}")
-    if grad_sample_mode == "ghost" and clipping != "flat":
-        raise ValueError("ghost clipping only supports clipping='flat'")
-    if fedprox_mu < 0:
-        raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu!r}")
-    if fedprox_mu > 0:
-        if global_vector is None:
-            raise ValueError("fedprox_mu > 0 needs global_vector, the global model's flat weights")
-        global_vector = np.asarray(global_vector, dtype=np.float32)
-        if global_vector.shape != (vector_size(model),):
-            raise ValueError(
-                f"global_vector has shape {global_vector.shape}; the model has {vector_size(model)} parameters"
-            )
-    if secure_mode and seed is not None:
-        raise ValueError("a fixed seed is not allowed in secure_mode; drop seed or secure_mode")
-    if dp:
-        if (noise_multiplier is None) == (target is None):
-            raise ValueError("with dp=True give exactly one of noise_multiplier and target=(epsilon, delta)")
-        if target is not None:
-            t_eps, t_delta = target
-            if delta is not None and delta != t_delta:
-                raise ValueError(f"delta={delta} disagrees with target delta {t_delta}")
-            delta = t_delta
-            noise_multiplier = calibrate_noise(
-                target_epsilon=t_eps, delta=t_delta, sample_rate=q, steps=steps, accountant=accountant, prior=prior
-            )
-        assert noise_multiplier is not None
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0 with dp=True, got {noise_multiplier!r}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
-    else:
-        if noise_multiplier not in (None, 0, 0.0) or target is not None:
-            raise ValueError("dp=False trains without noise; do not pass noise_multiplier or target")
-        noise_multiplier = 0.0
-    if delta is not None and not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-
-    # -- randomness ------------------------------------------------------------
-    secure_rng = "none"
-    use_native_secure = False
-    if secure_mode:
-        if _csprng_available():
-            use_native_secure = True
-            secure_rng = "torchcsprng"
-        else:
-            warnings.warn(
-                "secure_mode=True but torchcsprng is not installed (its last release, 0.2.1, is "
-                "built for torch 1.8.1 and does not work with this torch). Falling back to torch's "
-                "Mersenne Twister generator re-seeded from os.urandom before every step, with "
-                "Opacus's floating-point-attack-resistant noise sampling. This is NOT a "
-                "cryptographically secure generator; see docs/models.md.",
-                SecureRNGUnavailableWarning,
-                stacklevel=2,
-            )
-            secure_rng = "urandom-reseeded-mt19937"
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else _urandom_seed())
-
-    dataset = TensorDataset(X.float(), Y.float(), mask.bool())
-    base_loader = DataLoader(dataset, batch_size=batch_size, generator=gen)
-    vec_global = torch.from_numpy(global_vector) if fedprox_mu > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    criterion = _MaskedCriterion(tasks)
-    losses: list[float] = []
-
-    fork = torch.random.fork_rng(devices=[])
-    fork.__enter__()
-    caught = warnings.catch_warnings()
-    caught.__enter__()
-    wrapped = None
-    try:
-        # dropout draws from the global generator; keep it reproducible with a seed and
-        # unpredictable without one, and leave the caller's global state untouched.
-        torch.manual_seed(seed if seed is not None else _urandom_seed())
-        model.train()
-        # Opacus's hooks fire on module outputs when X does not require grad: expected
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        if dp:
-            from opacus import PrivacyEngine
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Secure RNG turned off")
-                engine = PrivacyEngine(accountant=accountant, secure_mode=use_native_secure)
-            kwargs: dict[str, Any] = {}
-            if secure_mode and not use_native_secure:
-                # use Opacus's secure-noise path with our own generator
-                engine.secure_mode = True
-                engine.secure_rng = gen
-            elif not secure_mode:
-                kwargs["noise_generator"] = gen
-            n_tensors = len(params)
-            mgn: float | list[float] = (
-                max_grad_norm if clipping == "flat" else [max_grad_norm / math.sqrt(n_tensors)] * n_tensors
-            )
-            out = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                criterion=criterion,
-                data_loader=base_loader,
-                noise_multiplier=float(noise_multiplier),
-                max_grad_norm=mgn,
-                poisson_sampling=True,
-                clipping=clipping,
-                grad_sample_mode=grad_sample_mode,
-                **kwargs,
-            )
-            if grad_sample_mode == "ghost":
-                wrapped, dp_opt, dp_crit, loader = out
-                _lean_accumulate(dp_opt)
-            else:
-                wrapped, dp_opt, loader = out
-                dp_crit = criterion
-                _zero_nonfinite_before_clipping(dp_opt)
-            q_used = loader.sample_rate if hasattr(loader, "sample_rate") else 1.0 / len(loader)
-            if not math.isclose(q_used, q, rel_tol=1e-12):
-                raise RuntimeError(f"Opacus sampled at rate {q_used}, expected {q}; refusing to mis-account")
-            net, opt, crit = wrapped, dp_opt, dp_crit
-        else:
-            from opacus.data_loader import DPDataLoader
-
-            loader = DPDataLoader.from_data_loader(base_loader, generator=gen)
-            net, opt, crit = model, optimizer, criterion
-
-        done = seen = 0
-        lean_ghost = dp and grad_sample_mode == "ghost" and GHOST_FIRST_PASS_TO_INPUTS
-        t_start = time.perf_counter()
-        while done < steps:
-            for xb, yb, mb in loader:
-                if secure_mode and not use_native_secure:
-                    gen.manual_seed(_urandom_seed())
-                opt.zero_grad(set_to_none=True)
-                lean = lean_ghost and len(xb) > 0
-                if lean:
-                    xb = xb.detach().requires_grad_(True)
-                rng_state = torch.get_rng_state() if lean else None  # dropout's masks, for a replay
-                outputs = net(xb)
-                loss = crit(outputs, (yb, mb))
-                if lean:
-                    ghost_backward(loss, xb, replay=lambda bad, xb=xb, yb=yb, mb=mb, rng_state=rng_state: _replay_losses(
-                        model, criterion, xb, yb, mb, bad, rng_state))
-                else:
-                    loss.backward()
-                losses.append(float(loss.item()) if len(xb) else float("nan"))
-                seen += len(xb)
-                stepped = opt.pre_step() if dp else True
-                if stepped:
-                    if vec_global is not None:
-                        _add_proximal_grad(list(model.parameters()), vec_global, fedprox_mu)
-                    (opt.original_optimizer if dp else opt).step()
-                done += 1
-                if done >= steps:
-                    break
-        loop_seconds = time.perf_counter() - t_start
-    finally:
-        if wrapped is not None:
-            wrapped._close()
-        caught.__exit__(None, None, None)
-        fork.__exit__(None, None, None)
-        for p in model.parameters():
-            p.grad = None
-
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        task_losses = task_mean_losses(model(X.float()), Y.float(), mask.bool(), tasks)
-        model.train(was)
-    rec = PrivacyRecord(noise_multiplier=float(noise_multiplier), sample_rate=q, steps=steps)
-    records = [rec]
-    eps = epsilon_of(records, delta=delta, accountant=accountant) if delta is not None else None
-    return TrainResult(
-        privacy_records=records,
-        noise_multiplier=float(noise_multiplier),
-        sample_rate=q,
-        steps=steps,
-        n_samples=n,
-        epsilon=eps,
-        delta=delta,
-        losses=losses,
-        task_losses=task_losses,
-        dp=dp,
-        secure_rng=secure_rng,
-        samples_seen=seen,
-        seconds=loop_seconds,
+    config = DPTrainingConfig(
+        sample_rate=sample_rate, lr=lr, epochs=epochs, steps=steps, momentum=momentum, dp=dp,
+        noise_multiplier=noise_multiplier, target=target, delta=delta, accountant=accountant, prior=tuple(prior),
+        max_grad_norm=max_grad_norm, clipping=clipping, grad_sample_mode=grad_sample_mode, fedprox_mu=fedprox_mu,
+        global_vector=global_vector, secure_mode=secure_mode, seed=seed,
     )
+    return train(prepare(model=model, X=X, Y=Y, mask=mask, tasks=tasks, config=config))
 
 
 def _replay_losses(model: nn.Module, criterion: "_MaskedCriterion", xb: torch.Tensor, yb: torch.Tensor,
@@ -646,13 +851,17 @@ def _add_proximal_grad(params: list[torch.Tensor], global_vec: torch.Tensor, mu:
 
 __all__ = [
     "CLIPPINGS",
+    "DPTrainingConfig",
     "GRAD_SAMPLE_MODES",
+    "PreparedTraining",
     "SecureRNGUnavailableWarning",
     "TrainResult",
     "effective_sample_rate",
     "ghost_backward",
     "noise_only_update",
     "nonfinite_samples",
+    "prepare",
+    "train",
     "train_local",
     "zero_samples",
 ]

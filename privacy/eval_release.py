@@ -13,6 +13,10 @@ they may leave the site only noised and charged. This module is the pure mechani
 3. charge :func:`privacy_record` (the Gaussian mechanism, one step at sample rate 1) to
    the ledger *before* step 2 runs.
 
+Steps 2 and 3 are :class:`EvaluationRelease`, a
+:class:`~fedmtl.privacy.gaussian_release.GaussianRelease` (the statistics release is the
+other one).
+
 Why this is (epsilon, delta)-DP: divide the state elementwise by ``w``. For any record
 added to or removed from the evaluated set, that scaled state moves by at most
 ``sensitivity(tasks)`` in L2 (derivation in :func:`sensitivity`). Adding
@@ -32,14 +36,14 @@ Pure: imports numpy and ``fedmtl.models``/``fedmtl.privacy`` only (no syft, no t
 from __future__ import annotations
 
 import math
-import secrets
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fedmtl.models.metrics import TaskMetrics
 from fedmtl.models.tasks import TaskSpec, check_tasks
 from fedmtl.privacy.accounting import PrivacyRecord
+from fedmtl.privacy.gaussian_release import GaussianRelease, check_noise_multiplier, gaussian_record
 
 #: A regression task's per-record absolute error is capped at this many ``TaskSpec.scale``
 #: units. ``scale`` is half the declared label range (see ``tasks_from_schema``), so 2.0
@@ -124,20 +128,40 @@ def metric_scales(tasks: Sequence[TaskSpec], *, n_bins: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def check_noise_multiplier(noise_multiplier: float, *, released: str = "evaluation statistics") -> float:
-    """``noise_multiplier`` as a float, or ValueError naming what would be ``released``
-    without the noise a Gaussian-mechanism release needs."""
-    if (
-        isinstance(noise_multiplier, bool)
-        or not isinstance(noise_multiplier, (int, float, np.integer, np.floating))
-        or not math.isfinite(float(noise_multiplier))
-        or float(noise_multiplier) <= 0
-    ):
-        raise ValueError(
-            f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}; "
-            f"releasing {released} without noise is not differentially private"
-        )
-    return float(noise_multiplier)
+class EvaluationRelease(GaussianRelease):
+    """One site's evaluation-statistics release: the flattened :func:`eval_metrics` state,
+    sensitivity :func:`sensitivity`, noise scaled per coordinate by :func:`metric_scales`.
+
+    Args:
+        tasks: the evaluated tasks.
+        n_bins: the metrics' histogram bins.
+        noise_multiplier: a finite number > 0 (checked first).
+
+    Raises:
+        ValueError: a bad noise multiplier or bad tasks.
+    """
+
+    released = "evaluation statistics"
+
+    def __init__(self, tasks: Sequence[TaskSpec], *, n_bins: int, noise_multiplier: Any) -> None:
+        super().__init__(noise_multiplier=noise_multiplier)
+        self.tasks = check_tasks(tasks)
+        self.n_bins = n_bins
+        self._scales = metric_scales(self.tasks, n_bins=n_bins)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._scales.shape
+
+    @property
+    def sensitivity(self) -> float:
+        return sensitivity(self.tasks)
+
+    def describe(self) -> str:
+        return f"these tasks with n_bins={self.n_bins}"
+
+    def scales(self) -> np.ndarray:
+        return self._scales
 
 
 def noise_statistics(
@@ -150,32 +174,44 @@ def noise_statistics(
 ) -> np.ndarray:
     """``vec + w * N(0, (noise_multiplier * sensitivity(tasks))^2)`` per coordinate.
 
-    ``vec`` is the flattened state of :func:`eval_metrics` (``tasks``, ``n_bins``).
-    ``rng`` defaults to a generator seeded with 128 bits from the OS CSPRNG; pass one
-    only in tests. Raises ``ValueError`` for a bad ``noise_multiplier`` or a ``vec`` of
-    the wrong shape or with non-finite entries (nothing is noised or returned then).
+    Args:
+        vec: the flattened state of :func:`eval_metrics` (``tasks``, ``n_bins``).
+        tasks: the evaluated tasks.
+        n_bins: the metrics' histogram bins.
+        noise_multiplier: a finite number > 0.
+        rng: the generator; default seeded with 128 bits from the OS CSPRNG. Pass one
+            only in tests.
+
+    Returns:
+        The noised vector, float64.
+
+    Raises:
+        ValueError: a bad ``noise_multiplier``, or a ``vec`` of the wrong shape or with
+            non-finite entries (nothing is noised or returned then).
     """
-    sigma = check_noise_multiplier(noise_multiplier)
-    w = metric_scales(tasks, n_bins=n_bins)
-    x = np.asarray(vec, dtype=np.float64)
-    if x.shape != w.shape:
-        raise ValueError(f"vec has shape {x.shape}; the statistics of these tasks with n_bins={n_bins} need {w.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("vec contains NaN or inf; refusing to release it")
-    if rng is None:
-        rng = np.random.default_rng(secrets.randbits(128))
-    std = sigma * sensitivity(tasks)
-    return x + w * rng.normal(0.0, std, size=x.shape)
+    return EvaluationRelease(tasks, n_bins=n_bins, noise_multiplier=noise_multiplier).noise(vec, rng=rng)
 
 
 def privacy_record(noise_multiplier: float) -> PrivacyRecord:
     """What one :func:`noise_statistics` release costs: the Gaussian mechanism with
-    noise multiplier ``sigma``, i.e. one step at sample rate 1 (RDP ``alpha/(2 sigma^2)``)."""
-    return PrivacyRecord(noise_multiplier=check_noise_multiplier(noise_multiplier), sample_rate=1.0, steps=1)
+    noise multiplier ``sigma``, i.e. one step at sample rate 1 (RDP ``alpha/(2 sigma^2)``).
+
+    Args:
+        noise_multiplier: a finite number > 0.
+
+    Returns:
+        ``PrivacyRecord(sigma, 1.0, 1)``.
+
+    Raises:
+        ValueError: a bad noise multiplier.
+    """
+    return gaussian_record(noise_multiplier, released=EvaluationRelease.released)
 
 
 __all__ = [
+    "EvaluationRelease",
     "REGRESSION_CLIP_SCALES",
+    "check_noise_multiplier",
     "eval_metrics",
     "metric_scales",
     "noise_statistics",

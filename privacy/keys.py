@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmtl.errors import SecAggError
+from fedmtl.errors import DecryptionError, KeyAgreementError, KeyFileError, KeyFormatError, SignatureError
 from fedmtl.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -68,26 +68,6 @@ KEYSTREAM_SEED_BYTES = 32
 _HKDF_MAX_LENGTH = 255 * 32
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class KeyFormatError(SecAggError, ValueError):
-    """Key or parameter bytes have the wrong length or encoding."""
-
-
-class SignatureError(SecAggError):
-    """A signature did not verify: the data or the key was altered or substituted."""
-
-
-class DecryptionError(SecAggError):
-    """An AES-GCM ciphertext failed authentication (tampered, wrong key, nonce or AAD)."""
-
-
-class KeyAgreementError(SecAggError):
-    """X25519 produced no usable shared secret (a low-order peer public key)."""
-
-
-class KeyFileError(SecAggError, OSError):
-    """A private-key file is missing, malformed or readable by others."""
 
 
 def _require_bytes(value: object, name: str, length: int | None = None) -> bytes:

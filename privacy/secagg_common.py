@@ -15,7 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedmtl.errors import SecAggError
+from fedmtl.errors import (  # noqa: F401 - defined in fedmtl.errors, importable here
+    MessageError,
+    ProtocolStateError,
+    TooFewSitesError,
+    UnmaskRefusedError,
+)
 from fedmtl.privacy.keys import (
     AgreementKey,
     AgreementPublicKey,
@@ -30,23 +35,6 @@ from fedmtl.privacy.quantization import QuantizationConfig
 PROTOCOL = "fedmtl-secagg-v2"
 _SEED_BYTES = 32
 _NONCE_BYTES = 12
-
-
-class TooFewSitesError(SecAggError):
-    """Fewer than t sites are left at some stage; the round is aborted, nothing revealed."""
-
-
-class ProtocolStateError(SecAggError):
-    """A stage was called out of order or twice (a replayed request)."""
-
-
-class MessageError(SecAggError, ValueError):
-    """A message is malformed, for another job/round/parameter set, from an unknown or
-    duplicated sender, or inconsistent with earlier messages."""
-
-
-class UnmaskRefusedError(SecAggError):
-    """An honest site refuses an unmask request that could reveal a site's input."""
 
 
 class Stage(enum.IntEnum):

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from fedmtl.errors import SecAggError
+from fedmtl.errors import ShamirError
 
 __all__ = ["PRIME", "Share", "ShamirError", "split_secret", "combine_shares"]
 
@@ -24,10 +24,6 @@ CHUNK_BYTES = 15
 _ELEMENT_BYTES = 16
 _HEADER = struct.Struct(">HHI")  # x, threshold, secret length
 MAX_SHARES = 2**16 - 1
-
-
-class ShamirError(SecAggError, ValueError):
-    """Shares are malformed, inconsistent, duplicated or too few to reconstruct."""
 
 
 @dataclass(frozen=True)

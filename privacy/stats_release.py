@@ -20,7 +20,8 @@ Why this is (epsilon, delta)-DP: adding or removing one record changes, per feat
 count by at most 1, ``sum(u)`` by ``|u| <= 1`` and ``sum(u^2)`` by ``u^2 <= 1``; over all
 features the vector moves by at most ``sqrt(3 F)`` in L2 (:func:`sensitivity`; a record
 missing a feature moves less). :func:`noise_statistics` adds ``N(0, (sigma *
-sqrt(3 F))^2)`` to every entry: the Gaussian mechanism with noise multiplier ``sigma``,
+sqrt(3 F))^2)`` to every entry: the Gaussian mechanism with noise multiplier ``sigma``
+(:class:`StatisticsRelease`, a :class:`~fedmtl.privacy.gaussian_release.GaussianRelease`),
 ``PrivacyRecord(sigma, sample_rate=1.0, steps=1)`` (:func:`privacy_record`), charged to
 the ledger *before* the statistics are computed. Summing under secure aggregation,
 dividing, clamping (:func:`derive_scaling`) is post-processing.
@@ -37,13 +38,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import secrets
 from typing import Any, Mapping
 
 import numpy as np
 
 from fedmtl.models.preprocessing import Preprocessor, transformed_bounds, transformed_values
 from fedmtl.privacy.accounting import PrivacyRecord
+from fedmtl.privacy.gaussian_release import GaussianRelease, gaussian_record
 from fedmtl.schema import Column, Schema
 
 #: the smallest standard deviation :func:`derive_scaling` returns and :func:`check_scaling`
@@ -110,38 +111,87 @@ def site_statistics(schema: Schema, df) -> np.ndarray:
     return out
 
 
-def _check_noise_multiplier(noise_multiplier: Any) -> float:
-    from fedmtl.privacy.eval_release import check_noise_multiplier
+class StatisticsRelease(GaussianRelease):
+    """One site's feature-statistics release: shape ``(3F,)``, sensitivity
+    :func:`sensitivity`, the same noise on every entry.
 
-    return check_noise_multiplier(noise_multiplier, released="feature statistics")
+    Args:
+        schema: the site's schema (its numeric features fix the shape).
+        noise_multiplier: a finite number > 0.
+
+    Raises:
+        ValueError: a bad noise multiplier.
+    """
+
+    released = "feature statistics"
+
+    def __init__(self, schema: Schema, *, noise_multiplier: Any) -> None:
+        super().__init__(noise_multiplier=noise_multiplier)
+        self.schema = schema
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (size(self.schema),)
+
+    @property
+    def sensitivity(self) -> float:
+        return sensitivity(self.schema)
+
+    def describe(self) -> str:
+        return "this schema"
 
 
 def noise_std(schema: Schema, noise_multiplier: float) -> float:
-    """Standard deviation of the noise on each entry of one site's release."""
-    return _check_noise_multiplier(noise_multiplier) * sensitivity(schema)
+    """Standard deviation of the noise on each entry of one site's release.
+
+    Args:
+        schema: the site's schema.
+        noise_multiplier: a finite number > 0.
+
+    Returns:
+        ``noise_multiplier * sensitivity(schema)``.
+
+    Raises:
+        ValueError: a bad noise multiplier.
+    """
+    return StatisticsRelease(schema, noise_multiplier=noise_multiplier).noise_std
 
 
 def noise_statistics(vec: np.ndarray, schema: Schema, *, noise_multiplier: float,
                      rng: np.random.Generator | None = None) -> np.ndarray:
-    """``vec + N(0, (noise_multiplier * sensitivity(schema))^2)`` per entry. ``rng``
-    defaults to a generator seeded with 128 bits from the OS CSPRNG; pass one only in
-    tests. Raises ``ValueError`` for a bad noise multiplier or a ``vec`` of the wrong
-    shape or with non-finite entries (nothing is released then)."""
-    std = noise_std(schema, noise_multiplier)
-    x = np.asarray(vec, dtype=np.float64)
-    if x.shape != (size(schema),):
-        raise ValueError(f"vec has shape {x.shape}; the statistics of this schema need ({size(schema)},)")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("vec contains NaN or inf; refusing to release it")
-    if rng is None:
-        rng = np.random.default_rng(secrets.randbits(128))
-    return x + rng.normal(0.0, std, size=x.shape)
+    """``vec + N(0, (noise_multiplier * sensitivity(schema))^2)`` per entry.
+
+    Args:
+        vec: :func:`site_statistics` of the site's records.
+        schema: the site's schema.
+        noise_multiplier: a finite number > 0.
+        rng: the generator; default seeded with 128 bits from the OS CSPRNG. Pass one
+            only in tests.
+
+    Returns:
+        The noised vector, float64 ``(3F,)``.
+
+    Raises:
+        ValueError: a bad noise multiplier, or a ``vec`` of the wrong shape or with
+            non-finite entries (nothing is released then).
+    """
+    return StatisticsRelease(schema, noise_multiplier=noise_multiplier).noise(vec, rng=rng)
 
 
 def privacy_record(noise_multiplier: float) -> PrivacyRecord:
     """What one :func:`noise_statistics` release costs: the Gaussian mechanism with noise
-    multiplier ``sigma`` (one step at sample rate 1)."""
-    return PrivacyRecord(noise_multiplier=_check_noise_multiplier(noise_multiplier), sample_rate=1.0, steps=1)
+    multiplier ``sigma`` (one step at sample rate 1).
+
+    Args:
+        noise_multiplier: a finite number > 0.
+
+    Returns:
+        ``PrivacyRecord(sigma, 1.0, 1)``.
+
+    Raises:
+        ValueError: a bad noise multiplier.
+    """
+    return gaussian_record(noise_multiplier, released=StatisticsRelease.released)
 
 
 def derive_scaling(summed: np.ndarray, schema: Schema, *, noise_multiplier: float,
@@ -243,6 +293,7 @@ def preprocessor(schema: Schema, scaling: Any) -> Preprocessor:
 
 __all__ = [
     "STD_MIN_FRACTION",
+    "StatisticsRelease",
     "check_scaling",
     "derive_scaling",
     "noise_statistics",

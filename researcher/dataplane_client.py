@@ -3,8 +3,9 @@
 :class:`DataPlaneTransport` sends each stage's message of an approved job straight to the
 datasite's ``/fedmtl/v1/round`` endpoint: one HTTP request on a kept-alive connection,
 signed with the job's own Ed25519 key (its public half is in the approved spec), with a
-strictly increasing sequence number per site. It has the same ``call(site, message)``
-as the syft transport, so :func:`fedmtl.contract.passes.run_pass` runs unchanged over either.
+strictly increasing sequence number per site. It is a
+:class:`~fedmtl.contract.transport.Transport`, like the syft transport, so
+:func:`fedmtl.contract.passes.run_pass` runs unchanged over either.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ def offers_dataplane(url: str, *, timeout: float = 5.0) -> bool:
 
 
 class DataPlaneTransport:
-    """Round calls over the data plane. ``urls``: site -> the datasite's base URL."""
+    """A :class:`~fedmtl.contract.transport.Transport` over the data plane.
+
+    Args:
+        urls: site -> the datasite's base URL.
+        site_specs: site -> the approved site spec (its ``job_id`` and ``dataplane_key``).
+        signing_key: the job's data-plane :class:`~fedmtl.privacy.keys.SigningKey`.
+        timeout: seconds one request may take.
+    """
 
     name = "dataplane"
 
@@ -78,7 +86,7 @@ class DataPlaneTransport:
             self.requests += 1
             return seq
 
-    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+    def call(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one stage's ``message`` to ``site``; its reply (``{"ok": False, ...}`` when
         the site refuses or cannot be reached: a dropout). A request refused as one too
         many at once (HTTP 429) is sent again, up to :data:`BUSY_RETRIES` times."""

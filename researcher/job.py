@@ -28,6 +28,7 @@ from fedmtl.contract import protocol
 from fedmtl.contract.jobspec import JobSpec
 from fedmtl.contract.passes import CALLS_PER_PASS, PassOutcome, run_pass  # noqa: F401 - re-exported
 from fedmtl.contract.strategies import make_strategy
+from fedmtl.contract.transport import Transport
 from fedmtl.datasites.review.autoreview import MANUAL_REVIEW_TAG  # set by the datasite's reviewer
 from fedmtl.datasites.runtime import LocalTransport  # noqa: F401 - the dry run's transport
 from fedmtl.datasites.site import syftio
@@ -46,7 +47,14 @@ from fedmtl.researcher.result import JobResult
 
 
 class SyftTransport:
-    """Calls the approved round template on each datasite through syft."""
+    """A :class:`~fedmtl.contract.transport.Transport` that calls the approved round
+    template on each datasite through syft.
+
+    Args:
+        session: the researcher's :class:`~fedmtl.researcher.session.Session` (its
+            ``sites[site]`` hold the syft client and the records asset).
+        func_name: the name the approved template has on every site.
+    """
 
     name = "syft"
 
@@ -54,7 +62,9 @@ class SyftTransport:
         self.session = session
         self.func_name = func_name
 
-    def call(self, site: str, message: dict[str, Any]) -> dict[str, Any]:
+    def call(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        """Call the template on ``site`` with ``message``; its reply (``{"ok": False, ...}``
+        when syft fails or the site cannot be reached: a dropout)."""
         conn = self.session.sites[site]
         try:
             with syftio.quiet():
@@ -282,7 +292,7 @@ class Job:
             start = getattr(getattr(request, "request_time", None), "utc_timestamp", None)
         return max(0.0, time.time() - float(start)) if start is not None else 0.0
 
-    def transport(self, plane: str = "auto"):
+    def transport(self, plane: str = "auto") -> Transport:
         """The transport of this job's round calls: ``"dataplane"`` (the datasites' lean
         endpoint, signed with this job's key), ``"syft"`` (approved syft code calls), or
         ``"auto"``: the data plane when the job has a key and every site offers it, else
@@ -332,7 +342,8 @@ class Job:
     def _tasks(self):
         return protocol.tasks_of(next(iter(self.site_specs.values())))
 
-    def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport=None, plane: str = "auto"):
+    def run(self, *, progress: bool = True, review_timeout: float = 120.0, transport: Transport | None = None,
+            plane: str = "auto"):
         """Run (or continue) every pass; returns the :class:`JobResult`. ``plane`` picks
         the transport of the round calls (see :meth:`transport`)."""
         if transport is None:
@@ -419,7 +430,7 @@ class Job:
                     agg_dir.mkdir(exist_ok=True)
                     np.savez(agg_dir / f"pass-{p}.npz", average_update=avg,
                              counts=outcome.arrays["counts"], weights_in=weights)
-                    weights = strategy.aggregate(weights, avg, totals, groups=groups)
+                    weights = strategy.aggregate_fit(weights, avg, totals, groups=groups)
                     record["counts"] = totals
                 history.append(record)
                 for s in approved:

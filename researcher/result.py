@@ -13,9 +13,9 @@ Metrics history entries are ``{"round": r, "pooled": {task: {metric: value}},
 "sites": {site: {task: {metric: value}}}}`` (``sites`` only where the sites released
 them); :meth:`JobResult.metrics_table` flattens them to rows.
 
-Per-site heads hold the values of the head entries only (``~shared_mask``, i.e. every
-entry outside ``"trunk"``), in flat-vector order; :meth:`JobResult.model` with a
-``site`` puts them over the global vector.
+Per-site heads hold the values of the entries the job's strategy keeps at the sites
+only (:meth:`JobResult.personal_mask`; FedPer's: every entry outside ``"trunk"``), in
+flat-vector order; :meth:`JobResult.model` with a ``site`` puts them over the global vector.
 
 Using a result::
 
@@ -41,19 +41,13 @@ import numpy as np
 import pandas as pd
 
 from fedmtl.contract.jobspec import JobSpec
+from fedmtl.contract.strategies import make_strategy
 from fedmtl.errors import ConfigError
 from fedmtl.researcher.checkpoint import atomic_write_bytes
 
-__all__ = ["JobResult", "head_mask"]
+__all__ = ["JobResult"]
 
 _FORMAT = 1
-
-
-def head_mask(model) -> np.ndarray:
-    """Boolean mask of the flat-vector entries outside the trunk (the task heads)."""
-    from fedmtl.models.flat import slice_mask
-
-    return ~slice_mask(model, ["trunk"])
 
 
 @dataclass
@@ -89,11 +83,12 @@ class JobResult:
             raise ValueError(
                 f"the preprocessor makes {pre.n_features} features, the model expects {self.model_config['n_features']}"
             )
-        k = int(head_mask(net).sum())
+        k = int(self.personal_mask(net).sum())
         for site, h in list(self.site_heads.items()):
             h = np.asarray(h, dtype=np.float32)
             if h.shape != (k,):
-                raise ValueError(f"site {site!r}: head entries have shape {h.shape}; the heads hold {k} values")
+                raise ValueError(f"site {site!r}: head entries have shape {h.shape}; strategy "
+                                 f"{self.spec.strategy.name} keeps {k} values at each site")
             self.site_heads[site] = h
         if isinstance(self.rounds_done, bool) or not isinstance(self.rounds_done, int) or self.rounds_done < 0:
             raise ValueError(f"rounds_done must be a whole number >= 0, got {self.rounds_done!r}")
@@ -120,10 +115,25 @@ class JobResult:
             return vec
         if site not in self.site_heads:
             raise KeyError(f"no personalised heads for site {site!r}; sites with heads: {sorted(self.site_heads)}")
+        vec[self.personal_mask()] = self.site_heads[site]
+        return vec
+
+    def personal_mask(self, model=None) -> np.ndarray:
+        """The flat-vector entries the job's strategy keeps at the sites, where
+        :attr:`site_heads` go (FedPer: the task heads; none for the other strategies).
+
+        Args:
+            model: the job's model (default: one built from :attr:`model_config`).
+
+        Returns:
+            A boolean mask over the flat vector
+            (:meth:`fedmtl.contract.strategies.Strategy.personal_mask`).
+        """
+        from fedmtl.models.flat import task_slices
         from fedmtl.models.nets import model_from_config
 
-        vec[head_mask(model_from_config(self.model_config))] = self.site_heads[site]
-        return vec
+        net = model_from_config(self.model_config) if model is None else model
+        return make_strategy(self.spec.strategy).personal_mask(task_slices(net))
 
     def model(self, site: str | None = None):
         """The trained :class:`~fedmtl.models.MultiTaskNet` (global, or with ``site``'s heads)."""

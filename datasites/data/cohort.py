@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.datasites.data.records import _read_csv, label_counts, validate_frame
-from fedmtl.errors import FedMTLError
+from fedmtl.datasites.data.records import _read_csv, label_counts, load_records, validate_frame
+from fedmtl.errors import CohortError
 from fedmtl.schema import Column, Schema
 
 __all__ = [
@@ -98,10 +98,6 @@ _PREFERRED_BAND = (3, 1, 0, 2)  # site k prefers band _PREFERRED_BAND[k % 4]
 _BAND_AFFINITY = 3.0
 _MALE_MULT = (1.0, 0.6, 1.8, 1.3)  # site k: male weight x _MALE_MULT[k % 4]
 _SIZE_DECAY = 1.2  # base weight of site k: 1 / (k + 1) ** _SIZE_DECAY
-
-
-class CohortError(FedMTLError, ValueError):
-    """The demo cohort cannot be prepared with these arguments."""
 
 
 @dataclass(frozen=True)
@@ -389,8 +385,6 @@ def _whole(s: pd.Series) -> bool:
 
 def summary_table(site_files: list[SiteFiles]) -> str:
     """A markdown table of each site's size, split, age/sex mix and label counts."""
-    from fedmtl.datasites.data.records import load_records
-
     rows: list[dict[str, Any]] = []
     tasks: list[str] = []
     for sf in site_files:

@@ -30,16 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmtl.errors import FedMTLError
+from fedmtl.errors import MockError
 from fedmtl.schema import Column, Schema
 
 __all__ = ["MockError", "make_mock", "real_row_overlap"]
 
 _MAX_REDRAWS = 50
-
-
-class MockError(FedMTLError, ValueError):
-    """A mock could not be made (for example, every possible row is a real row)."""
 
 
 def make_mock(

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from fedmtl.errors import DatasiteError, RecordsValidationError, SchemaError
-from fedmtl.schema import Column, Schema, category_key
+from fedmtl.schema import Column, Schema, apply_transform, category_key
 
 __all__ = [
     "SUFFIXES",
@@ -391,8 +391,6 @@ def range_warnings(df: pd.DataFrame, schema: Schema) -> list[str]:
     [0, 1]; under ``scaling = "standard"`` (the default) the noise of the released feature
     statistics grows with the declared range, so its mean/std come out noisy. A
     right-skewed column without a transform is told about ``transform = "log1p"``."""
-    from fedmtl.schema import apply_transform
-
     out: list[str] = []
     for c in schema.features:
         if c.type != "numeric" or c.name not in df or (c.min is None and c.max is None):

@@ -35,6 +35,7 @@ from fedmtl.datasites.ledger.ledger import (
     verify,
 )
 from fedmtl.datasites.rules.policy import Policy
+from fedmtl.fsutil import atomic_write_bytes
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import VerifyKey
 
@@ -259,9 +260,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- html

@@ -18,8 +18,8 @@ Kinds: ``ledger_created``, ``policy_changed``, ``request_received``, ``decision`
 
 Guarantees
 
-* **Budget charged before a round runs.** :meth:`Ledger.charge_round` composes the
-  round's records with everything the dataset and the researcher already spent and
+* **Budget charged before a pass runs.** :meth:`Ledger.charge_pass` composes the
+  pass's records with everything the dataset and the researcher already spent and
   refuses (:class:`~fedmtl.errors.PrivacyBudgetError`) if a budget of the current policy
   would be exceeded; check and append happen under one exclusive ``flock``, so any number
   of threads or processes can never together overspend. It also refuses rounds of
@@ -33,7 +33,7 @@ Guarantees
 * **A request never runs without its decision.** :meth:`Ledger.review_and_record` writes
   the request and its decision in one append; a request without a decision (the reviewer
   crashed in between, or a manual review is waiting) reads as ``pending`` and
-  :meth:`charge_round` refuses it.
+  :meth:`charge_pass` refuses it.
 * **Tamper-evident.** :func:`verify` detects an edited, deleted, reordered or re-signed
   entry and a truncated tail (against the signed head, or an ``expected_count`` the
   auditor kept). Rolling back *both* the ledger and the head to an earlier signed state
@@ -65,14 +65,9 @@ from fedmtl.datasites.ledger.ledger_format import (  # noqa: F401 - re-exported
     LOCK_FILE,
     PUBLIC_KEY_FILE,
     TORN_SUFFIX,
-    LedgerCorruptError,
-    LedgerError,
-    RoundRefusedError,
     _eps,
-    _fsync_dir,
     _head_payload,
     _now_iso,
-    _over,
     _resolve,
     _write_all,
     entry_hash,
@@ -80,11 +75,13 @@ from fedmtl.datasites.ledger.ledger_format import (  # noqa: F401 - re-exported
     read_public_key,
     split_lines,
 )
-from fedmtl.datasites.ledger.ledger_state import RequestState, RoundCharge, _State  # noqa: F401
+from fedmtl.datasites.ledger.ledger_state import PassCharge, RequestState, _State  # noqa: F401
 from fedmtl.datasites.ledger.ledger_verify import VerifyReport, _check_entry, _read_head, read_entries, verify  # noqa: F401
-from fedmtl.datasites.rules.policy import Policy, canonical_json
+from fedmtl.datasites.rules.budget import BudgetCheck, check_budget
+from fedmtl.datasites.rules.policy import Policy
 from fedmtl.datasites.rules.review import Decision, RequestFacts, SpendSummary, decide
-from fedmtl.errors import PrivacyBudgetError
+from fedmtl.errors import LedgerCorruptError, LedgerError, PrivacyBudgetError, RoundRefusedError
+from fedmtl.fsutil import atomic_write_bytes, canonical_json, fsync_dir
 from fedmtl.privacy.accounting import PrivacyRecord
 from fedmtl.privacy.keys import (
     SignatureError,
@@ -272,15 +269,7 @@ class Ledger:
         data = canonical_json(
             {"seq": last["seq"], "hash": last["hash"], "ts": last["ts"], "fingerprint": self._fp, "sig": sig}
         )
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.head_path)
-        _fsync_dir(self.head_path.parent)
+        atomic_write_bytes(self.head_path, data + b"\n", mode=0o644)
 
     # ------------------------------------------------------------------ appending
     def _append(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -305,7 +294,7 @@ class Ledger:
         finally:
             os.close(fd)
         if seq == len(entries):  # first entry: make the file's creation durable
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         for e in entries:
             self._state.apply(e)
         self._offset += len(data)
@@ -416,30 +405,49 @@ class Ledger:
             self.record_review(facts, decision)
             return decision
 
-    # ------------------------------------------------------------------ rounds
-    def charge_round(
+    # ------------------------------------------------------------------ passes
+    def charge_pass(
         self,
         *,
         request_id: str,
-        round: int,  # noqa: A002 - the natural name
+        pass_no: int,
         records: Sequence[PrivacyRecord],
         participants: Sequence[str],
-    ) -> RoundCharge:
-        """Charge a round's privacy ``records`` BEFORE it runs; raise if it may not run.
+    ) -> PassCharge:
+        """Charge a pass's privacy ``records`` BEFORE it runs; raise if it may not run.
 
-        Refuses (:class:`RoundRefusedError`) a request that is not approved (or finished,
-        aborted), a round number not above every executed one (replay), a round beyond
-        the approved count, and records noisier-than-approved in cost (the job's composed
-        epsilon may not exceed what was approved, nor the policy's per-job maximum).
-        Refuses (:class:`PrivacyBudgetError`) when the dataset or the researcher budget of
-        the current policy would be exceeded. Check and append are atomic across threads
-        and processes.
+        The budgets are checked with :func:`fedmtl.datasites.rules.budget.check_budget`,
+        the check the reviewer applies to the whole job. The entry is a ``round_executed``
+        entry whose ``round`` key holds ``pass_no`` (the on-disk name stays).
+
+        Args:
+            request_id: the approved request (the job id).
+            pass_no: the pass, 1.. the approved number of passes; above every pass
+                already charged.
+            records: the pass's privacy records (non-empty).
+            participants: the roster's sites, recorded with the charge.
+
+        Returns:
+            The :class:`PassCharge` acknowledged in the ledger.
+
+        Raises:
+            TypeError: ``records`` is empty or holds something else; ``pass_no`` is not
+                an int.
+            RoundRefusedError: the request is not approved (or finished, aborted), the
+                pass is a replay or beyond the approved count, or its noise is below the
+                policy's minimum.
+            PrivacyBudgetError: the job's composed epsilon would exceed what was
+                approved or the policy's per-job maximum, or the dataset or researcher
+                budget of the current policy would be exceeded.
+
+        Check and append are atomic across threads and processes.
         """
         records = list(records)
         if not records or not all(isinstance(r, PrivacyRecord) for r in records):
             raise TypeError("records must be a non-empty list of PrivacyRecord")
-        if isinstance(round, bool) or not isinstance(round, int):
-            raise TypeError(f"round must be an int, got {round!r}")
+        if isinstance(pass_no, bool) or not isinstance(pass_no, int):
+            raise TypeError(f"pass_no must be an int, got {pass_no!r}")
+        p = pass_no
         with self._locked():
             self._catch_up()
             policy = self._policy()
@@ -451,50 +459,54 @@ class Ledger:
                     f"request {request_id!r} is {st.status}, not approved; no round may run"
                 )
             approved_rounds = st.facts.passes or st.facts.rounds
-            if round < 1 or round > approved_rounds:
+            if p < 1 or p > approved_rounds:
                 raise RoundRefusedError(
-                    f"round {round} of request {request_id!r} is outside the approved rounds 1..{approved_rounds}"
+                    f"round {p} of request {request_id!r} is outside the approved rounds 1..{approved_rounds}"
                 )
-            if st.rounds and round <= max(st.rounds):
+            if st.rounds and p <= max(st.rounds):
                 raise RoundRefusedError(
-                    f"round {round} of request {request_id!r} is a replay: rounds {sorted(st.rounds)} already ran"
+                    f"round {p} of request {request_id!r} is a replay: rounds {sorted(st.rounds)} already ran"
                 )
             low = min(r.noise_multiplier for r in records)
             if low < policy.min_noise_multiplier:
                 raise RoundRefusedError(
-                    f"round {round}: noise_multiplier {low:g} is below the policy minimum {policy.min_noise_multiplier:g}"
+                    f"round {p}: noise_multiplier {low:g} is below the policy minimum {policy.min_noise_multiplier:g}"
                 )
             ds, rs = st.facts.dataset, st.facts.researcher
+
+            def check(before: Sequence[PrivacyRecord], limit: float) -> BudgetCheck:
+                return check_budget(before=before, new=records, limit=limit, delta=policy.delta,
+                                    accountant=policy.accountant)
+
             eps_round = _eps(records, policy)
-            eps_job = _eps([*st.records, *records], policy)
             approved_eps = st.decision.epsilon_job if st.decision else 0.0
-            cap = min(approved_eps, policy.max_epsilon_per_job)
-            if _over(eps_job, cap):
+            job = check(st.records, min(approved_eps, policy.max_epsilon_per_job))
+            eps_job = job.after
+            if job.over:
                 raise PrivacyBudgetError(
-                    f"round {round} of request {request_id!r} would bring the job to epsilon {eps_job:.4g} "
+                    f"round {p} of request {request_id!r} would bring the job to epsilon {eps_job:.4g} "
                     f"at delta={policy.delta:g}, above what was approved ({approved_eps:.4g}) or the per-job "
                     f"maximum ({policy.max_epsilon_per_job:g}); the round was not run"
                 )
-            ds_before = self._state.spent(dataset=ds)
-            rs_before = self._state.spent(dataset=ds, researcher=rs)
-            eps_ds = _eps([*ds_before, *records], policy)
-            eps_rs = _eps([*rs_before, *records], policy)
-            if _over(eps_ds, policy.dataset_epsilon_budget):
+            on_ds = check(self._state.spent(dataset=ds), policy.dataset_epsilon_budget)
+            on_rs = check(self._state.spent(dataset=ds, researcher=rs), policy.researcher_epsilon_budget)
+            eps_ds, eps_rs = on_ds.after, on_rs.after
+            if on_ds.over:
                 raise PrivacyBudgetError(
-                    f"round {round} of request {request_id!r} would bring dataset {ds!r} to epsilon "
-                    f"{eps_ds:.4g} (now {_eps(ds_before, policy):.4g}, this round alone {eps_round:.4g}) at "
+                    f"round {p} of request {request_id!r} would bring dataset {ds!r} to epsilon "
+                    f"{eps_ds:.4g} (now {on_ds.before:.4g}, this round alone {eps_round:.4g}) at "
                     f"delta={policy.delta:g}, above its budget {policy.dataset_epsilon_budget:g}; the round was not run"
                 )
-            if _over(eps_rs, policy.researcher_epsilon_budget):
+            if on_rs.over:
                 raise PrivacyBudgetError(
-                    f"round {round} of request {request_id!r} would bring researcher {rs} to epsilon "
-                    f"{eps_rs:.4g} on {ds!r} (now {_eps(rs_before, policy):.4g}, this round alone "
+                    f"round {p} of request {request_id!r} would bring researcher {rs} to epsilon "
+                    f"{eps_rs:.4g} on {ds!r} (now {on_rs.before:.4g}, this round alone "
                     f"{eps_round:.4g}) at delta={policy.delta:g}, above the budget "
                     f"{policy.researcher_epsilon_budget:g}; the round was not run"
                 )
             body = {
                 "request_id": request_id,
-                "round": round,
+                "round": p,  # the on-disk name of the pass number
                 "dataset": ds,
                 "researcher": rs,
                 "records": [r.to_dict() for r in records],
@@ -507,18 +519,15 @@ class Ledger:
                 "participants": list(participants),
             }
             e = self._append([("round_executed", body)])[0]
-            return RoundCharge(
+            return PassCharge(
                 request_id=request_id,
-                round=round,
+                pass_no=p,
                 seq=e["seq"],
-                epsilon_round=eps_round,
+                epsilon_pass=eps_round,
                 epsilon_job=eps_job,
                 epsilon_dataset=eps_ds,
                 epsilon_researcher=eps_rs,
-                budget_left={
-                    "dataset": policy.dataset_epsilon_budget - eps_ds,
-                    "researcher": policy.researcher_epsilon_budget - eps_rs,
-                },
+                budget_left={"dataset": on_ds.left, "researcher": on_rs.left},
             )
 
     def finish_job(self, request_id: str, *, aborted: bool = False, reason: str = "") -> dict[str, Any]:
@@ -596,8 +605,8 @@ __all__ = [
     "Ledger",
     "LedgerCorruptError",
     "LedgerError",
+    "PassCharge",
     "RequestState",
-    "RoundCharge",
     "RoundRefusedError",
     "VerifyReport",
     "entry_hash",

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fedmtl.datasites.rules.policy import Policy, canonical_json
-from fedmtl.errors import DatasiteError
+from fedmtl.datasites.rules.policy import Policy
+from fedmtl.fsutil import canonical_json
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import (
     SigningKey,
@@ -37,22 +37,6 @@ KINDS: tuple[str, ...] = (
     "job_finished",
     "job_aborted",
 )
-#: relative slack when comparing a composed epsilon with a budget (float noise only)
-EPS_TOLERANCE = 1e-9
-
-
-class LedgerError(DatasiteError):
-    """The ledger cannot be used as asked."""
-
-
-class LedgerCorruptError(LedgerError):
-    """The ledger does not verify (edited, truncated, or signed by another key).
-    Do not append to it; run ``fedmtl audit`` and restore from a backup."""
-
-
-class RoundRefusedError(LedgerError):
-    """A round may not run: the request is not approved, the round is a replay, or it is
-    beyond the approved number of rounds."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -79,23 +63,6 @@ def _resolve(home_or_path: str | Path) -> Path:
 
 def _eps(records: Sequence[PrivacyRecord], policy: Policy) -> float:
     return epsilon_of(list(records), delta=policy.delta, accountant=policy.accountant)
-
-
-def _over(value: float, limit: float) -> bool:
-    return value > limit * (1 + EPS_TOLERANCE) + EPS_TOLERANCE
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from fedmtl.datasites.ledger.ledger_format import _eps, _over  # noqa: F401
 from fedmtl.datasites.rules.policy import Policy
 from fedmtl.datasites.rules.review import Decision, RequestFacts
 from fedmtl.privacy.accounting import PrivacyRecord
@@ -16,13 +15,18 @@ from fedmtl.privacy.accounting import PrivacyRecord
 
 
 @dataclass(frozen=True)
-class RoundCharge:
-    """What :meth:`Ledger.charge_round` charged (and acknowledged)."""
+class PassCharge:
+    """What :meth:`Ledger.charge_pass` charged (and acknowledged).
+
+    ``epsilon_pass`` is the pass alone; ``epsilon_job``, ``epsilon_dataset`` and
+    ``epsilon_researcher`` are the totals with it; ``budget_left`` is the dataset and
+    researcher budget left *before* it (the meaning of
+    :attr:`fedmtl.datasites.rules.budget.BudgetCheck.left`, as in a review's decision)."""
 
     request_id: str
-    round: int
+    pass_no: int
     seq: int
-    epsilon_round: float
+    epsilon_pass: float
     epsilon_job: float
     epsilon_dataset: float
     epsilon_researcher: float

@@ -15,12 +15,12 @@ from fedmtl.datasites.ledger.ledger_format import (
     GENESIS_HASH,
     HEAD_FILE,
     LOCK_FILE,
-    LedgerCorruptError,
     _head_payload,
     _resolve,
     entry_hash,
     split_lines,
 )
+from fedmtl.errors import LedgerCorruptError
 from fedmtl.privacy.keys import (
     SignatureError,
     VerifyKey,

@@ -20,7 +20,8 @@ from fedmtl.errors import RoundError
 from fedmtl.privacy.accounting import PrivacyRecord
 
 POLICY_FILE = "policy.toml"
-DRY_RUN_MARKER = "DRY_RUN_HOME"  # fedmtl.datasites.runtime.DRY_RUN_MARKER
+#: a throw-away home of a researcher's dry run (no ledger); never in a datasite's home
+DRY_RUN_MARKER = "DRY_RUN_HOME"
 _LEDGERS: dict[Path, Any] = {}
 _LOCK = threading.Lock()
 
@@ -49,14 +50,29 @@ def current_policy(home: Path) -> Policy:
     return pol
 
 
-def charge_round(home: Path, spec: Mapping[str, Any], round_no: int, records: Sequence[PrivacyRecord]) -> None:
+def charge_pass(home: Path, spec: Mapping[str, Any], pass_no: int, records: Sequence[PrivacyRecord]) -> None:
+    """Charge pass ``pass_no`` of the job ``spec`` describes before it runs
+    (:meth:`fedmtl.datasites.ledger.ledger.Ledger.charge_pass`); nothing in a dry run's
+    throw-away home.
+
+    Args:
+        home: the datasite home.
+        spec: the site spec (its ``job_id`` and ``roster``).
+        pass_no: the pass about to run.
+        records: its privacy records.
+
+    Raises:
+        RoundError: ``records`` is empty (non-private training never runs here).
+        RoundRefusedError: the ledger refuses the pass (see the ledger).
+        PrivacyBudgetError: a budget would be exceeded.
+    """
     if (Path(home) / DRY_RUN_MARKER).exists():
         return
     if not records:
         raise RoundError("non-private training (dp = false) never runs on a datasite")
-    open_ledger(home).charge_round(
+    open_ledger(home).charge_pass(
         request_id=str(spec["job_id"]),
-        round=int(round_no),
+        pass_no=int(pass_no),
         records=list(records),
         participants=sorted(spec.get("roster", {})),
     )

@@ -18,13 +18,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedmtl.contract.site_spec import SiteSpec
+from fedmtl.datasites.ledger import site_ledger
+from fedmtl.datasites.rules import limits
+from fedmtl.datasites.rules.review import Decision, RequestFacts
 from fedmtl.datasites.site import home as home_mod
+from fedmtl.datasites.site import identity, syftio
+from fedmtl.datasites.template import code_sha256, is_template, source_problems
+from fedmtl.fsutil import canonical_json
+from fedmtl.schema import Schema
 
 log = logging.getLogger("fedmtl.autoreview")
 
 
 def spec_of(request) -> dict[str, Any] | None:
-    """The job spec a request carries as its syft ``Constant`` named ``spec``."""
+    """The site spec a request carries as its syft ``Constant`` named ``spec``, as bound
+    (untrusted: :func:`fedmtl.datasites.rules.limits.spec_problems` bounds it, then
+    :meth:`SiteSpec.parse <fedmtl.contract.site_spec.SiteSpec.parse>` reads it)."""
     kwargs = getattr(request.code, "input_policy_init_kwargs", None) or {}
     for rules in kwargs.values():
         if isinstance(rules, dict) and "spec" in rules:
@@ -51,8 +61,6 @@ def binding_problems(request, *, server_id, asset_id) -> list[str]:
     from syft.service.code.user_code import parse_user_code
     from syft.service.policy.policy import Constant, Matches, MixedInputPolicy, OutputPolicyExecuteCount, UserOwned
     from syft.service.request.request import UserCodeStatusChange
-
-    from fedmtl.datasites.template import source_problems
 
     code = request.code
     problems: list[str] = []
@@ -129,13 +137,6 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
     Every check that does not need arithmetic on the researcher's numbers runs first;
     every number of the spec is bounded (:mod:`fedmtl.datasites.rules.limits`) before any
     privacy or model computation uses it."""
-    from fedmtl.contract import protocol
-    from fedmtl.datasites.ledger.site_ledger import current_policy
-    from fedmtl.datasites.rules import limits
-    from fedmtl.datasites.rules.review import RequestFacts
-    from fedmtl.datasites.site import identity
-    from fedmtl.datasites.template import code_sha256, is_template
-
     cfg = home_mod.read_config(home)
     meta = json.loads((Path(home) / "dataset_meta.json").read_text())
     code = request.code
@@ -155,7 +156,7 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
         code_name=str(getattr(code, "service_func_name", "")),
         code_hash=code_hash,
     )
-    job = None
+    site_spec = None
     job_id = spec.get("job_id") if isinstance(spec, dict) else None
     request_id = job_id if isinstance(job_id, str) and _NAME.match(job_id) else f"syft-{request.id}"
     roster: tuple[tuple[str, str], ...] = ()
@@ -163,7 +164,7 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
         problems.append("the request carries no job spec (a syft Constant named 'spec' holding a table)")
     else:
         own = identity.load_public(home).verify_key.to_bytes().hex()
-        policy = current_policy(home)
+        policy = site_ledger.current_policy(home)
         n_train = int(meta["split_sizes"].get("train", meta["n_records"]))
         spec_problems, roster = limits.spec_problems(
             spec, policy=policy, schema=_home_schema(home), site=cfg["name"], own_key=own, n_train=n_train
@@ -171,26 +172,43 @@ def facts_of(home: Path, request, *, server_id=None, asset_id=None):
         problems += spec_problems
         if not spec_problems:
             try:
-                job = protocol.job_of(spec)
+                site_spec = SiteSpec.parse(spec)
             except Exception as e:  # noqa: BLE001 - any malformed spec is a denial reason
                 problems.append(f"the job spec is invalid: {e}")
-    if job is None or problems:
+    if site_spec is None or problems:
         return RequestFacts(
             request_id=request_id, tasks=(), noise_multiplier=0.0, max_grad_norm=0.0, rounds=0,
             local_epochs=0, sample_rate=0.0, steps_per_round=0, delta=1e-5, n_sites=0,
             secagg_threshold=0, roster=roster, **base,
         ), problems
-    return job_facts(job, spec, n_train=n_train, request_id=request_id, roster=roster, site=cfg["name"],
+    return job_facts(site_spec, n_train=n_train, request_id=request_id, roster=roster, site=cfg["name"],
                      **base), problems
 
 
-def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roster, site: str,
+def job_facts(site_spec: SiteSpec, *, n_train: int, request_id: str, roster, site: str,
               researcher: str, dataset: str, code_name: str, code_hash: str):
     """The review facts of a well-formed site spec whose numbers :mod:`limits` bounded:
-    what the job costs this site (privacy records pass by pass) and what it asks."""
-    from fedmtl.contract import protocol
-    from fedmtl.datasites.rules.review import RequestFacts
+    what the job costs this site (privacy records pass by pass) and what it asks.
 
+    Args:
+        site_spec: the parsed site spec.
+        n_train: this datasite's training records.
+        request_id: the ledger's id of the request.
+        roster: ``((site, key hex), ...)`` as :func:`limits.spec_problems` returned it.
+        site: this datasite.
+        researcher: who asked.
+        dataset: this datasite's dataset.
+        code_name: the request's function name.
+        code_hash: the request's code hash.
+
+    Returns:
+        The :class:`~fedmtl.datasites.rules.review.RequestFacts`; its ``spec_hash`` is
+        over exactly the mapping the request bound, and ``passes`` / ``eval_passes`` come
+        from the job's :class:`~fedmtl.contract.schedule.PassSchedule`, the one the
+        runtime charges by.
+    """
+    job = site_spec.job
+    schedule = site_spec.schedule
     noise = float(job.noise_for_site(n_train)) if job.dp else 0.0
     if job.local_epochs is not None:
         local_epochs = float(job.local_epochs)
@@ -216,10 +234,10 @@ def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roste
         # given, or a majority of the roster: what every party of the job will use
         secagg_threshold=int(job.threshold_for(len(roster))),
         release_per_site_metrics=bool(job.per_site_metrics),
-        spec_hash=site_spec_hash(spec),
-        records=tuple(protocol.job_records(job, n_train)),
-        passes=protocol.last_pass(job),
-        eval_passes=protocol.eval_pass_count(job),
+        spec_hash=site_spec_hash(site_spec.to_dict()),
+        records=tuple(job.job_records(n_train)),
+        passes=schedule.last_pass,
+        eval_passes=schedule.n_eval_passes,
         eval_noise_multiplier=float(job.eval_noise_multiplier),
         roster=tuple(roster),
         site=site,
@@ -227,8 +245,6 @@ def job_facts(job, spec: dict[str, Any], *, n_train: int, request_id: str, roste
 
 
 def _home_schema(home: Path):
-    from fedmtl.schema import Schema
-
     return Schema.load(Path(home) / "schema.toml")
 
 
@@ -248,8 +264,6 @@ def resolve_request(home: Path, req, led, *, server_id=None, asset_id=None):
 def site_spec_hash(spec: dict[str, Any]) -> str:
     """sha256 of the whole site spec (job, roster, schema, site, counts): what the
     approval binds, so a reused job id with any other field is another request."""
-    from fedmtl.datasites.rules.policy import canonical_json
-
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
@@ -288,8 +302,6 @@ class Reviewer:
 
     def _tag_manual(self, req) -> None:
         """Tag a request that waits for a person (researchers see the tag in status())."""
-        from fedmtl.datasites.site import syftio
-
         if MANUAL_REVIEW_TAG in (getattr(req, "tags", None) or []):
             return
         try:
@@ -300,8 +312,6 @@ class Reviewer:
 
     def poll(self) -> int:
         """Review every new pending request; returns how many were decided."""
-        from fedmtl.datasites.site import syftio
-
         if not (self.home / "dataset_meta.json").exists():
             return 0  # first launch still uploading
         if not self._db_changed():
@@ -334,8 +344,6 @@ class Reviewer:
 def binding_of(home: Path, client) -> tuple[Any, Any]:
     """(this server's id, the action id of this datasite's records asset), read with an
     admin client: what a round request must be bound to."""
-    from fedmtl.datasites.site import syftio
-
     ds_name = home_mod.read_config(home)["dataset"]
     with syftio.quiet():
         datasets = [d for d in client.datasets.get_all() if d.name == ds_name]
@@ -346,9 +354,6 @@ def binding_of(home: Path, client) -> tuple[Any, Any]:
 
 def review_one(home: Path, req, binding) -> str:
     """Decide one pending syft request through the ledger; returns the status."""
-    from fedmtl.datasites.ledger import site_ledger
-    from fedmtl.datasites.site import syftio
-
     led = site_ledger.open_ledger(home)
     server_id, asset_id = binding
     facts, problems, known = resolve_request(home, req, led, server_id=server_id, asset_id=asset_id)
@@ -372,8 +377,6 @@ def review_one(home: Path, req, binding) -> str:
 
 
 def _deny(req, reason: str) -> None:
-    from fedmtl.datasites.site import syftio
-
     with syftio.quiet():
         req.deny(reason=reason[:4000])
 
@@ -397,8 +400,6 @@ def reused_id_reason(request_id: str, earlier) -> str:
 
 
 def _denied(problems: list[str]):
-    from fedmtl.datasites.rules.review import Decision
-
     return Decision(
         status="denied",
         reasons=tuple(problems),

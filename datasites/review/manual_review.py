@@ -28,19 +28,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedmtl.datasites.review.autoreview import resolve_request
+from fedmtl.contract import protocol
+from fedmtl.contract.passes import run_pass
+from fedmtl.datasites import runtime as rt
+from fedmtl.datasites.ledger import site_ledger
+from fedmtl.datasites.review.autoreview import _denied, binding_of, resolve_request, spec_of
 from fedmtl.datasites.rules.policy import ADVISORY_ID
 from fedmtl.datasites.rules.review import Decision, ReviewError, code_diff, decide, manual_decision
+from fedmtl.datasites.runtime import LocalTransport
 from fedmtl.datasites.site import home as home_mod
-from fedmtl.errors import DatasiteError
+from fedmtl.datasites.site import identity, syftio
+from fedmtl.datasites.template import TEMPLATE_NAME, TEMPLATE_SOURCE, normalise
+from fedmtl.errors import JobError, LedgerError, ManualReviewError
+from fedmtl.models import model_to_vector
 
 #: the shortest syft-id prefix accepted as a request name
 MIN_PREFIX = 8
 _OPEN = ("pending", "pending_manual")
-
-
-class ManualReviewError(DatasiteError):
-    """A manual review cannot be done as asked (unknown request, already decided...)."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,23 +187,17 @@ def _syft_status(req) -> str:
 
 
 def _request_id(req) -> str:
-    from fedmtl.datasites.review.autoreview import spec_of
-
     spec = spec_of(req)
     return str(spec.get("job_id")) if spec and spec.get("job_id") else f"syft-{req.id}"
 
 
 def _binding(home: Path, client) -> dict:
     """What a round request must be bound to on this datasite (server id, records asset)."""
-    from fedmtl.datasites.review.autoreview import binding_of
-
     server_id, asset_id = binding_of(home, client)
     return {"server_id": server_id, "asset_id": asset_id}
 
 
 def _code_requests(client) -> list:
-    from fedmtl.datasites.site import syftio
-
     with syftio.quiet():
         out = []
         for r in client.requests.get_all():
@@ -226,8 +224,6 @@ def _summary(home: Path, req, led, client) -> RequestSummary:
 def list_requests(home: str | Path, *, client=None, include_decided: bool = False) -> list[RequestSummary]:
     """Requests waiting for a person: pending in syft, or ``pending``/``pending_manual``
     in the ledger (also when syft no longer holds them). ``include_decided`` lists all."""
-    from fedmtl.datasites.ledger import site_ledger
-
     home = Path(home)
     home_mod.read_config(home)
     client = _client(client)
@@ -268,8 +264,6 @@ def find_request(home: str | Path, name: str, *, client=None):
         raise ManualReviewError(
             f"{name!r} names {len(exact)} requests ({ids}); give the full syft request id"
         )
-    from fedmtl.datasites.ledger import site_ledger
-
     if site_ledger.open_ledger(home).request(name) is not None:
         raise ManualReviewError(
             f"request {name!r} is in the ledger but this datasite's syft server no longer holds it; "
@@ -287,8 +281,6 @@ def find_request(home: str | Path, name: str, *, client=None):
 
 def _assess(home: Path, req, led, client):
     """(facts, problems, decision now, ledger state) of one syft request."""
-    from fedmtl.datasites.review.autoreview import _denied
-
     facts, problems, known = resolve_request(home, req, led, **_binding(home, client))
     policy = led.current_policy()
     if policy is None:
@@ -313,11 +305,6 @@ def show_request(
     home: str | Path, name: str, *, client=None, dry_run: bool = True
 ) -> RequestDetails:
     """The details of request ``name`` (see the module docstring)."""
-    from fedmtl.datasites.ledger import site_ledger
-    from fedmtl.datasites.review.autoreview import spec_of
-    from fedmtl.datasites.site import syftio
-    from fedmtl.datasites.template import TEMPLATE_NAME, TEMPLATE_SOURCE, normalise
-
     home = Path(home)
     client = _client(client)
     req = find_request(home, name, client=client)
@@ -352,8 +339,6 @@ def show_request(
 
 def mock_of(home: str | Path, *, client=None):
     """The datasite's published mock of its records (what researchers see)."""
-    from fedmtl.datasites.site import syftio
-
     home = Path(home)
     cfg = home_mod.read_config(home)
     client = _client(client)
@@ -373,14 +358,6 @@ def dry_run_site(spec: Mapping[str, Any], mock, *, passes: int = 1) -> DryRunRes
     import tempfile
 
     import pandas as pd
-
-    from fedmtl.contract import protocol
-    from fedmtl.contract.passes import run_pass
-    from fedmtl.datasites import runtime as rt
-    from fedmtl.datasites.runtime import LocalTransport
-    from fedmtl.datasites.site import identity
-    from fedmtl.errors import JobError
-    from fedmtl.models import model_to_vector
 
     if not isinstance(mock, pd.DataFrame):
         return DryRunResult(ran=False, ok=False, message=f"the mock asset is a {type(mock).__name__}, not a table")
@@ -474,9 +451,6 @@ def decide_request(
     not an allowed template unless ``warnings_acknowledged`` (the caller showed the
     PYSEC-2026-546 warning; the ledger records ``warning_shown``).
     """
-    from fedmtl.datasites.ledger import site_ledger
-    from fedmtl.datasites.ledger.ledger import LedgerError
-
     home = Path(home)
     client = _client(client)
     req = find_request(home, name, client=client)
@@ -516,8 +490,6 @@ def decide_request(
 def _apply(req, request_id: str, decision: Decision, *, recorded: bool) -> ManualOutcome:
     """Approve or deny ``req`` in syft as ``decision`` says (tolerating the automatic
     reviewer having applied the ledger's decision first)."""
-    from fedmtl.datasites.site import syftio
-
     want = "approved" if decision.status == "approved" else "denied"
     err = None
     with syftio.quiet():

@@ -13,6 +13,8 @@ import logging
 import threading
 from pathlib import Path
 
+from fedmtl.datasites.review.autoreview import Reviewer
+
 log = logging.getLogger("fedmtl.datasite")
 _stop = threading.Event()
 _thread: threading.Thread | None = None
@@ -25,8 +27,6 @@ def start_background(home: Path, worker) -> None:
     _stop.clear()
 
     def loop() -> None:
-        from fedmtl.datasites.review.autoreview import Reviewer
-
         reviewer = None
         wait = POLL_SECONDS
         while not _stop.wait(wait):

@@ -26,13 +26,12 @@ import math
 import re
 from typing import Any, Mapping
 
+from fedmtl.contract.jobconfig import SCALINGS
+from fedmtl.contract.schedule import PassSchedule
+from fedmtl.contract.site_spec import OPTIONAL_SITE_SPEC_KEYS, SITE_SPEC_KEYS
 from fedmtl.datasites.rules.policy import Policy
 from fedmtl.schema import Schema
 
-#: keys of the site spec the library sends (researcher.job.Job.create)
-SITE_SPEC_KEYS = ("job", "job_id", "site", "roster", "schema", "max_count", "template", "dataplane_key")
-#: keys a site spec may leave out (a job without a data-plane key runs over syft only)
-OPTIONAL_SITE_SPEC_KEYS = ("template", "dataplane_key")
 MAX_ABS_NUMBER = 1e9
 MAX_STRING = 200
 MAX_LIST = 64
@@ -179,28 +178,19 @@ def job_problems(job: Mapping[str, Any], *, policy: Policy, schema: Schema, n_tr
         p.append(f"secagg.frac_bits {bits!r} is outside 4..24")
 
     p += _model_problems(job, policy=policy, schema=schema, batch=batch)
-    p += _eval_problems(job, policy=policy, rounds=rounds if _is_int(rounds) else None)
+    p += _eval_problems(job, policy=policy, rounds=rounds if _is_int(rounds) and rounds >= 0 else None)
     return p
-
-
-def eval_passes(rounds: int, eval_every: int) -> int:
-    """How many of the job's passes release evaluation statistics
-    (:meth:`fedmtl.contract.jobspec.JobSpec.evaluates`): the final pass always, and with
-    ``eval_every = k >= 1`` also the passes of training rounds 1, 1 + k, 1 + 2k, ...
-    (the statistics pass of standard scaling never evaluates, so the count does not
-    depend on the scaling)."""
-    if eval_every <= 0:
-        return 1
-    return len({*range(1, rounds + 1, eval_every), rounds + 1})
 
 
 def _eval_problems(job: Mapping[str, Any], *, policy: Policy, rounds: int | None) -> list[str]:
     p: list[str] = []
     every = job.get("eval_every", 0)
+    scaling = job.get("scaling", "standard")
     if not _is_int(every) or every < 0:
         p.append(f"eval_every {every!r} must be an integer >= 0 (0: evaluate the final model only)")
     elif rounds is not None:
-        n = eval_passes(rounds, every)
+        # the schedule the runtime charges by (fedmtl.contract.schedule)
+        n = PassSchedule(rounds=rounds, eval_every=every, stats_pass=scaling == "standard").n_eval_passes
         if n > policy.max_eval_passes:
             p.append(
                 f"eval_every {every} releases evaluation statistics in {n} passes; this datasite allows "
@@ -215,9 +205,6 @@ def _eval_problems(job: Mapping[str, Any], *, policy: Policy, rounds: int | None
         )
     # standard scaling releases feature statistics once (the statistics pass): the same
     # floor on its noise as on every other released statistic
-    from fedmtl.contract.jobconfig import SCALINGS
-
-    scaling = job.get("scaling", "standard")
     if scaling not in SCALINGS:
         p.append(f"scaling {scaling!r} is not one of {list(SCALINGS)}")
     stats_noise = job.get("stats_noise_multiplier")
@@ -378,5 +365,5 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-__all__ = ["SITE_SPEC_KEYS", "estimate_memory_mb", "estimate_params", "eval_passes", "job_problems",
+__all__ = ["OPTIONAL_SITE_SPEC_KEYS", "SITE_SPEC_KEYS", "estimate_memory_mb", "estimate_params", "job_problems",
            "schema_problems", "spec_problems"]

@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import re
 import tomllib
@@ -79,7 +78,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-from fedmtl.errors import ConfigError
+from fedmtl.errors import PolicyError
+from fedmtl.fsutil import canonical_json
 
 ADVISORY_ID = "PYSEC-2026-546"
 ADVISORY_TEXT = (
@@ -97,28 +97,10 @@ MAX_ABS_WEIGHT_CEILING = 3.4e38
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-class PolicyError(ConfigError):
-    """A policy file or value is invalid. ``problems`` lists every problem found."""
-
-    def __init__(self, problems: list[str], source: str = "policy"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(
-            f"{source} is invalid ({len(self.problems)} problem(s)); fix these and try again:\n{lines}"
-        )
-
-
 def code_hash(code: str | bytes) -> str:
     """The sha256 (hex) a template is allowed by: the exact source, UTF-8 encoded."""
     data = code.encode("utf-8") if isinstance(code, str) else bytes(code)
     return hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Deterministic JSON bytes (sorted keys, no spaces, no NaN) for hashing and signing."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 @dataclass(frozen=True)

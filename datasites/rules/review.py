@@ -28,16 +28,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping
 
+from fedmtl.datasites.rules.budget import check_budget, exceeds
 from fedmtl.datasites.rules.policy import ADVISORY_ID, ADVISORY_TEXT, Policy
-from fedmtl.errors import FedMTLError
+from fedmtl.errors import ReviewError
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 
 Status = Literal["approved", "denied", "pending_manual"]
 STATUSES: tuple[str, ...] = ("approved", "denied", "pending_manual")
-
-
-class ReviewError(FedMTLError, ValueError):
-    """A manual decision is not allowed (e.g. approving a request the policy denies)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,10 @@ class SpendSummary:
 @dataclass(frozen=True)
 class Decision:
     """The outcome of a review. ``reasons`` explain a denial (or why a person is needed);
-    ``warnings`` must be shown to a person before they approve."""
+    ``warnings`` must be shown to a person before they approve. ``budget_left`` is the
+    dataset and researcher budget left *before* this job (what was spent and committed
+    already, :class:`~fedmtl.datasites.rules.budget.BudgetCheck.left`);
+    ``epsilon_after_*`` is where the job would bring them."""
 
     status: Status
     reasons: tuple[str, ...]
@@ -432,37 +432,38 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
             f"set delta <= {p.delta:g} (all budgets here are at delta={p.delta:g})"
         )
 
-    # -- privacy: compose records, never add epsilons
+    # -- privacy: compose records, never add epsilons (one check, shared with the ledger)
     job = r.privacy_records()
     eps = lambda recs: epsilon_of(list(recs), delta=p.delta, accountant=p.accountant)  # noqa: E731
-    eps_job = eps(job)
-    eps_ds_before = eps(spent.dataset_records)
-    eps_rs_before = eps(spent.researcher_records)
-    eps_ds = eps([*spent.dataset_records, *job])
-    eps_rs = eps([*spent.researcher_records, *job])
+    check = lambda before, limit: check_budget(  # noqa: E731
+        before=before, new=job, limit=limit, delta=p.delta, accountant=p.accountant)
+    per_job = check((), p.max_epsilon_per_job)
+    ds = check(spent.dataset_records, p.dataset_epsilon_budget)
+    rs = check(spent.researcher_records, p.researcher_epsilon_budget)
+    eps_job, eps_ds_before, eps_rs_before, eps_ds, eps_rs = per_job.after, ds.before, rs.before, ds.after, rs.after
     at = f"at delta={p.delta:g} ({p.accountant})"
-    if eps_job > p.max_epsilon_per_job:
+    if per_job.over:
         denials.append(
             f"privacy.max_epsilon_per_job: the job costs epsilon {eps_job:.4g} {at}, above the "
             f"per-job maximum {p.max_epsilon_per_job:g}; raise noise_multiplier, or lower rounds, "
             "sample_rate or steps per round. The largest epsilon that fits is the maximum "
             f"{p.max_epsilon_per_job:g} (e.g. target_epsilon <= {p.max_epsilon_per_job:g})"
-            + _rounds_hint(r, p, lambda recs: eps(recs) <= p.max_epsilon_per_job)
+            + _rounds_hint(r, p, lambda recs: not exceeds(eps(recs), p.max_epsilon_per_job))
         )
-    if eps_ds > p.dataset_epsilon_budget:
+    if ds.over:
         denials.append(
             f"privacy.dataset_epsilon_budget: dataset {r.dataset!r} has spent epsilon "
             f"{eps_ds_before:.4g}; with this job it would reach {eps_ds:.4g} {at}, above its budget "
             f"{p.dataset_epsilon_budget:g}; make the job cheaper (it costs {eps_job:.4g} alone)"
-            + _fit_hint(r, p, lambda recs: eps([*spent.dataset_records, *recs]) <= p.dataset_epsilon_budget)
+            + _fit_hint(r, p, lambda recs: not exceeds(eps([*spent.dataset_records, *recs]), p.dataset_epsilon_budget))
         )
-    if eps_rs > p.researcher_epsilon_budget:
+    if rs.over:
         denials.append(
             f"privacy.researcher_epsilon_budget: researcher {r.researcher} has spent epsilon "
             f"{eps_rs_before:.4g} on this dataset; with this job it would reach {eps_rs:.4g} {at}, "
             f"above the per-researcher budget {p.researcher_epsilon_budget:g}; make the job cheaper "
             f"(it costs {eps_job:.4g} alone)"
-            + _fit_hint(r, p, lambda recs: eps([*spent.researcher_records, *recs]) <= p.researcher_epsilon_budget)
+            + _fit_hint(r, p, lambda recs: not exceeds(eps([*spent.researcher_records, *recs]), p.researcher_epsilon_budget))
         )
 
     if denials:
@@ -485,10 +486,7 @@ def decide(*, policy: Policy, request: RequestFacts, spent: SpendSummary) -> Dec
         epsilon_job=eps_job,
         epsilon_after_dataset=eps_ds,
         epsilon_after_researcher=eps_rs,
-        budget_left={
-            "dataset": p.dataset_epsilon_budget - eps_ds_before,
-            "researcher": p.researcher_epsilon_budget - eps_rs_before,
-        },
+        budget_left={"dataset": ds.left, "researcher": rs.left},
         warnings=tuple(warnings),
         automatic=True,
         reviewer="auto",

@@ -58,12 +58,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmtl.contract import protocol, wire
+from fedmtl.contract.site_spec import SiteSpec
 from fedmtl.datasites import runtime
 from fedmtl.datasites.ledger import site_ledger
 from fedmtl.datasites.review.autoreview import binding_of, site_spec_hash
 from fedmtl.datasites.site import syftio
-from fedmtl.datasites.site.home import write_json_atomic
-from fedmtl.errors import FedMTLError
+from fedmtl.errors import DataPlaneRefused
+from fedmtl.fsutil import write_json_atomic
 from fedmtl.models import model_to_vector
 from fedmtl.privacy.keys import VerifyKey
 
@@ -95,16 +96,6 @@ DATA_STAGES = frozenset({"advertise"})
 #: stages a finished job still answers
 FINISHED_STAGES = frozenset({"spend"})
 MEDIA_TYPE = "application/x-fedmtl"
-
-
-class DataPlaneRefused(FedMTLError):
-    """A data-plane request this datasite refuses (not signed, not approved, a replay...).
-
-    ``status`` is the HTTP status it is answered with."""
-
-    def __init__(self, message: str, *, status: int = 403):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -156,18 +147,20 @@ def approved_job(spec: dict[str, Any], spec_hash: str) -> ApprovedJob:
 
     Raises:
         DataPlaneRefused: the spec names no data-plane key (the job runs over syft only).
+        ConfigError: the spec does not parse (:meth:`SiteSpec.parse
+            <fedmtl.contract.site_spec.SiteSpec.parse>`).
     """
-    key_hex = spec.get("dataplane_key")
+    site_spec = SiteSpec.parse(spec)
+    key_hex = site_spec.dataplane_key
     if not isinstance(key_hex, str) or not _HEX_KEY.match(key_hex):
         raise DataPlaneRefused("the job's spec names no data-plane key; this job runs over syft only")
-    model, _ = protocol.build_model(spec)
-    roster = spec.get("roster")
+    model, _ = protocol.build_model(site_spec)
     return ApprovedJob(
-        job_id=str(spec["job_id"]),
+        job_id=site_spec.job_id,
         spec_hash=spec_hash,
         verify_key=VerifyKey.from_bytes(bytes.fromhex(key_hex)),
         n_params=int(model_to_vector(model).size),
-        n_sites=len(roster) if isinstance(roster, dict) else 1,
+        n_sites=len(site_spec.roster),
         spec_bytes=len(json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)),
     )
 

@@ -29,13 +29,9 @@ from fedmtl.datasites.ledger import site_ledger
 from fedmtl.datasites.rules.policy import Peer, Policy
 from fedmtl.datasites.site import home as home_mod
 from fedmtl.datasites.site import identity
-from fedmtl.errors import DatasiteError
+from fedmtl.errors import DatasiteError, PeerError
 
 __all__ = ["PeerError", "SiteFingerprint", "add_peer", "list_peers", "own_fingerprint", "pin_federation", "remove_peer"]
-
-
-class PeerError(DatasiteError):
-    """A peer cannot be pinned or removed as asked."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmtl.errors import DatasiteError
-from fedmtl.fsutil import atomic_write_bytes
+from fedmtl.fsutil import write_json_atomic  # noqa: F401 - re-exported (runtime, researcher.job)
+from fedmtl.privacy.keys import save_private_key
 
 CONFIG = "datasite.json"
 MARKER_KIND = "fedmtl-datasite"
@@ -61,10 +62,6 @@ def read_config(home: Path) -> dict[str, Any]:
     if cfg.get("kind") != MARKER_KIND:
         raise DatasiteError(f"{path} was not written by fedmtl; use another --home")
     return cfg
-
-
-def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), mode=mode)
 
 
 def write_config(home: Path, cfg: dict[str, Any]) -> None:
@@ -99,8 +96,6 @@ def secrets_dir(home: Path) -> Path:
 
 def write_secret(home: Path, name: str, value: str) -> Path:
     """Write a secret owner-only (0600), atomically."""
-    from fedmtl.privacy.keys import save_private_key
-
     path = secrets_dir(home) / name
     save_private_key(path, value.encode("utf-8"))
     return path

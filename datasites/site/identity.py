@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmtl.datasites.site.home import secrets_dir, write_json_atomic
+from fedmtl.datasites.site.home import secrets_dir
+from fedmtl.fsutil import write_json_atomic
 from fedmtl.privacy.keys import (
     AgreementKey,
     AgreementPublicKey,

@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from fedmtl.errors import ConfigError
+from fedmtl.contract.strategies import STRATEGY_NAMES, strategy_defaults, strategy_problems
+from fedmtl.errors import JobSpecError  # noqa: F401 - defined in fedmtl.errors, importable here
 from fedmtl.models.tasks import TASK_KINDS
 from fedmtl.schema import Column
 
@@ -22,17 +23,6 @@ SCALINGS: tuple[str, ...] = ("range", "standard")
 _SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KIND_OF_TYPE = {"binary": "binary", "categorical": "multiclass", "numeric": "regression"}
-#: the aggregation strategies a job may name (implemented in fedmtl.contract.strategies)
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedper")
-
-
-class JobSpecError(ConfigError):
-    """A job spec is invalid. ``problems`` lists every problem found."""
-
-    def __init__(self, problems: Sequence[str], source: str = "job spec") -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{source} has {len(self.problems)} problem(s); fix these and try again:\n{lines}")
 
 
 def kind_of_column(column: Column) -> str:
@@ -195,13 +185,10 @@ class ModelConfig:
         return {"trunk": self.trunk, **self.trunk_options()}
 
 
-_SERVER_LR_DEFAULT = {"fedadam": 0.1}
-_MU_DEFAULT = {"fedprox": 0.01}
-
-
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    """The server strategy (see :mod:`fedmtl.contract.strategies`).
+    """The server strategy (see :mod:`fedmtl.contract.strategies`, whose registry holds the
+    names, the defaults and the per-strategy rules this table asks for).
 
     ``mu`` is FedProx's proximal weight (default 0.01 for fedprox, must stay 0 for the
     others); ``server_lr`` the server step (default 1.0, 0.1 for fedadam); ``beta1``,
@@ -216,10 +203,11 @@ class StrategyConfig:
     tau: float = 1e-3
 
     def __post_init__(self) -> None:
+        defaults = strategy_defaults(self.name)
         if self.mu is None:
-            object.__setattr__(self, "mu", _MU_DEFAULT.get(self.name, 0.0))
+            object.__setattr__(self, "mu", defaults["mu"])
         if self.server_lr is None:
-            object.__setattr__(self, "server_lr", _SERVER_LR_DEFAULT.get(self.name, 1.0))
+            object.__setattr__(self, "server_lr", defaults["server_lr"])
         _coerce(self, floats=("mu", "server_lr", "beta1", "beta2", "tau"))
 
     def _problems(self) -> list[str]:
@@ -230,10 +218,8 @@ class StrategyConfig:
         if _is_num(mu):
             if mu < 0:
                 p.append(f"strategy.mu must be >= 0, got {mu}")
-            elif self.name == "fedprox" and mu == 0:
-                p.append("strategy.mu must be > 0 for fedprox (mu = 0 is plain fedavg)")
-            elif self.name != "fedprox" and mu != 0:
-                p.append(f"strategy.mu only applies to fedprox; remove it or set strategy.name = 'fedprox' (got {mu})")
+            else:
+                p += strategy_problems(self.name, mu=mu)
         lr = _float(self.server_lr, "strategy.server_lr", p)
         if _is_num(lr) and lr <= 0:
             p.append(f"strategy.server_lr must be > 0, got {lr}")

@@ -95,6 +95,8 @@ from fedmtl.contract.jobconfig import (  # noqa: F401 - re-exported: the spec's 
     _unknown_keys,
     kind_of_column,
 )
+from fedmtl.contract.schedule import PassSchedule
+from fedmtl.contract.strategies import make_strategy
 from fedmtl.errors import ConfigError
 from fedmtl.models.tasks import TaskSpec, tasks_from_schema
 from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
@@ -507,40 +509,45 @@ class JobSpec:
     # statistics and trains and evaluates nothing), passes 2..R+1 are the training rounds
     # and pass R+2 evaluates the final model. With scaling = "range" there is no statistics
     # pass: passes 1..R train and pass R+1 evaluates. Every count of passes (the ledger's
-    # approved passes, the runtime's last pass, the reviewer's pricing) comes from here.
+    # approved passes, the runtime's last pass, the reviewer's pricing and limits) comes
+    # from :attr:`schedule`; the methods below are its shorthands.
+    @property
+    def schedule(self) -> PassSchedule:
+        """The job's :class:`~fedmtl.contract.schedule.PassSchedule` (statistics pass,
+        training rounds, evaluation passes)."""
+        return PassSchedule.of(self)
+
     @property
     def stats_pass(self) -> bool:
         """Whether the job starts with a statistics pass (``scaling == "standard"``)."""
-        return self.scaling == "standard"
+        return self.schedule.stats_pass
 
     def n_passes(self) -> int:
-        """Passes of the whole job: the statistics pass (standard scaling), ``rounds``
-        training rounds, the final evaluation."""
-        return int(self.rounds) + 1 + int(self.stats_pass)
+        """Passes of the whole job: :attr:`PassSchedule.n_passes`."""
+        return self.schedule.n_passes
 
     def is_stats_pass(self, pass_no: int) -> bool:
-        return self.stats_pass and pass_no == 1
+        """:meth:`PassSchedule.is_stats_pass`."""
+        return self.schedule.is_stats_pass(pass_no)
 
     def training_round(self, pass_no: int) -> int | None:
-        """The training round (1..rounds) pass ``pass_no`` runs, or ``None``."""
-        r = int(pass_no) - int(self.stats_pass)
-        return r if 1 <= r <= int(self.rounds) else None
+        """The training round (1..rounds) pass ``pass_no`` runs, or ``None``
+        (:meth:`PassSchedule.training_round`)."""
+        return self.schedule.training_round(pass_no)
 
     def rounds_before(self, pass_no: int) -> int:
-        """Training rounds completed before pass ``pass_no`` (what the model it evaluates
-        has been trained for)."""
-        return max(0, min(int(self.rounds), int(pass_no) - 1 - int(self.stats_pass)))
+        """Training rounds completed before pass ``pass_no``
+        (:meth:`PassSchedule.rounds_before`)."""
+        return self.schedule.rounds_before(pass_no)
 
     def evaluates(self, pass_no: int) -> bool:
-        """Whether pass ``pass_no`` (1..n_passes) releases evaluation statistics: the final
-        pass always; with ``eval_every = k >= 1`` also the passes of training rounds 1,
-        1 + k, 1 + 2k, ... (each evaluates the incoming model). The statistics pass never."""
-        every = int(self.eval_every)
-        r = self.training_round(pass_no)
-        return pass_no == self.n_passes() or (every >= 1 and r is not None and (r - 1) % every == 0)
+        """Whether pass ``pass_no`` releases evaluation statistics
+        (:meth:`PassSchedule.evaluates`)."""
+        return self.schedule.evaluates(pass_no)
 
     def eval_passes(self) -> list[int]:
-        return [p for p in range(1, self.n_passes() + 1) if self.evaluates(p)]
+        """The passes that release evaluation statistics (:meth:`PassSchedule.eval_passes`)."""
+        return list(self.schedule.eval_passes())
 
     def eval_record(self) -> PrivacyRecord:
         """One release of the evaluation statistics: the Gaussian mechanism at
@@ -561,16 +568,17 @@ class JobSpec:
     def pass_records(self, n_train: int, pass_no: int) -> list[PrivacyRecord]:
         """What pass ``pass_no`` costs a site, charged before it runs: the statistics
         release (statistics pass), its training round, its evaluation release."""
-        if self.is_stats_pass(pass_no):
+        schedule = self.schedule
+        if schedule.is_stats_pass(pass_no):
             return [self.stats_record()]
-        out = self.privacy_records(n_train, rounds=1) if (self.dp and self.training_round(pass_no)) else []
-        if self.evaluates(pass_no):
+        out = self.privacy_records(n_train, rounds=1) if (self.dp and schedule.training_round(pass_no)) else []
+        if schedule.evaluates(pass_no):
             out.append(self.eval_record())
         return out
 
     def job_records(self, n_train: int) -> list[PrivacyRecord]:
         """Everything the job costs a site, pass by pass, in charging order."""
-        return [r for p in range(1, self.n_passes() + 1) for r in self.pass_records(n_train, p)]
+        return [r for p in self.schedule.passes() for r in self.pass_records(n_train, p)]
 
     def epsilon_for_site(self, n_train: int, rounds: int | None = None) -> float:
         """Epsilon at ``delta`` of the whole job (statistics, training and evaluation) on a site with
@@ -583,7 +591,12 @@ class JobSpec:
 
     def client_config(self) -> dict[str, Any]:
         """What the datasite runtime passes to :func:`fedmtl.privacy.dp.train_local`
-        besides the data, the model, the noise multiplier and the steps."""
+        besides the data, the model, the noise multiplier and the steps.
+
+        Returns:
+            The spec's DP-SGD settings plus what the strategy's client half asks for
+            (:meth:`fedmtl.contract.strategies.Strategy.configure_fit`: ``fedprox_mu``).
+        """
         return {
             "sample_rate": self.sample_rate,
             "lr": self.lr,
@@ -594,7 +607,7 @@ class JobSpec:
             "max_grad_norm": self.max_grad_norm,
             "clipping": self.clipping,
             "grad_sample_mode": self.effective_grad_sample_mode(),
-            "fedprox_mu": self.strategy.mu if self.strategy.name == "fedprox" else 0.0,
+            **make_strategy(self.strategy).configure_fit(),
         }
 
     # -- (de)serialisation -------------------------------------------------------------------

@@ -26,6 +26,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from fedmtl.contract import protocol
+from fedmtl.contract.messages import Advertise, Consistency, MaskedInput, Reply, ShareKeys, StageMessage, Unmask
+from fedmtl.contract.site_spec import SiteSpec
+from fedmtl.contract.transport import Transport
 from fedmtl.errors import JobError, PassLostError
 
 #: advertise, share_keys, masked_input, consistency, unmask
@@ -34,6 +37,18 @@ CALLS_PER_PASS = 5
 
 @dataclass
 class PassOutcome:
+    """What one pass returned to the researcher.
+
+    Attributes:
+        pass_no: the pass.
+        arrays: the aggregate, by the pass plan's names (``stats``; ``update``,
+            ``counts``; ``metrics``).
+        survivors: the sites whose vectors are in the sum.
+        dropped: site -> why it dropped out (``"<stage>: <error>"``).
+        reports: site -> its ``advertise`` report.
+        seconds: stage -> wall seconds.
+    """
+
     pass_no: int
     arrays: dict[str, np.ndarray]
     survivors: list[str]
@@ -44,8 +59,8 @@ class PassOutcome:
 
 def run_pass(
     *,
-    transport,
-    site_specs: Mapping[str, dict],
+    transport: Transport,
+    site_specs: Mapping[str, SiteSpec | Mapping[str, Any]],
     sites: list[str],
     pass_no: int,
     attempt: int,
@@ -54,19 +69,40 @@ def run_pass(
     on_stage: Callable[[str], None] | None = None,
     scaling: Mapping[str, Any] | None = None,
 ) -> PassOutcome:
-    """One pass through the five secure-aggregation stages over ``sites``. ``scaling``:
-    the job's mean/std (standard scaling, every pass after the statistics pass)."""
+    """One pass through the five secure-aggregation stages over ``sites``.
+
+    Args:
+        transport: how the messages reach the sites (:class:`~fedmtl.contract.transport.Transport`).
+        site_specs: site -> its site spec (parsed, or the bound mapping); the pass reads
+            the job, schema and roster from any one of them.
+        sites: the sites to run the pass on.
+        pass_no: the pass.
+        attempt: the researcher's attempt at this pass.
+        weights: the global model as a flat vector.
+        model: the job's model (its shapes fix the pass plan).
+        on_stage: called with each stage's name before it runs.
+        scaling: the job's mean/std (standard scaling, every pass after the statistics
+            pass).
+
+    Returns:
+        The :class:`PassOutcome` (the aggregate only).
+
+    Raises:
+        JobError: ``scaling`` is missing where needed, or too few sites survived (nothing
+            was revealed).
+        PassLostError: the pass already completed at the sites but its aggregate is lost.
+    """
     from fedmtl.privacy.secagg import ServerSession, TooFewSitesError
 
-    any_spec = next(iter(site_specs.values()))
+    any_spec = SiteSpec.coerce(next(iter(site_specs.values())))
     plan = protocol.plan(any_spec, pass_no, model=model)
-    job = protocol.job_of(any_spec)
+    job = any_spec.job
     if job.scaling == "standard" and not plan.stats and scaling is None:
         raise JobError(
             f"pass {pass_no} of a standard-scaling job needs scaling= (the mean/std derived from the "
             "statistics pass with fedmtl.contract.protocol.derive_scaling); nothing was sent"
         )
-    adv_extra: dict[str, Any] = {"scaling": _plain(scaling)} if (scaling is not None and not plan.stats) else {}
+    adv_scaling = _plain(scaling) if (scaling is not None and not plan.stats) else None
     params = protocol.secagg_params(any_spec, pass_no, attempt, plan)
     server = ServerSession(params)
     dropped: dict[str, str] = {}
@@ -74,38 +110,38 @@ def run_pass(
     seconds: dict[str, float] = {}
     kinds: dict[str, str] = {}
 
-    def stage(name: str, active: list[str], make_msg: Callable[[str], dict]) -> dict[str, Any]:
+    def stage(name: str, active: list[str], make_msg: Callable[[str], StageMessage]) -> dict[str, Reply]:
         if on_stage:
             on_stage(name)
         t0 = time.perf_counter()
-        base = {"stage": name, "pass": pass_no, "attempt": attempt}
         with ThreadPoolExecutor(max_workers=max(1, len(active))) as ex:
-            futs = {s: ex.submit(transport.call, s, {**base, **make_msg(s)}) for s in active}
-            results = {s: f.result() for s, f in futs.items()}
+            futs = {s: ex.submit(transport.call, s, make_msg(s).to_dict()) for s in active}
+            results = {s: Reply.from_dict(f.result()) for s, f in futs.items()}
         seconds[name] = time.perf_counter() - t0
         out = {}
         for s, r in results.items():
-            if r.get("ok"):
+            if r.ok:
                 out[s] = r
             else:
-                dropped[s] = f"{name}: {r.get('error')}"
-                kinds[s] = str(r.get("kind", ""))
+                dropped[s] = f"{name}: {r.error}"
+                kinds[s] = str(r.kind or "")
         return out
 
     try:
-        adv = stage("advertise", sites, lambda s: {"weights": weights.astype(np.float32), **adv_extra})
+        adv = stage("advertise", sites, lambda s: Advertise(pass_no, attempt, weights.astype(np.float32),
+                                                            scaling=adv_scaling))
         for s, r in adv.items():
-            reports[s] = r.get("report", {})
-        keys = server.collect_advertisements([r["message"] for r in adv.values()])
-        shares = stage("share_keys", list(adv), lambda s: {"keys": keys})
-        deliveries = server.collect_shares([r["message"] for r in shares.values()])
-        masked = stage("masked_input", list(deliveries), lambda s: {"delivery": deliveries[s]})
-        check = server.collect_masked_inputs([r["message"] for r in masked.values()])
-        signed = stage("consistency", list(masked), lambda s: {"request": check})
-        request = server.collect_consistency([r["message"] for r in signed.values()])
-        reveals = stage("unmask", list(signed), lambda s: {"request": request})
+            reports[s] = dict(r.report) if r.report is not None else {}
+        keys = server.collect_advertisements([r.message for r in adv.values()])
+        shares = stage("share_keys", list(adv), lambda s: ShareKeys(pass_no, attempt, keys))
+        deliveries = server.collect_shares([r.message for r in shares.values()])
+        masked = stage("masked_input", list(deliveries), lambda s: MaskedInput(pass_no, attempt, deliveries[s]))
+        check = server.collect_masked_inputs([r.message for r in masked.values()])
+        signed = stage("consistency", list(masked), lambda s: Consistency(pass_no, attempt, check))
+        request = server.collect_consistency([r.message for r in signed.values()])
+        reveals = stage("unmask", list(signed), lambda s: Unmask(pass_no, attempt, request))
         t1 = time.perf_counter()
-        result = server.unmask([r["message"] for r in reveals.values()])
+        result = server.unmask([r.message for r in reveals.values()])
         seconds["unmask_server"] = time.perf_counter() - t1
     except TooFewSitesError as e:
         if dropped and set(kinds.values()) == {"PassAlreadyExecutedError"}:

@@ -19,10 +19,12 @@ carries, as one masked vector per site:
   task's metrics for the *incoming* global model on the site's test split. The last pass
   evaluates the final model and trains nothing.
 
-The site-specific job spec (the syft ``Constant`` the reviewer approves) is a dict::
-
-    {"job": JobSpec.to_dict(), "job_id": str, "site": str,
-     "roster": {site: ed25519 hex}, "schema": Schema.to_dict(), "max_count": int}
+Every function that needs the job, its schema or its roster takes the
+:class:`~fedmtl.contract.site_spec.SiteSpec` (the syft ``Constant`` the reviewer approves,
+parsed once at the edge with :meth:`SiteSpec.parse <fedmtl.contract.site_spec.SiteSpec.parse>`);
+the bound mapping itself is still accepted and parsed (:meth:`SiteSpec.coerce`) until every
+caller parses at its edge. Which pass trains, evaluates or releases statistics is the job's
+:class:`~fedmtl.contract.schedule.PassSchedule`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fedmtl.contract.jobspec import JobSpec
+from fedmtl.contract.site_spec import SiteSpec
 from fedmtl.errors import ConfigError
 from fedmtl.schema import Schema
+
+#: a parsed site spec, or (until every caller parses at its edge) the bound mapping
+SiteSpecLike = SiteSpec | Mapping[str, Any]
 
 #: score-histogram bins of the released evaluation statistics: few, because each bin
 #: carries Gaussian noise (see fedmtl.privacy.eval_release and docs/compliance.md)
@@ -42,6 +49,18 @@ N_BINS = 20
 
 @dataclass(frozen=True)
 class PassPlan:
+    """What one pass asks of a site and returns (:func:`plan`).
+
+    Attributes:
+        pass_no: the pass (1-based).
+        train: whether it runs a training round.
+        evaluate: whether it releases evaluation statistics.
+        names: the arrays of its masked vector, in order (``stats``; ``update``,
+            ``counts``; ``metrics``).
+        shapes: their shapes.
+        stats: whether it is the statistics pass of standard scaling.
+    """
+
     pass_no: int
     train: bool
     evaluate: bool
@@ -51,28 +70,70 @@ class PassPlan:
     stats: bool = False
 
 
-def job_of(site_spec: Mapping[str, Any]):
-    from fedmtl.contract.jobspec import JobSpec
+def job_of(site_spec: SiteSpecLike) -> JobSpec:
+    """The job spec of a site spec.
 
-    return JobSpec.from_dict(site_spec["job"])
+    Args:
+        site_spec: the site spec.
+
+    Returns:
+        Its :class:`~fedmtl.contract.jobspec.JobSpec`.
+
+    Raises:
+        ConfigError: a mapping that does not parse.
+    """
+    return SiteSpec.coerce(site_spec).job
 
 
-def schema_of(site_spec: Mapping[str, Any]) -> Schema:
-    return Schema.from_dict(site_spec["schema"], source="the job's schema")
+def schema_of(site_spec: SiteSpecLike) -> Schema:
+    """The schema a site spec carries.
+
+    Args:
+        site_spec: the site spec.
+
+    Returns:
+        Its :class:`~fedmtl.schema.Schema`.
+
+    Raises:
+        ConfigError: a mapping that does not parse.
+    """
+    return SiteSpec.coerce(site_spec).schema
 
 
-def tasks_of(site_spec: Mapping[str, Any]):
-    return job_of(site_spec).task_specs(schema_of(site_spec))
+def tasks_of(site_spec: SiteSpecLike):
+    """The job's tasks resolved against the spec's schema.
+
+    Args:
+        site_spec: the site spec.
+
+    Returns:
+        The :class:`~fedmtl.models.tasks.TaskSpec` list of the job.
+
+    Raises:
+        ConfigError: a mapping that does not parse, or tasks the schema does not hold.
+    """
+    spec = SiteSpec.coerce(site_spec)
+    return spec.job.task_specs(spec.schema)
 
 
-def build_model(site_spec: Mapping[str, Any]):
+def build_model(site_spec: SiteSpecLike):
     """The job's model (identical initial weights at every party) and the range-scaling
     preprocessor of the schema (its width is the model's input width under either
-    scaling; a standard-scaling job scales with :func:`scaling_preprocessor`)."""
+    scaling; a standard-scaling job scales with :func:`scaling_preprocessor`).
+
+    Args:
+        site_spec: the site spec.
+
+    Returns:
+        ``(model, preprocessor)``.
+
+    Raises:
+        ConfigError: a mapping that does not parse.
+    """
     from fedmtl.models.preprocessing import Preprocessor
 
-    job = job_of(site_spec)
-    schema = schema_of(site_spec)
+    spec = SiteSpec.coerce(site_spec)
+    job, schema = spec.job, spec.schema
     pre = Preprocessor(schema)
     return job.build_model(schema, n_features=pre.n_features), pre
 
@@ -127,39 +188,62 @@ def _is_count(key: str) -> bool:
     return any(w in key.rsplit("/", 1)[-1] for w in ("pos", "neg", "total", "correct", "count"))
 
 
-def evaluates(job, pass_no: int) -> bool:
-    """Whether pass ``pass_no`` releases (noised, charged) evaluation statistics."""
-    return job.evaluates(pass_no)
+def evaluates(job: JobSpec, pass_no: int) -> bool:
+    """Whether pass ``pass_no`` releases (noised, charged) evaluation statistics
+    (:meth:`PassSchedule.evaluates <fedmtl.contract.schedule.PassSchedule.evaluates>`)."""
+    return job.schedule.evaluates(pass_no)
 
 
-def eval_pass_count(job) -> int:
-    return len(job.eval_passes())
+def eval_pass_count(job: JobSpec) -> int:
+    """How many passes of ``job`` release evaluation statistics
+    (:attr:`PassSchedule.n_eval_passes <fedmtl.contract.schedule.PassSchedule.n_eval_passes>`)."""
+    return job.schedule.n_eval_passes
 
 
-def last_pass(job) -> int:
-    """The job's last pass (its final evaluation): :meth:`JobSpec.n_passes`."""
-    return job.n_passes()
+def last_pass(job: JobSpec) -> int:
+    """The job's last pass (its final evaluation):
+    :attr:`PassSchedule.last_pass <fedmtl.contract.schedule.PassSchedule.last_pass>`."""
+    return job.schedule.last_pass
 
 
-def derive_scaling(site_spec: Mapping[str, Any], summed_stats: np.ndarray, *, n_sites: int) -> dict[str, dict[str, float]]:
+def derive_scaling(site_spec: SiteSpecLike, summed_stats: np.ndarray, *, n_sites: int) -> dict[str, dict[str, float]]:
     """The researcher's global mean/std per numeric feature from the statistics pass's
-    aggregate (``n_sites`` sites contributed): post-processing of the noised sums."""
+    aggregate (``n_sites`` sites contributed): post-processing of the noised sums.
+
+    Args:
+        site_spec: the site spec (any site's: they share job and schema).
+        summed_stats: the statistics pass's de-quantised aggregate.
+        n_sites: how many sites contributed to it.
+
+    Returns:
+        ``{"mean": {feature: float}, "std": {feature: float}}``.
+    """
     from fedmtl.privacy.stats_release import derive_scaling as derive
 
-    job = job_of(site_spec)
-    return derive(summed_stats, schema_of(site_spec), noise_multiplier=float(job.stats_noise_multiplier),
+    spec = SiteSpec.coerce(site_spec)
+    return derive(summed_stats, spec.schema, noise_multiplier=float(spec.job.stats_noise_multiplier),
                   n_sites=int(n_sites))
 
 
-def scaling_preprocessor(site_spec: Mapping[str, Any], scaling: Any):
+def scaling_preprocessor(site_spec: SiteSpecLike, scaling: Any):
     """The site's preprocessor for a pass: range scaling (``scaling`` must be ``None``),
     or standard scaling from the researcher's ``scaling`` after
-    :func:`fedmtl.privacy.stats_release.check_scaling`. Raises :class:`ConfigError` with
-    what is wrong."""
+    :func:`fedmtl.privacy.stats_release.check_scaling`.
+
+    Args:
+        site_spec: the site spec.
+        scaling: the ``scaling`` of the pass's ``advertise`` message, or ``None``.
+
+    Returns:
+        The :class:`~fedmtl.models.preprocessing.Preprocessor` of the pass.
+
+    Raises:
+        ConfigError: what is wrong with ``scaling``.
+    """
     from fedmtl.models.preprocessing import Preprocessor
 
-    job = job_of(site_spec)
-    schema = schema_of(site_spec)
+    spec = SiteSpec.coerce(site_spec)
+    job, schema = spec.job, spec.schema
     if job.scaling != "standard":
         if scaling is not None:
             raise ConfigError(f"this job scales by the declared ranges (scaling = {job.scaling!r}); "
@@ -182,34 +266,48 @@ def job_records(job, n_train: int):
     return job.job_records(n_train)
 
 
-def plan(site_spec: Mapping[str, Any], pass_no: int, *, model=None) -> PassPlan:
-    job = job_of(site_spec)
-    last = last_pass(job)
+def plan(site_spec: SiteSpecLike, pass_no: int, *, model=None) -> PassPlan:
+    """What pass ``pass_no`` of the job asks of a site and returns.
+
+    Args:
+        site_spec: the site spec.
+        pass_no: the pass, ``1..last_pass``.
+        model: the job's model, if already built (its size fixes the update's shape).
+
+    Returns:
+        The :class:`PassPlan`.
+
+    Raises:
+        ConfigError: the pass is outside the job's passes.
+    """
+    spec = SiteSpec.coerce(site_spec)
+    job, schedule = spec.job, spec.schedule
+    last = schedule.last_pass
     if not 1 <= pass_no <= last:
         raise ConfigError(f"pass {pass_no} is outside this job's 1..{last}")
-    if job.is_stats_pass(pass_no):
+    if schedule.is_stats_pass(pass_no):
         from fedmtl.privacy.stats_release import size
 
-        return PassPlan(pass_no, False, False, ("stats",), ((size(schema_of(site_spec)),),), stats=True)
+        return PassPlan(pass_no, False, False, ("stats",), ((size(spec.schema),),), stats=True)
     if model is None:
-        model, _ = build_model(site_spec)
-    tasks = job.task_specs(schema_of(site_spec))
+        model, _ = build_model(spec)
+    tasks = job.task_specs(spec.schema)
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
-    train = job.training_round(pass_no) is not None
+    train = schedule.training_round(pass_no) is not None
     if train:
         from fedmtl.models import vector_size
 
         names += ["update", "counts"]
         shapes += [(vector_size(model),), (len(groups_of(model)),)]
-    ev = evaluates(job, pass_no)
+    ev = schedule.evaluates(pass_no)
     if ev:
         names.append("metrics")
         shapes.append((metric_size(tasks),))
     return PassPlan(pass_no, train, ev, tuple(names), tuple(shapes))
 
 
-def threshold_of(site_spec: Mapping[str, Any]) -> int:
+def threshold_of(site_spec: SiteSpecLike) -> int:
     """The secure-aggregation threshold of a site spec: the job's ``secagg.threshold``, or
     (left out) ``floor(n/2) + 1`` of the ``n`` sites of its roster. Every party derives
     the same value, and the parameters' digest binds it.
@@ -223,13 +321,13 @@ def threshold_of(site_spec: Mapping[str, Any]) -> int:
     Raises:
         ConfigError: the roster is empty or not a table.
     """
-    roster = site_spec.get("roster")
-    if not isinstance(roster, Mapping) or not roster:
+    spec = SiteSpec.coerce(site_spec)
+    if not spec.roster:
         raise ConfigError("the job spec's roster must be a non-empty table of site -> identity key")
-    return job_of(site_spec).threshold_for(len(roster))
+    return spec.job.threshold_for(len(spec.roster))
 
 
-def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass_plan: PassPlan):
+def secagg_params(site_spec: SiteSpecLike, pass_no: int, attempt: int, pass_plan: PassPlan):
     """The secure-aggregation parameters of one pass and attempt of the job.
 
     Args:
@@ -250,30 +348,31 @@ def secagg_params(site_spec: Mapping[str, Any], pass_no: int, attempt: int, pass
     from fedmtl.privacy.quantization import QuantizationConfig, weighted_bound
     from fedmtl.privacy.secagg import SecAggParams
 
-    job = job_of(site_spec)
-    roster = {s: VerifyKey.from_bytes(bytes.fromhex(h)) for s, h in site_spec["roster"].items()}
+    spec = SiteSpec.coerce(site_spec)
+    job = spec.job
+    roster = {s: VerifyKey.from_bytes(bytes.fromhex(h)) for s, h in spec.roster.items()}
     sa = job.secagg
-    threshold = threshold_of(site_spec)
+    threshold = threshold_of(spec)
     if 2 * threshold <= len(roster):
         raise ConfigError(
             f"secure-aggregation threshold {threshold} is not more than half of the {len(roster)} sites of the "
             f"roster: a server that lies about dropouts could unmask one site's update; refused (use at least "
             f"{len(roster) // 2 + 1})"
         )
-    max_count = int(site_spec["max_count"])
+    max_count = int(spec.max_count)
     bound = max(weighted_bound(clip=float(sa.clip), max_count=max_count), float(max_count))
     if pass_plan.stats:
         # unit-form statistics are at most max_count per entry, plus the noise (6 sd of
         # headroom; a value beyond is clipped, which is post-processing)
         from fedmtl.privacy.stats_release import noise_std
 
-        bound = float(max_count) + 6.0 * noise_std(schema_of(site_spec), float(job.stats_noise_multiplier))
+        bound = float(max_count) + 6.0 * noise_std(spec.schema, float(job.stats_noise_multiplier))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the t <= n/2 warning is reported at validation time
         return SecAggParams(
-            job_id=f"{site_spec['job_id']}/attempt-{attempt}",
+            job_id=f"{spec.job_id}/attempt-{attempt}",
             round=pass_no,
             roster=roster,
             threshold=threshold,

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedmtl.errors import FedMTLError
+from fedmtl.errors import WireError
 
 MAGIC = b"FMTL1\n"
 #: what the per-job key signs: this prefix, then the canonical JSON of the claims
@@ -51,10 +51,6 @@ MAX_DEPTH = 12
 #: the header is small (keys, ids, numbers, the site spec with its schema: a few KiB to a
 #: few tens of KiB); the bulk travels in buffers
 MAX_HEADER = 256 << 10
-
-
-class WireError(FedMTLError):
-    """A malformed, oversized or badly signed data-plane message."""
 
 
 # ------------------------------------------------------------------------------ codec

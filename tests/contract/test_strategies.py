@@ -1,4 +1,5 @@
-"""Server strategies: pure aggregation math against hand computations."""
+"""Strategies: the pure aggregation math against hand computations, the client half
+(configure_fit, the shared and personal masks) and the registry the job spec asks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from fedmtl.contract.strategies import (
     adam_step,
     groups_of_layout,
     make_strategy,
+    strategy_defaults,
+    strategy_problems,
     touched_mask,
     weighted_average,
 )
@@ -62,7 +65,7 @@ def test_fedavg_applies_weighted_average_per_head():
     c1, c2 = {"trunk": 10, "a": 4, "b": 6}, {"trunk": 30, "a": 12, "b": 2}
     avg, totals = weighted_average([local1 - x, local2 - x], [c1, c2], groups=GROUPS)
     # Execute
-    new = FedAvg().aggregate(x, avg, totals, groups=GROUPS)
+    new = FedAvg().aggregate_fit(x, avg, totals, groups=GROUPS)
     # Assert
     expected = np.empty(10)
     expected[0:4] = (10 * local1[0:4] + 30 * local2[0:4]) / 40
@@ -79,7 +82,7 @@ def test_head_with_zero_count_is_left_untouched():
     counts = {"trunk": 8.0, "a": 5.0, "b": 0.0}
     for strategy in (FedAvg(), FedProx(mu=0.1), FedAdam(server_lr=0.1), FedPer()):
         # Execute
-        new = strategy.aggregate(x, update, counts, groups=GROUPS)
+        new = strategy.aggregate_fit(x, update, counts, groups=GROUPS)
         # Assert
         np.testing.assert_array_equal(new[7:10], x[7:10])
         assert not np.allclose(new[0:4], x[0:4]), strategy.name
@@ -88,7 +91,7 @@ def test_head_with_zero_count_is_left_untouched():
 def test_server_lr_scales_the_step():
     x = np.zeros(10, dtype=np.float32)
     counts = {"trunk": 1, "a": 1, "b": 1}
-    new = FedAvg(server_lr=0.5).aggregate(x, np.ones(10), counts, groups=GROUPS)
+    new = FedAvg(server_lr=0.5).aggregate_fit(x, np.ones(10), counts, groups=GROUPS)
     np.testing.assert_allclose(new, 0.5)
 
 
@@ -97,9 +100,9 @@ def test_non_finite_update_is_refused():
     bad = np.zeros(10)
     bad[3] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
-        FedAvg().aggregate(x, bad, {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
+        FedAvg().aggregate_fit(x, bad, {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
     with pytest.raises(ValueError, match="same size"):
-        FedAvg().aggregate(x, np.zeros(9), {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
+        FedAvg().aggregate_fit(x, np.zeros(9), {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
 
 
 def test_fedprox_server_side_is_fedavg_and_hands_mu_to_clients():
@@ -110,9 +113,9 @@ def test_fedprox_server_side_is_fedavg_and_hands_mu_to_clients():
     # Execute
     prox, avg = FedProx(mu=0.05), FedAvg()
     # Assert
-    np.testing.assert_array_equal(prox.aggregate(x, upd, counts, groups=GROUPS), avg.aggregate(x, upd, counts, groups=GROUPS))
-    assert prox.client_config() == {"fedprox_mu": 0.05}
-    assert avg.client_config() == {"fedprox_mu": 0.0}
+    np.testing.assert_array_equal(prox.aggregate_fit(x, upd, counts, groups=GROUPS), avg.aggregate_fit(x, upd, counts, groups=GROUPS))
+    assert prox.configure_fit() == {"fedprox_mu": 0.05}
+    assert avg.configure_fit() == {"fedprox_mu": 0.0}
     with pytest.raises(ValueError, match="mu > 0"):
         FedProx(mu=0.0)
 
@@ -136,8 +139,8 @@ def test_fedadam_matches_manual_numpy_for_two_steps():
     counts = {"trunk": 5, "a": 2, "b": 3}
     s = FedAdam(server_lr=0.05, beta1=0.8, beta2=0.95, tau=1e-2)
     # Execute
-    x1 = s.aggregate(x0, d1, counts, groups=GROUPS)
-    x2 = s.aggregate(x1, d2, counts, groups=GROUPS)
+    x1 = s.aggregate_fit(x0, d1, counts, groups=GROUPS)
+    x2 = s.aggregate_fit(x1, d2, counts, groups=GROUPS)
     # Assert
     ex, em, ev = _manual_adam(x0, [d1, d2], lr=0.05, b1=0.8, b2=0.95, tau=1e-2)
     np.testing.assert_allclose(x2, ex, rtol=1e-5, atol=1e-6)
@@ -154,14 +157,14 @@ def test_fedadam_state_round_trip_continues_identically():
     straight = FedAdam()
     xs = x
     for d in deltas:
-        xs = straight.aggregate(xs, d, counts, groups=GROUPS)
+        xs = straight.aggregate_fit(xs, d, counts, groups=GROUPS)
     # Execute: stop after one step, restore into a fresh strategy, continue
     first = FedAdam()
-    xr = first.aggregate(x, deltas[0], counts, groups=GROUPS)
+    xr = first.aggregate_fit(x, deltas[0], counts, groups=GROUPS)
     resumed = FedAdam()
     resumed.load_state_dict(first.state_dict())
     for d in deltas[1:]:
-        xr = resumed.aggregate(xr, d, counts, groups=GROUPS)
+        xr = resumed.aggregate_fit(xr, d, counts, groups=GROUPS)
     # Assert
     np.testing.assert_array_equal(xr, xs)
     assert resumed.rounds_applied == 3
@@ -171,10 +174,10 @@ def test_fedadam_zero_count_keeps_moments():
     # Prepare
     x = np.zeros(10, dtype=np.float32)
     s = FedAdam()
-    s.aggregate(x, np.ones(10), {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
+    s.aggregate_fit(x, np.ones(10), {"trunk": 1, "a": 1, "b": 1}, groups=GROUPS)
     m_before, v_before = s.m.copy(), s.v.copy()
     # Execute
-    s.aggregate(x, np.full(10, 3.0), {"trunk": 1, "a": 0, "b": 1}, groups=GROUPS)
+    s.aggregate_fit(x, np.full(10, 3.0), {"trunk": 1, "a": 0, "b": 1}, groups=GROUPS)
     # Assert
     np.testing.assert_array_equal(s.m[4:7], m_before[4:7])
     np.testing.assert_array_equal(s.v[4:7], v_before[4:7])
@@ -207,7 +210,7 @@ def test_fedper_aggregates_only_the_trunk_of_a_real_model():
     counts = {g: 10 for g in groups}
     s = FedPer()
     # Execute
-    new = s.aggregate(x, np.ones(n), counts, groups=groups)
+    new = s.aggregate_fit(x, np.ones(n), counts, groups=groups)
     mask_from_groups = s.shared_mask(groups)
     mask_from_layout = s.shared_mask(parameter_layout(net))
     # Assert
@@ -237,7 +240,7 @@ def test_make_strategy_registry():
     # Execute / Assert
     assert set(STRATEGY_NAMES) == {"fedavg", "fedprox", "fedadam", "fedper"}
     assert isinstance(make_strategy("fedavg"), FedAvg)
-    assert make_strategy({"name": "fedprox", "mu": 0.2}).client_config() == {"fedprox_mu": 0.2}
+    assert make_strategy({"name": "fedprox", "mu": 0.2}).configure_fit() == {"fedprox_mu": 0.2}
     adam = make_strategy({"name": "fedadam", "server_lr": 0.3, "beta1": 0.5, "mu": None})
     assert isinstance(adam, FedAdam) and adam.server_lr == 0.3 and adam.beta1 == 0.5
     assert isinstance(make_strategy("fedper"), FedPer)
@@ -256,3 +259,64 @@ def test_make_strategy_from_spec_config():
     assert isinstance(s, FedAdam) and s.server_lr == 0.1 and s.tau == 1e-3
     p = make_strategy(StrategyConfig(name="fedprox"))
     assert isinstance(p, FedProx) and p.mu == 0.01
+
+
+# -- the client half ------------------------------------------------------------------------------
+def test_personal_mask_is_what_the_strategy_keeps_at_the_site():
+    # Prepare
+    net = _tiny_model()
+    groups = task_slices(net)
+    trunk = FedPer().shared_mask(groups)
+    # Execute / Assert: FedPer keeps the heads, everything else shares every entry
+    np.testing.assert_array_equal(FedPer().personal_mask(groups), ~trunk)
+    np.testing.assert_array_equal(FedPer().personal_mask(parameter_layout(net)), ~trunk)
+    assert trunk.any() and (~trunk).any()
+    for s in (FedAvg(), FedProx(mu=0.1), FedAdam()):
+        assert not s.personal_mask(groups).any(), s.name
+
+
+def test_configure_fit_is_what_the_job_spec_hands_to_local_training():
+    # Prepare
+    from fedmtl.contract.jobspec import JobSpec
+
+    for strategy, mu in (("fedavg", 0.0), ({"name": "fedprox", "mu": 0.3}, 0.3), ("fedadam", 0.0), ("fedper", 0.0)):
+        spec = JobSpec(name="x", tasks=[{"label": "a"}], noise_multiplier=1.0, strategy=strategy)
+        # Execute
+        client = make_strategy(spec.strategy).configure_fit()
+        # Assert
+        assert client == {"fedprox_mu": mu}
+        assert spec.client_config()["fedprox_mu"] == mu
+
+
+# -- the registry ---------------------------------------------------------------------------------
+def test_registry_holds_the_names_and_defaults_the_job_spec_uses():
+    # Prepare
+    from fedmtl.contract.jobconfig import StrategyConfig
+
+    # Execute / Assert: the spec's names come from the registry, in the registry's order
+    assert STRATEGY_NAMES == ("fedavg", "fedprox", "fedadam", "fedper")
+    assert strategy_defaults("fedprox") == {"mu": 0.01, "server_lr": 1.0}
+    assert strategy_defaults("fedadam") == {"mu": 0.0, "server_lr": 0.1}
+    assert strategy_defaults("fedsgd") == {"mu": 0.0, "server_lr": 1.0}  # the spec reports the name
+    for name in STRATEGY_NAMES:
+        cfg = StrategyConfig(name=name)
+        assert {"mu": cfg.mu, "server_lr": cfg.server_lr} == strategy_defaults(name)
+        built = make_strategy(cfg)
+        assert type(built).name == name and built.server_lr == cfg.server_lr
+
+
+def test_strategy_problems_name_the_rule_broken():
+    assert strategy_problems("fedprox", mu=0.1) == [] and strategy_problems("fedavg", mu=0.0) == []
+    assert strategy_problems("fedprox", mu=0.0) == ["strategy.mu must be > 0 for fedprox (mu = 0 is plain fedavg)"]
+    for name in ("fedavg", "fedadam", "fedper", "fedsgd"):
+        (problem,) = strategy_problems(name, mu=0.5)
+        assert problem.startswith("strategy.mu only applies to fedprox;"), name
+
+
+def test_make_strategy_refuses_mu_for_every_strategy_without_a_proximal_term():
+    for name in ("fedavg", "fedadam", "fedper"):
+        with pytest.raises(ValueError, match=f"mu=0.5 only applies to fedprox, not {name}"):
+            make_strategy({"name": name, "mu": 0.5})
+        assert make_strategy({"name": name, "mu": 0.0}).name == name
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy({"name": ["fedavg"]})

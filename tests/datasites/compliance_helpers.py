@@ -89,11 +89,11 @@ def populate(home: Path, key: SigningKey) -> dict[str, str]:
     a = make_facts(researcher=ALICE)
     assert led.review_and_record(a).status == "approved"
     for r in (1, 2, 3):
-        led.charge_round(request_id=a.request_id, round=r, records=[ROUND], participants=["s1", "s2", "s3"])
+        led.charge_pass(request_id=a.request_id, pass_no=r, records=[ROUND], participants=["s1", "s2", "s3"])
     led.finish_job(a.request_id)
     b = make_facts(researcher=BOB, tasks=("fibrosis",), rounds=2)
     assert led.review_and_record(b).status == "approved"
-    led.charge_round(request_id=b.request_id, round=1, records=[ROUND], participants=["s1", "s2", "s3"])
+    led.charge_pass(request_id=b.request_id, pass_no=1, records=[ROUND], participants=["s1", "s2", "s3"])
     bad = make_facts(researcher=BOB, code_name="<script>alert(1)</script>", code_hash=code_hash("import os"))
     assert led.review_and_record(bad).status == "denied"
     led.record_policy(make_policy(templates_only=False), who=OWNER)
@@ -104,8 +104,8 @@ def populate(home: Path, key: SigningKey) -> dict[str, str]:
         m.request_id,
         manual_decision(d, approve=True, reviewer=OWNER, reason="read every line", warnings_acknowledged=True),
     )
-    led.charge_round(request_id=m.request_id, round=1, records=[ROUND], participants=["s1", "s2", "s3"])
-    led.charge_round(request_id=b.request_id, round=2, records=[ROUND], participants=["s1", "s2"])
+    led.charge_pass(request_id=m.request_id, pass_no=1, records=[ROUND], participants=["s1", "s2", "s3"])
+    led.charge_pass(request_id=b.request_id, pass_no=2, records=[ROUND], participants=["s1", "s2"])
     led.finish_job(b.request_id)
     led.close()
     return {"alice": a.request_id, "bob": b.request_id, "denied": bad.request_id, "manual": m.request_id}

@@ -8,9 +8,13 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedmtl.errors import PrivacyBudgetError
+from fedmtl.privacy import accounting
 from fedmtl.privacy.accounting import (
+    ACCOUNTANT_TYPES,
+    ACCOUNTANTS,
     PrivacyRecord,
     calibrate_noise,
+    create_accountant,
     epsilon_of,
     merge_records,
 )
@@ -212,3 +216,18 @@ def test_calibrate_noise_rejects_bad_arguments(kwargs, match):
     base = dict(target_epsilon=1.0, delta=DELTA, sample_rate=0.01, steps=10)
     with pytest.raises(ValueError, match=match):
         calibrate_noise(**{**base, **kwargs})
+
+
+def test_accountants_come_from_a_registry():
+    # Prepare
+    recs = [PrivacyRecord(1.1, 0.01, 500), PrivacyRecord(0.9, 0.02, 100)]
+    # Execute
+    rdp, prv = create_accountant("rdp"), create_accountant("prv")
+    # Assert: each registered class answers what epsilon_of answers by name
+    assert isinstance(rdp, accounting.RDPAccountant) and isinstance(prv, accounting.PRVAccountant)
+    assert ACCOUNTANTS == tuple(ACCOUNTANT_TYPES) == ("rdp", "prv")
+    assert rdp.epsilon(recs, delta=1e-5) == epsilon_of(recs, delta=1e-5, accountant="rdp")
+    assert prv.epsilon(recs, delta=1e-5) == epsilon_of(recs, delta=1e-5, accountant="prv")
+    for bad in ("moments", "RDP", None, ["rdp"]):
+        with pytest.raises(ValueError, match=r"unknown accountant .*\['rdp', 'prv'\]"):
+            create_accountant(bad)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +15,14 @@ import torch
 
 from fedmtl.models import TaskSpec, build_model, model_to_vector, parameter_layout
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
-from fedmtl.privacy.dp import SecureRNGUnavailableWarning, effective_sample_rate, train_local
+from fedmtl.privacy.dp import (
+    DPTrainingConfig,
+    SecureRNGUnavailableWarning,
+    effective_sample_rate,
+    prepare,
+    train,
+    train_local,
+)
 
 TASKS = [
     TaskSpec("a", "binary", "a"),
@@ -375,3 +386,138 @@ def test_noise_only_update_is_dp_sgd_with_every_gradient_clipped_to_zero():
     assert np.std(trained) == pytest.approx(expected, rel=0.1)
     assert noise_only_update(n_params=5, n_samples=10, steps=2, sample_rate=0.5, lr=1.0,
                              noise_multiplier=0.0, max_grad_norm=1.0).tolist() == [0.0] * 5
+
+
+# ----------------------------------------------------------------------------- config, prepare, train
+
+#: what these seeded runs gave with train_local as it stood at commit dc8e9de, before it was
+#: split into DPTrainingConfig + prepare + train. Never regenerate it to make the comparison
+#: pass: a difference means the same seed no longer trains the same way.
+VECTORS = Path(__file__).with_name("vectors") / "dp_train_local_seeded.json"
+
+#: name -> (poison one record?, train_local keyword arguments besides model/X/Y/mask/tasks)
+CASES: dict[str, tuple[bool, dict[str, Any]]] = {
+    "hooks_flat_momentum": (False, dict(steps=6, sample_rate=0.2, lr=0.3, momentum=0.5, noise_multiplier=1.0,
+                                        max_grad_norm=0.5, delta=1e-5, seed=3)),
+    "functorch_per_layer": (False, dict(steps=5, sample_rate=0.25, lr=0.2, noise_multiplier=0.8, max_grad_norm=0.7,
+                                        clipping="per_layer", grad_sample_mode="functorch", seed=4)),
+    "ghost_poisoned": (True, dict(steps=5, sample_rate=0.5, lr=0.3, noise_multiplier=1.0, max_grad_norm=0.5,
+                                  grad_sample_mode="ghost", seed=5)),
+    "hooks_poisoned": (True, dict(steps=5, sample_rate=0.5, lr=0.3, noise_multiplier=1.0, max_grad_norm=0.5,
+                                  seed=6)),
+    "target_with_prior": (False, dict(epochs=1.0, sample_rate=0.2, lr=0.3, target=(2.0, 1e-5),
+                                      prior=(PrivacyRecord(1.5, 0.1, 20),), seed=7)),
+    "fedprox_dp": (False, dict(steps=4, sample_rate=0.2, lr=0.3, noise_multiplier=1.0, fedprox_mu=0.5,
+                               global_vector="zeros", seed=8)),
+    "no_dp_fedprox": (False, dict(steps=4, sample_rate=0.2, lr=0.3, dp=False, fedprox_mu=0.1,
+                                  global_vector="zeros", seed=9)),
+}
+
+
+def _case_inputs(poisoned: bool, n: int = 60):
+    """``(model, X, Y, mask)`` of a case: a small dropout model (the ghost replay reuses the
+    dropout masks) and seeded data; ``poisoned`` makes record 3 overflow the network."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 6, generator=g)
+    Y = torch.stack([(X[:, 0] > 0).float(), (X[:, 1] > 0).float() + (X[:, 1] > 1).float(), 0.5 * X[:, 2]], 1)
+    mask = torch.rand(n, 3, generator=g) < 0.8
+    if poisoned:
+        X[3, 0] = float("inf")
+    model = build_model(n_features=6, tasks=TASKS, seed=0, widths=(8,), dropout=0.1)
+    return model, X, Y, mask
+
+
+def _run_case(name: str) -> dict[str, Any]:
+    """Run case ``name`` with :func:`train_local` and return what the vector file records."""
+    poisoned, kw = CASES[name]
+    model, X, Y, mask = _case_inputs(poisoned)
+    kw = dict(kw)
+    if isinstance(kw.get("global_vector"), str):
+        kw["global_vector"] = np.zeros(model_to_vector(model).size, dtype=np.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train_local(model=model, X=X, Y=Y, mask=mask, tasks=TASKS, **kw)
+    finally:
+        torch.set_num_threads(old)
+    return {
+        "weights": [float(v) for v in model_to_vector(model)],
+        "losses": [float(v) for v in res.losses],
+        "noise_multiplier": res.noise_multiplier,
+        "sample_rate": res.sample_rate,
+        "steps": res.steps,
+        "epsilon": res.epsilon,
+        "samples_seen": res.samples_seen,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_fixed_seed_gives_the_recorded_training(name):
+    # Prepare: the weights, losses and costs train_local gave before it was split into
+    # DPTrainingConfig + prepare + train (see dp_seeded_cases.py)
+    recorded = json.loads(VECTORS.read_text())["cases"][name]
+    # Execute
+    got = _run_case(name)
+    # Assert
+    np.testing.assert_allclose(got["weights"], recorded["weights"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["losses"], recorded["losses"], rtol=1e-6, equal_nan=True)
+    for key in ("noise_multiplier", "sample_rate", "steps", "epsilon", "samples_seen"):
+        assert got[key] == recorded[key], key
+    assert np.isfinite(got["weights"]).all()
+
+
+def test_prepare_then_train_is_train_local():
+    # Prepare
+    X, Y, mask = _data(80)
+    config = DPTrainingConfig(epochs=1.0, sample_rate=0.25, lr=0.3, noise_multiplier=1.1, delta=1e-5, seed=2)
+    a, b = _model(), _model()
+    # Execute
+    run = prepare(model=a, X=X, Y=Y, mask=mask, tasks=TASKS, config=config)
+    res = train(run)
+    ref = train_local(model=b, X=X, Y=Y, mask=mask, tasks=TASKS, epochs=1.0, sample_rate=0.25, lr=0.3,
+                      noise_multiplier=1.1, delta=1e-5, seed=2)
+    # Assert: prepare resolved the run on this data; the two paths agree exactly
+    assert (run.sample_rate, run.batch_size, run.steps, run.n_samples) == (0.25, 20, 4, 80)
+    assert res.privacy_records == ref.privacy_records == [PrivacyRecord(1.1, 0.25, 4)]
+    assert np.array_equal(model_to_vector(a), model_to_vector(b))
+
+
+def test_config_resolves_target_delta_and_non_private_noise():
+    # Execute
+    targeted = DPTrainingConfig(steps=3, sample_rate=0.5, lr=0.1, target=(3.0, 1e-5))
+    plain = DPTrainingConfig(steps=3, sample_rate=0.5, lr=0.1, dp=False)
+    X, Y, mask = _data(40)
+    run = prepare(model=_model(), X=X, Y=Y, mask=mask, tasks=TASKS, config=targeted)
+    # Assert
+    assert targeted.delta == 1e-5 and plain.noise_multiplier == 0.0
+    assert epsilon_of([PrivacyRecord(run.noise_multiplier, run.sample_rate, run.steps)], delta=1e-5) <= 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        targeted.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": None, "epochs": 0}, "epochs must be > 0"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"fedprox_mu": -1.0}, "fedprox_mu must be >= 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"delta": 1.5}, r"delta must be in \(0, 1\)"),
+        ({"noise_multiplier": None, "target": (1.0, 1e-5), "delta": 1e-6}, "disagrees with target delta"),
+        ({"noise_multiplier": None, "target": (1.0,)}, "pair"),
+        ({"accountant": "moments"}, "unknown accountant 'moments'"),
+    ],
+)
+def test_config_says_what_to_fix(kwargs, match):
+    base = dict(steps=2, sample_rate=0.5, lr=0.1, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=match):
+        DPTrainingConfig(**{**base, **kwargs})
+
+
+def test_prepare_refuses_a_global_vector_of_the_wrong_size():
+    X, Y, mask = _data(20)
+    config = DPTrainingConfig(steps=1, sample_rate=0.5, lr=0.1, noise_multiplier=1.0, fedprox_mu=0.1,
+                              global_vector=np.zeros(3))
+    with pytest.raises(ValueError, match="global_vector has shape"):
+        prepare(model=_model(), X=X, Y=Y, mask=mask, tasks=TASKS, config=config)

@@ -40,7 +40,7 @@ def test_save_and_latest_round_trip(tmp_path):
     # Prepare
     store = CheckpointStore(tmp_path)
     adam = FedAdam()
-    adam.aggregate(np.zeros(6, dtype=np.float32), np.ones(6), {"trunk": 1, "a": 1}, groups=GROUPS)
+    adam.aggregate_fit(np.zeros(6, dtype=np.float32), np.ones(6), {"trunk": 1, "a": 1}, groups=GROUPS)
     # Execute
     store.save(1, _state(1))
     store.save(2, _state(2, strategy_state=adam.state_dict(), rounds_total=3, note="hello"))

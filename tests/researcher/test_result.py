@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from fedmtl.contract.jobspec import JobSpec
+from fedmtl.contract.strategies import make_strategy
 from fedmtl.errors import ConfigError
-from fedmtl.models import Preprocessor, model_to_vector
-from fedmtl.researcher.result import JobResult, head_mask
+from fedmtl.models import Preprocessor, model_to_vector, task_slices
+from fedmtl.researcher.result import JobResult
 from fedmtl.schema import Schema
 
 SCHEMA = Schema.from_dict(
@@ -43,7 +44,7 @@ DF = pd.DataFrame({"id": [1, 2, 3, 4], "age": [20.0, 40.0, 60.0, 80.0], "sex": [
 def _result(**kw) -> JobResult:
     net = SPEC.build_model(SCHEMA)
     vec = model_to_vector(net)
-    k = int(head_mask(net).sum())
+    k = int(make_strategy(SPEC.strategy).personal_mask(task_slices(net)).sum())
     base = dict(
         spec=SPEC,
         model_config=net.config,
@@ -100,7 +101,7 @@ def test_save_load_round_trip(tmp_path):
 def test_site_heads_replace_only_head_entries():
     r = _result()
     g, s = r.vector(), r.vector("st-mary")
-    mask = head_mask(r.model())
+    mask = r.personal_mask(r.model())
     np.testing.assert_array_equal(g[~mask], s[~mask])
     np.testing.assert_array_equal(s[mask], 0.25)
     assert not np.allclose(r.predict(DF)["diabetes"], r.predict(DF, site="st-mary")["diabetes"])

@@ -150,7 +150,7 @@ def test_statistics_are_charged_before_they_are_computed(sites, tmp_path, monkey
     # Prepare: record the order of charge and computation; then a ledger that refuses
     events: list[str] = []
     real_stats = stats_release.site_statistics
-    monkeypatch.setattr(site_ledger, "charge_round",
+    monkeypatch.setattr(site_ledger, "charge_pass",
                         lambda home, spec, p, records: events.append(f"charge {p} {[r.to_dict() for r in records]}"))
     monkeypatch.setattr(stats_release, "site_statistics",
                         lambda schema, df: events.append("compute") or real_stats(schema, df))
@@ -171,7 +171,7 @@ def test_statistics_are_charged_before_they_are_computed(sites, tmp_path, monkey
         events.append("charge")
         raise rt.RoundError("budget exhausted")
 
-    monkeypatch.setattr(site_ledger, "charge_round", refuse)
+    monkeypatch.setattr(site_ledger, "charge_pass", refuse)
     out = transport.call("site1", msg)
     assert not out["ok"] and "budget exhausted" in out["error"] and events == ["charge"]
 

@@ -47,7 +47,7 @@ def sealed_home(tmp_path_factory) -> Path:
     assert led.review_and_record(_facts("mtl-aaaa0001", ALICE)).status == "approved"
     assert led.review_and_record(_facts("mtl-bbbb0002", BOB, noise_multiplier=0.1)).status == "denied"
     spec = {"job_id": "mtl-aaaa0001", "roster": {"riverside": "00", "general": "11", "st-mary": "22"}}
-    site_ledger.charge_round(home, spec, 1, [ROUND])
+    site_ledger.charge_pass(home, spec, 1, [ROUND])
     return home
 
 

@@ -68,11 +68,11 @@ def test_review_charge_finish_and_queries(home, key):
     f = H.make_facts()
     # Execute
     decision = led.review_and_record(f)
-    charges = [led.charge_round(request_id=f.request_id, round=r, records=[R], participants=PARTS) for r in (1, 2, 3)]
+    charges = [led.charge_pass(request_id=f.request_id, pass_no=r, records=[R], participants=PARTS) for r in (1, 2, 3)]
     led.finish_job(f.request_id)
     # Assert
     assert decision.status == "approved"
-    assert [c.round for c in charges] == [1, 2, 3]
+    assert [c.pass_no for c in charges] == [1, 2, 3]
     assert charges[-1].epsilon_job == pytest.approx(decision.epsilon_job)
     assert charges[-1].epsilon_dataset == pytest.approx(epsilon_of([R] * 3, delta=1e-5))
     assert led.executed_rounds(f.request_id) == [1, 2, 3]
@@ -105,31 +105,31 @@ def test_rounds_refused_for_replay_beyond_count_and_undecided_requests(home, key
     led = _open(home, key)
     f = H.make_facts(rounds=2)
     led.review_and_record(f)
-    led.charge_round(request_id=f.request_id, round=1, records=[R], participants=PARTS)
+    led.charge_pass(request_id=f.request_id, pass_no=1, records=[R], participants=PARTS)
     with pytest.raises(RoundRefusedError, match="replay"):
-        led.charge_round(request_id=f.request_id, round=1, records=[R], participants=PARTS)
+        led.charge_pass(request_id=f.request_id, pass_no=1, records=[R], participants=PARTS)
     with pytest.raises(RoundRefusedError, match=r"outside the approved rounds 1..2"):
-        led.charge_round(request_id=f.request_id, round=3, records=[R], participants=PARTS)
+        led.charge_pass(request_id=f.request_id, pass_no=3, records=[R], participants=PARTS)
     with pytest.raises(RoundRefusedError, match="below the policy minimum"):
-        led.charge_round(request_id=f.request_id, round=2, records=[PrivacyRecord(0.5, 0.05, 20)], participants=PARTS)
+        led.charge_pass(request_id=f.request_id, pass_no=2, records=[PrivacyRecord(0.5, 0.05, 20)], participants=PARTS)
     with pytest.raises(PrivacyBudgetError, match="above what was approved"):
-        led.charge_round(request_id=f.request_id, round=2, records=[PrivacyRecord(1.5, 0.05, 200)], participants=PARTS)
+        led.charge_pass(request_id=f.request_id, pass_no=2, records=[PrivacyRecord(1.5, 0.05, 200)], participants=PARTS)
     led.finish_job(f.request_id)
     with pytest.raises(RoundRefusedError, match="is finished"):
-        led.charge_round(request_id=f.request_id, round=2, records=[R], participants=PARTS)
+        led.charge_pass(request_id=f.request_id, pass_no=2, records=[R], participants=PARTS)
     # a request without its decision is pending and cannot run
     g = H.make_facts()
     led.record_request(g)
     assert led.request_status(g.request_id) == "pending"
     with pytest.raises(RoundRefusedError, match="is pending, not approved"):
-        led.charge_round(request_id=g.request_id, round=1, records=[R], participants=PARTS)
+        led.charge_pass(request_id=g.request_id, pass_no=1, records=[R], participants=PARTS)
     # a denied request cannot run
     h = H.make_facts(n_sites=1)
     assert led.review_and_record(h).status == "denied"
     with pytest.raises(RoundRefusedError, match="is denied"):
-        led.charge_round(request_id=h.request_id, round=1, records=[R], participants=PARTS)
+        led.charge_pass(request_id=h.request_id, pass_no=1, records=[R], participants=PARTS)
     with pytest.raises(RoundRefusedError, match="never reviewed"):
-        led.charge_round(request_id="nope", round=1, records=[R], participants=PARTS)
+        led.charge_pass(request_id="nope", pass_no=1, records=[R], participants=PARTS)
     with pytest.raises(LedgerError, match="already in the ledger"):
         led.record_request(g)
     with pytest.raises(LedgerError, match="decisions are final"):
@@ -158,12 +158,12 @@ def test_budget_exhaustion_across_two_jobs(home, key):
     _approve_without_committed(led, job2)  # both approved before either ran
     # Execute
     for r in (1, 2, 3):
-        led.charge_round(request_id=job1.request_id, round=r, records=[R], participants=PARTS)
+        led.charge_pass(request_id=job1.request_id, pass_no=r, records=[R], participants=PARTS)
     led.finish_job(job1.request_id)
-    led.charge_round(request_id=job2.request_id, round=1, records=[R], participants=PARTS)  # 1.702
-    led.charge_round(request_id=job2.request_id, round=2, records=[R], participants=PARTS)  # 1.879
+    led.charge_pass(request_id=job2.request_id, pass_no=1, records=[R], participants=PARTS)  # 1.702
+    led.charge_pass(request_id=job2.request_id, pass_no=2, records=[R], participants=PARTS)  # 1.879
     with pytest.raises(PrivacyBudgetError) as info:
-        led.charge_round(request_id=job2.request_id, round=3, records=[R], participants=PARTS)  # 2.042
+        led.charge_pass(request_id=job2.request_id, pass_no=3, records=[R], participants=PARTS)  # 2.042
     # Assert: refused before running, with the numbers, nothing charged
     msg = str(info.value)
     assert "researcher alice@uni.example" in msg and "2.042" in msg and "now 1.879" in msg and "budget 2" in msg
@@ -194,7 +194,7 @@ def _charge_all(home: Path, key_bytes: bytes, request_id: str, out) -> None:
     ok = 0
     for r in range(1, 11):
         try:
-            led.charge_round(request_id=request_id, round=r, records=[X], participants=PARTS)
+            led.charge_pass(request_id=request_id, pass_no=r, records=[X], participants=PARTS)
             ok += 1
         except PrivacyBudgetError:
             pass
@@ -243,7 +243,7 @@ def test_threads_sharing_and_not_sharing_an_instance_never_double_spend(home, ke
         ok = 0
         for r in range(1, 11):
             try:
-                ledger.charge_round(request_id=job.request_id, round=r, records=[X], participants=PARTS)
+                ledger.charge_pass(request_id=job.request_id, pass_no=r, records=[X], participants=PARTS)
                 ok += 1
             except PrivacyBudgetError:
                 pass
@@ -407,20 +407,28 @@ def _crash_during_append(home: Path, key_bytes: bytes, request_id: str, kill_at_
     """Charge rounds, report each acknowledged seq, and die (SIGKILL) halfway through the
     ledger write number ``kill_at_write``."""
     writes = {"n": 0}
-    real = L._write_all
+    real_line, real_head = L._write_all, L.atomic_write_bytes
 
-    def torn_write(fd, data):
-        writes["n"] += 1
-        if writes["n"] == kill_at_write:
-            os.write(fd, data[: len(data) // 2])
+    def die_at(n: int, torn) -> None:
+        if n == kill_at_write:
+            torn()
             os.kill(os.getpid(), signal.SIGKILL)
-        real(fd, data)
 
-    L._write_all = torn_write
+    def torn_line(fd, data):  # the ledger line: half of it reaches the file
+        writes["n"] += 1
+        die_at(writes["n"], lambda: os.write(fd, data[: len(data) // 2]))
+        real_line(fd, data)
+
+    def torn_head(path, data, **kw):  # the head: half of its temp file, never renamed
+        writes["n"] += 1
+        die_at(writes["n"], lambda: Path(path).with_name(f".{Path(path).name}.torn.tmp").write_bytes(data[:9]))
+        real_head(path, data, **kw)
+
+    L._write_all, L.atomic_write_bytes = torn_line, torn_head
     led = Ledger.open(home, SigningKey.from_bytes(key_bytes))
     for r in range(1, 6):
-        c = led.charge_round(request_id=request_id, round=r, records=[R], participants=PARTS)
-        out.send((c.round, c.seq))  # a Pipe send is synchronous: nothing queued dies with us
+        c = led.charge_pass(request_id=request_id, pass_no=r, records=[R], participants=PARTS)
+        out.send((c.pass_no, c.seq))  # a Pipe send is synchronous: nothing queued dies with us
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
@@ -457,7 +465,7 @@ def test_process_killed_mid_append_loses_nothing_acknowledged(home, key, kill_at
     expected_rounds = [1, 2] if kill_at_write == 5 else [1, 2, 3]  # round 3 was durable before the head
     assert again.executed_rounds(f.request_id) == expected_rounds
     nxt = expected_rounds[-1] + 1
-    assert again.charge_round(request_id=f.request_id, round=nxt, records=[R], participants=PARTS).round == nxt
+    assert again.charge_pass(request_id=f.request_id, pass_no=nxt, records=[R], participants=PARTS).pass_no == nxt
 
 
 def test_key_files(home):
