@@ -4,11 +4,12 @@ facts every result JSON records. Imported by the benchmark scripts (run as
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 #: the top-level folders pyproject installs as fedmtl.<name>
 SUBPACKAGES = ("models", "privacy", "datasites", "researcher")
@@ -32,3 +33,30 @@ def machine_info(loadavg_before: Sequence[float]) -> dict:
         "loadavg_before": [round(x, 2) for x in loadavg_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def fedmtl_attr(*places: str) -> Any:
+    """The first of ``places`` (``"module:attr"``, or a dotted module path) that imports.
+
+    A before/after benchmark runs the same worker code against two source trees; issue 20
+    moved modules (``fedmtl.jobspec`` -> ``fedmtl.contract.jobspec``, ``fedmtl.datasites.launch``
+    -> ``fedmtl.datasites.server.launch``, ...), so a worker names each thing at its new place
+    and its old one.
+
+    Raises:
+        ImportError: none of ``places`` imports.
+    """
+    errors = []
+    for place in places:
+        mod_name, _, attr = place.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            errors.append(str(e))
+            continue
+        if not attr:
+            return mod
+        if hasattr(mod, attr):
+            return getattr(mod, attr)
+        errors.append(f"{mod_name} has no {attr}")
+    raise ImportError(f"none of {places} imports: {errors}")

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import layout_installed, machine_info  # noqa: E402
+from benchkit import fedmtl_attr, layout_installed, machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "dataplane_exhaustion.json"
@@ -59,17 +59,22 @@ def worker(rounds: int, tmp: Path) -> None:
     trees share."""
     import numpy as np
 
-    from fedmtl.contract import protocol
-    from fedmtl.contract.jobspec import JobSpec
-    from fedmtl.contract.passes import run_pass
-    from fedmtl.datasites.data.cohort import prepare
-    from fedmtl.datasites.server import admin
-    from fedmtl.datasites.server.launch import free_port, launch
-    from fedmtl.datasites.server.peers import pin_federation
-    from fedmtl.datasites.template import default_policy
     from fedmtl.models import model_to_vector
     from fedmtl.researcher.session import Session
     from fedmtl.schema import Schema
+
+    # each thing at its place after issue 20's moves, and before them (the base tree)
+    protocol = fedmtl_attr("fedmtl.contract.protocol", "fedmtl.protocol")
+    JobSpec = fedmtl_attr("fedmtl.contract.jobspec:JobSpec", "fedmtl.jobspec:JobSpec")  # noqa: N806
+    run_pass = fedmtl_attr("fedmtl.contract.passes:run_pass", "fedmtl.passes:run_pass")
+    prepare = fedmtl_attr("fedmtl.datasites.data.cohort:prepare", "fedmtl.datasites.cohort:prepare")
+    admin = fedmtl_attr("fedmtl.datasites.server.admin", "fedmtl.datasites.admin")
+    launch_mod = fedmtl_attr("fedmtl.datasites.server.launch", "fedmtl.datasites.launch")
+    free_port, launch = launch_mod.free_port, launch_mod.launch
+    pin_federation = fedmtl_attr("fedmtl.datasites.server.peers:pin_federation",
+                                 "fedmtl.datasites.peers:pin_federation")
+    default_policy = fedmtl_attr("fedmtl.datasites.template:default_policy",
+                                 "fedmtl.datasites.site_ledger:default_policy")
 
     os.environ["FEDMTL_TORCH_THREADS"] = "1"
     files = prepare(tmp / "cohort", sites=3, seed=0)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchkit import layout_installed, machine_info
+from benchkit import fedmtl_attr, layout_installed, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "fair_sharing.json"
@@ -75,7 +75,7 @@ def _git_archive(ref: str, dst: Path) -> str:
 
 # ------------------------------------------------------------------------ the worker
 def big_spec(name: str):
-    from fedmtl.contract.jobspec import JobSpec
+    JobSpec = fedmtl_attr("fedmtl.contract.jobspec:JobSpec", "fedmtl.jobspec:JobSpec")  # noqa: N806
 
     return JobSpec(name=name, tasks=[{"label": c} for c in LABELS], model={"widths": [1024, 1024]}, rounds=1,
                    local_epochs=3.0, sample_rate=0.5, noise_multiplier=6.0, secagg={"threshold": 2, "clip": 1.0},
@@ -83,7 +83,7 @@ def big_spec(name: str):
 
 
 def small_spec(name: str):
-    from fedmtl.contract.jobspec import JobSpec
+    JobSpec = fedmtl_attr("fedmtl.contract.jobspec:JobSpec", "fedmtl.jobspec:JobSpec")  # noqa: N806
 
     return JobSpec(name=name, tasks=[{"label": "diabetes_5y"}], rounds=1, local_steps=2, sample_rate=0.02,
                    noise_multiplier=1.0, secagg={"threshold": 2, "clip": 1.0}, scaling="range", eval_every=0)
@@ -101,7 +101,7 @@ def _advertised(home: Path, job_id: str) -> bool:
 
 
 def _charged(home: Path, job_id: str) -> bool:
-    from fedmtl.datasites.ledger import site_ledger
+    site_ledger = fedmtl_attr("fedmtl.datasites.ledger.site_ledger", "fedmtl.datasites.site_ledger")
 
     st = site_ledger.open_ledger(home).request(job_id)
     return st is not None and 1 in st.rounds
@@ -112,11 +112,15 @@ def worker(repeats: int, idle: int, work: Path) -> dict[str, Any]:
     import numpy as np
 
     import fedmtl
-    from fedmtl.datasites.data.cohort import prepare
-    from fedmtl.datasites.server import admin
-    from fedmtl.datasites.server.launch import free_port, launch
-    from fedmtl.datasites.server.peers import pin_federation
     from fedmtl.models import model_to_vector
+
+    # each thing at its place after issue 20's moves, and before them (the base tree)
+    prepare = fedmtl_attr("fedmtl.datasites.data.cohort:prepare", "fedmtl.datasites.cohort:prepare")
+    admin = fedmtl_attr("fedmtl.datasites.server.admin", "fedmtl.datasites.admin")
+    launch_mod = fedmtl_attr("fedmtl.datasites.server.launch", "fedmtl.datasites.launch")
+    free_port, launch = launch_mod.free_port, launch_mod.launch
+    pin_federation = fedmtl_attr("fedmtl.datasites.server.peers:pin_federation",
+                                 "fedmtl.datasites.peers:pin_federation")
     from fedmtl.researcher.session import Session
 
     files = prepare(work / "cohort", sites=3, seed=0)
