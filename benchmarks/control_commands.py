@@ -8,6 +8,7 @@ each), on one demo-sized datasite made from the prepared cohort
                       start the server, publish the dataset)
 * ``add-researcher``  ``datasite add-researcher`` (password from FEDMTL_RESEARCHER_PASSWORD)
 * ``status``          ``datasite status`` of the running site
+* ``review-list``     ``datasite review --list`` of the running site (no request waiting)
 * ``stop``            ``datasite stop``
 * ``status-stopped``  ``datasite status`` of the stopped site
 * ``audit``           ``audit`` of the stopped site's ledger (policy install + pinned peers: a
@@ -26,7 +27,8 @@ before, ...), so the machine's load hits both alike. Then, for the after version
 admin login (syft's login fetches the whole API), how long a server takes to exit after
 SIGTERM and until its parent reaps it, and the phases of a first launch (cProfile).
 
-Run: ``python benchmarks/control_commands.py [--quick] [--repeats N] [--site NAME]``; writes
+Run: ``python benchmarks/control_commands.py [--quick] [--repeats N] [--site NAME] [--only CMD,...]``
+(``--only review-list``: launch, that command and stop only, no breakdown); writes
 ``benchmarks/results/control_commands.json``. Every copy and home is in a temporary folder,
 removed at the end; every server started is stopped.
 """
@@ -51,7 +53,9 @@ from benchkit import layout_installed, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "control_commands.json"
-COMMANDS = ("launch", "add-researcher", "status", "stop", "status-stopped", "audit", "relaunch", "help")
+COMMANDS = ("launch", "add-researcher", "status", "review-list", "stop", "status-stopped", "audit", "relaunch", "help")
+#: what every round runs, selected or not: a running site needs a launch and a stop
+ALWAYS = ("launch", "stop")
 RESEARCHER_PW = "bench-researcher-password"
 
 
@@ -122,32 +126,44 @@ def _kill_home(home: Path) -> None:
         pass
 
 
-def one_round(v: Variant, i: int, files: dict[str, str], peers: list[tuple[str, str]]) -> dict[str, float]:
-    """Every control command once, on a fresh home."""
+def one_round(v: Variant, i: int, files: dict[str, str], peers: list[tuple[str, str]],
+              only: frozenset[str] = frozenset(COMMANDS)) -> dict[str, float]:
+    """Every control command in ``only`` (and a launch and a stop) once, on a fresh home."""
     home = v.work / f"home-{i}"
     t: dict[str, float] = {}
     try:
         t["launch"], _ = v.run("datasite", "launch", "--detach", "--home", str(home), "--name", files["name"],
                                "--records", files["records"], "--schema", files["schema"],
                                "--port", str(_free_port()))
-        t["add-researcher"], _ = v.run("datasite", "add-researcher", "--home", str(home),
-                                       "--email", f"ada{i}@uni.example")
-        t["status"], st = v.run("datasite", "status", "--home", str(home))
-        assert f"ada{i}@uni.example" in st.stdout, st.stdout
-        for name, fp in peers:  # a few more ledger entries for the audit (untimed)
-            v.run("datasite", "peers", "add", "--home", str(home), "--name", name, "--fingerprint", fp,
-                  "--who", "bench@example")
+        if "add-researcher" in only or "status" in only:
+            t["add-researcher"], _ = v.run("datasite", "add-researcher", "--home", str(home),
+                                           "--email", f"ada{i}@uni.example")
+        if "status" in only:
+            t["status"], st = v.run("datasite", "status", "--home", str(home))
+            assert f"ada{i}@uni.example" in st.stdout, st.stdout
+        if "review-list" in only:
+            t["review-list"], rl = v.run("datasite", "review", "--home", str(home), "--list")
+            assert "no requests waiting for review" in rl.stdout, rl.stdout
+        if "audit" in only:
+            for name, fp in peers:  # a few more ledger entries for the audit (untimed)
+                v.run("datasite", "peers", "add", "--home", str(home), "--name", name, "--fingerprint", fp,
+                      "--who", "bench@example")
         t["stop"], _ = v.run("datasite", "stop", "--home", str(home))
-        t["status-stopped"], st = v.run("datasite", "status", "--home", str(home))
-        assert "status: stopped" in st.stdout, st.stdout
-        t["audit"], au = v.run("audit", "--home", str(home), "--out", str(v.work / f"audit-{i}"))
-        assert "verification: OK" in au.stdout, au.stdout
-        t["relaunch"], _ = v.run("datasite", "launch", "--detach", "--home", str(home), "--port", str(_free_port()))
-        v.run("datasite", "stop", "--home", str(home))
-        t["help"], _ = v.run("--help")
+        if "status-stopped" in only:
+            t["status-stopped"], st = v.run("datasite", "status", "--home", str(home))
+            assert "status: stopped" in st.stdout, st.stdout
+        if "audit" in only:
+            t["audit"], au = v.run("audit", "--home", str(home), "--out", str(v.work / f"audit-{i}"))
+            assert "verification: OK" in au.stdout, au.stdout
+        if "relaunch" in only:
+            t["relaunch"], _ = v.run("datasite", "launch", "--detach", "--home", str(home),
+                                     "--port", str(_free_port()))
+            v.run("datasite", "stop", "--home", str(home))
+        if "help" in only:
+            t["help"], _ = v.run("--help")
     finally:
         _kill_home(home)
-    return t
+    return {k: s for k, s in t.items() if k in only}
 
 
 def breakdown(v: Variant, files: dict[str, str]) -> dict[str, object]:
@@ -230,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site", default="st-mary", help="the demo hospital whose records the datasite serves")
     ap.add_argument("--before-ref", default="HEAD", help="the git ref of the 'before' version (default HEAD)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    ap.add_argument("--only", default="", metavar="CMD,...",
+                    help=f"time only these commands (of {', '.join(COMMANDS)}); a launch and a stop always run; "
+                    "no breakdown")
     args = ap.parse_args(argv)
+    only = frozenset(c.strip() for c in args.only.split(",") if c.strip()) or frozenset(COMMANDS)
+    unknown = sorted(only - set(COMMANDS))
+    if unknown:
+        ap.error(f"--only: unknown command(s) {unknown}; choose from {', '.join(COMMANDS)}")
+    only |= frozenset(ALWAYS)
     repeats = 1 if args.quick else args.repeats
     load0 = os.getloadavg()
     t_start = time.perf_counter()
@@ -253,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(repeats):
             for v in variants if i % 2 == 0 else variants[::-1]:
                 _log(f"repeat {i + 1}/{repeats}: {v.name} ...")
-                for cmd, s in one_round(v, i, files, peers).items():
+                for cmd, s in one_round(v, i, files, peers, only).items():
                     runs.append({"version": v.name, "repeat": i + 1, "command": cmd, "seconds": round(s, 3)})
-        parts = None if args.quick else breakdown(after, files)
+        parts = None if args.quick or args.only else breakdown(after, files)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True).stdout.split("\n")
     total = time.perf_counter() - t_start
     summary = {}
-    for cmd in COMMANDS:
+    for cmd in (c for c in COMMANDS if c in only):
         med = {v: statistics.median(r["seconds"] for r in runs if r["command"] == cmd and r["version"] == v)
                for v in ("before", "after")}
         summary[cmd] = {"before_s": round(med["before"], 2), "after_s": round(med["after"], 2),
@@ -274,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "control_commands",
         "command": " ".join(["python", "benchmarks/control_commands.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
+        "only": sorted(only),
         "repeats": repeats,
         "site": {"name": args.site, "patients": patients, "cohort": "fedmtl demo prepare --sites 3 (seed 0)"},
         "before": {"ref": args.before_ref, "commit": sha, "source": "git archive of the commit, laid out as installed"},

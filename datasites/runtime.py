@@ -13,6 +13,10 @@ Each call handles one secure-aggregation stage of one pass (see
     unmask       reveal the shares the protocol allows, only against t signatures
                  over that same survivor set; the pass is complete
 
+and, outside a pass, the ``spend`` query and the ``close`` request (the researcher
+finishes or aborts the job: ``job_finished`` / ``job_aborted`` in the ledger, after which
+no stage of any pass runs and the job's unspent passes are no longer reserved).
+
 Per-job secrets (secure-aggregation keys, the unmasked payload, personalised heads) live
 in ``HOME/jobs/<job_id>/`` (0700 folder, 0600 files) and never leave the home. syft 0.9.5
 does not enforce execution counts, so this runtime refuses, by itself and persistently:
@@ -37,9 +41,11 @@ import numpy as np
 
 from fedmtl.contract import protocol
 from fedmtl.contract.messages import (
+    LIFECYCLE,
     PASS_STAGES,
     QUERIES,
     Advertise,
+    Close,
     Consistency,
     MaskedInput,
     Reply,
@@ -86,6 +92,9 @@ _TENSORS_LOCK = threading.Lock()
 
 #: stages that read the records (train, evaluate, compute statistics): the heavy ones
 HEAVY_STAGES = frozenset({"advertise"})
+#: bytes reserved for a pass's payload beyond 8 per model parameter (metrics, statistics,
+#: the npz framing)
+PAYLOAD_SLACK = 1 << 20
 #: overrides the number of heavy stages that run at once in this process (a positive int)
 HEAVY_SLOTS_ENV = "FEDMTL_HEAVY_SLOTS"
 
@@ -228,9 +237,9 @@ def handle(*, data: Any, spec: SiteSpec | Mapping[str, Any], message: Mapping[st
     The edge: the site spec syft binds (or the data plane carries) is parsed here once
     (:meth:`SiteSpec.parse <fedmtl.contract.site_spec.SiteSpec.parse>`), and so is the
     message (:func:`fedmtl.contract.messages.parse_message`). A query
-    (:attr:`JobRuntime.QUERIES`: read-only, it reads the ledger) runs at once. A stage runs
-    under its job's lock (:func:`job_lock`); a stage that reads the records
-    (:data:`HEAVY_STAGES`) also under the per-researcher cap and in one of
+    (:attr:`JobRuntime.QUERIES`: read-only, it reads the ledger) runs at once. A stage, and
+    a ``close`` request (:attr:`JobRuntime.LIFECYCLE`), runs under its job's lock
+    (:func:`job_lock`); a stage that reads the records (:data:`HEAVY_STAGES`) also under the per-researcher cap and in one of
     :func:`heavy_slots` slots. Nothing is held across jobs.
 
     Args:
@@ -269,6 +278,7 @@ def handle(*, data: Any, spec: SiteSpec | Mapping[str, Any], message: Mapping[st
 class JobRuntime:
     STAGES = PASS_STAGES
     QUERIES = QUERIES
+    LIFECYCLE = LIFECYCLE
 
     def __init__(self, home: Path, site_spec: SiteSpec):
         """The runtime of one job at this datasite, for one call.
@@ -281,6 +291,8 @@ class JobRuntime:
         self.home = Path(home)
         job_id = site_spec.job_id
         self.job_id = job_id
+        #: the spec exactly as bound or carried (what the ledger's approval hashed)
+        self._bound_spec = site_spec.to_dict()
         own_schema = self.home / "schema.toml"
         if own_schema.is_file():
             # the datasite's own schema is authoritative, never the researcher's copy
@@ -316,6 +328,48 @@ class JobRuntime:
 
         return load_private_key(self._secret_path(name))
 
+    @contextmanager
+    def _reserved_payload(self, p: int, n_params: int) -> Iterator[Any]:
+        """Reserve the disk space of pass ``p``'s payload before anything is charged, and
+        yield ``store(payload)``, which writes it into that space and makes it the pass's
+        ``payload.npz`` (the reply a retry of the pass gets).
+
+        Raises:
+            RoundError: the site's disk cannot hold the payload; nothing was charged.
+        """
+        import io
+
+        tmp = self._secret_path("payload.tmp.npz")
+        # the update, the counts and their npz framing, with room to spare
+        reserve = 8 * int(n_params) + PAYLOAD_SLACK
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, reserve)
+            except OSError as e:
+                log.error("job %s pass %s: cannot reserve %d bytes for its payload in %s (%s); refused "
+                          "before the charge", self.job_id, p, reserve, self.dir, e)
+                raise RoundError(
+                    f"pass {p}: the datasite's disk is full (it could not reserve {reserve:,} bytes for "
+                    "this pass); nothing was charged. Retry the pass once its owner has freed space."
+                ) from None
+
+            def store(payload: Mapping[str, np.ndarray]) -> None:
+                buf = io.BytesIO()
+                np.savez(buf, **payload)
+                blob = buf.getbuffer()
+                os.lseek(fd, 0, os.SEEK_SET)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, len(blob))
+                os.fsync(fd)
+                os.replace(tmp, self._secret_path("payload.npz"))
+
+            yield store
+        finally:
+            os.close(fd)
+
     # -- dispatch ------------------------------------------------------------
     def dispatch(self, data: Any, msg: StageMessage) -> Reply:
         """Run one parsed message.
@@ -333,6 +387,8 @@ class JobRuntime:
         """
         if isinstance(msg, Spend):
             return Reply.query_reply(site_ledger.researcher_view_of_job(self.home, self.job_id))
+        if isinstance(msg, Close):
+            return self._close(msg)
         stage = msg.stage
         p = msg.pass_no
         last = self.site_spec.schedule.last_pass
@@ -345,6 +401,9 @@ class JobRuntime:
             )
         if p < 1 or (self.state["completed"] and p <= max(self.state["completed"])):
             raise RoundError(f"pass {p} is not after the last executed pass; refused")
+        status = site_ledger.job_status(self.home, self.job_id)
+        if status in ("finished", "aborted"):
+            raise RoundError(f"job {self.job_id} is {status} at this datasite; no pass of it runs any more")
         if isinstance(msg, Advertise):
             return self._advertise(data, p, msg)
         cur = self.state.get("current")
@@ -372,6 +431,19 @@ class JobRuntime:
         if stage == "unmask":
             self._complete(p)
         return Reply.stage_reply(out)
+
+    def _close(self, msg: Close) -> Reply:
+        """The researcher finishes or aborts the job here (under the job's lock, so no stage
+        of it runs meanwhile): the ledger records the closing once; the pass in progress,
+        if any, is dropped with its payload (it stays charged)."""
+        view = site_ledger.close_job(self.home, self._bound_spec, aborted=msg.action == "abort",
+                                     reason=msg.reason)
+        if self.state.get("current") is not None:
+            self.state["current"] = None
+            self._save()
+        self._secret_path("payload.npz").unlink(missing_ok=True)
+        drop_tensors(self.home, self.job_id)
+        return Reply.query_reply(view)
 
     def _plan(self, p: int) -> protocol.PassPlan:
         if not hasattr(self, "_model"):
@@ -453,10 +525,11 @@ class JobRuntime:
                     "use a higher attempt number"
                 )
         else:
-            payload, report = self._compute_payload(data, p, plan, weights)
-            np.savez(self._secret_path("payload.tmp.npz"), **payload)
-            os.chmod(self._secret_path("payload.tmp.npz"), 0o600)
-            os.replace(self._secret_path("payload.tmp.npz"), self._secret_path("payload.npz"))
+            # the space the pass's payload needs is taken before the charge: a full disk
+            # refuses the pass with nothing charged, instead of failing after it
+            with self._reserved_payload(p, size) as store:
+                payload, report = self._compute_payload(data, p, plan, weights)
+                store(payload)
             self.state["last_report"] = report
             if os.environ.get(TEST_HOOK_ENV):
                 hook = self.dir / "test-hook"

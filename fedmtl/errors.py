@@ -10,7 +10,8 @@ The tree, by who raises them:
   :class:`PeerError`, :class:`ManualReviewError`, :class:`LedgerError` with
   :class:`LedgerCorruptError` and :class:`RoundRefusedError`; :class:`PolicyError`,
   :class:`ReviewError`, :class:`CohortError`, :class:`MockError`,
-  :class:`DataPlaneRefused`, :class:`LaunchWarning`;
+  :class:`DataPlaneRefused`, :class:`LaunchWarning`; :class:`KeyMismatch` (the audit's
+  pinned key);
 * privacy: :class:`PrivacyBudgetError`, :class:`SecureRNGUnavailableWarning`, and the
   secure-aggregation errors under :class:`SecAggError` (:class:`ShamirError`, the key
   errors, the protocol errors);
@@ -185,6 +186,11 @@ class MessageError(SecAggError, ValueError):
 
 class UnmaskRefusedError(SecAggError):
     """An honest site refuses an unmask request that could reveal a site's input."""
+
+
+class KeyMismatch(FedMTLError):
+    """``fedmtl audit --verify-key``: the pinned value is neither the home's key nor its
+    fingerprint; the audit fails (exit 1) as a verification would."""
 
 
 class JobError(FedMTLError):

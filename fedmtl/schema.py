@@ -60,18 +60,24 @@ scaling (:func:`apply_transform`, :mod:`fedmtl.models.preprocessing`).
 ``binary`` columns hold 0/1. A ``label`` column of type ``categorical`` is a
 multiclass task, of type ``numeric`` a regression task. Exactly one ``id`` column.
 
+The sites of a federation share one schema: :func:`schema_differences` says, column by
+column and key by key, how schemas differ (``fedmtl datasite schema diff`` and every refusal
+of differing sites use it), and :func:`merge_schemas` makes the sites' drafts one
+(``fedmtl datasite schema merge``).
+
 This module imports neither syft nor torch.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from fedmtl.errors import SchemaError
 
@@ -81,6 +87,9 @@ ROLES: tuple[str, ...] = ("id", "feature", "label", "split")
 TYPES: tuple[str, ...] = ("numeric", "categorical", "binary")
 #: per-column transforms a numeric feature may declare (``transform = "log1p"``)
 TRANSFORMS: tuple[str, ...] = ("log1p",)
+
+#: the dataset name of a schema whose ``[dataset]`` table names none
+DEFAULT_NAME = "records"
 
 _WHOLE_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0+)?")
 
@@ -139,7 +148,7 @@ class Column:
 @dataclass(frozen=True)
 class Schema:
     columns: tuple[Column, ...]
-    name: str = "records"
+    name: str = DEFAULT_NAME
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -289,7 +298,7 @@ class Schema:
         extra = {k: v for k, v in ds.items() if k not in ("name", "description")}
         return cls(
             columns=tuple(cols),
-            name=str(ds.get("name", "records")),
+            name=str(ds.get("name", DEFAULT_NAME)),
             description=str(ds.get("description", "")),
             extra=extra,
         )
@@ -373,3 +382,247 @@ def _drop_none(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_drop_none(v) for v in obj]
     return obj
+
+
+# -- one schema for the federation: differences and merge ------------------------------
+
+#: the column keys compared across schemas, in the order differences are reported
+COLUMN_KEYS: tuple[str, ...] = ("role", "type", "transform", "min", "max", "categories", "missing", "description")
+#: the keys of a column whose values must agree for a merge (a union would change what the column means)
+MERGE_MUST_AGREE: tuple[str, ...] = ("role", "type", "transform")
+#: the one command line that makes the sites' schemas one (quoted by every refusal)
+MERGE_HINT = (
+    "merge the sites' drafts with `fedmtl datasite schema merge A.toml B.toml ... --out shared.toml` "
+    "and launch every datasite with shared.toml (a datasite's schema is set at its first launch; "
+    "docs/schema.md, 'One schema for the federation')"
+)
+
+
+@dataclass(frozen=True)
+class SchemaDifference:
+    """One way two or more schemas differ: one key of one column, or of the ``[dataset]`` table.
+
+    Attributes:
+        column: the column's name; ``None`` for the ``[dataset]`` table and the column order.
+        key: a column key (:data:`COLUMN_KEYS`), ``"present"`` (the column is in some schemas
+            only: ``values`` are ``True``/``False``), a ``[dataset]`` key, or ``"order"`` (the
+            shared columns come in another order: ``values`` are name tuples).
+        values: each schema's value, in the order the schemas were given; ``None`` where a
+            schema declares none (or lacks the column).
+    """
+
+    column: str | None
+    key: str
+    values: tuple[Any, ...]
+
+    @property
+    def where(self) -> str:
+        """``column 'age' key 'max'``, ``column 'bmi'``, ``[dataset] key 'name'`` or ``the column order``."""
+        if self.key == "order":
+            return "the column order"
+        if self.column is None:
+            return f"[dataset] key {self.key!r}"
+        if self.key == "present":
+            return f"column {self.column!r}"
+        return f"column {self.column!r} key {self.key!r}"
+
+    def describe(self, labels: Sequence[str] | None = None) -> str:
+        """The difference in one line.
+
+        Args:
+            labels: one name per schema (file names, site names). Without them (two schemas
+                only) the values are written ``(90 vs 85)``.
+
+        Returns:
+            e.g. ``column 'age' key 'max': a.toml says 90, b.toml says 85``, or ``column 'age'
+            key 'max' (90 vs 85)``, or ``column 'bmi': in a.toml, not in b.toml`` (without labels:
+            ``column 'bmi' (declared vs absent)``).
+        """
+        if self.key == "present":
+            if labels is None:
+                return f"{self.where} ({' vs '.join('declared' if v else 'absent' for v in self.values)})"
+            has = [lab for lab, v in zip(labels, self.values) if v]
+            lacks = [lab for lab, v in zip(labels, self.values) if not v]
+            return f"{self.where}: in {', '.join(has)}, not in {', '.join(lacks)}"
+        shown = [_show(v) for v in self.values]
+        if labels is None:
+            return f"{self.where} ({' vs '.join(shown)})"
+        return f"{self.where}: " + ", ".join(f"{lab} says {s}" for lab, s in zip(labels, shown))
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if isinstance(v, tuple) and all(isinstance(x, str) for x in v):
+        return "[" + ", ".join(v) + "]"
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v)
+
+
+def schema_differences(schemas: Sequence[Schema], *, columns_only: bool = False) -> list[SchemaDifference]:
+    """Every way ``schemas`` differ, column by column and key by key.
+
+    The one comparison behind ``fedmtl datasite schema diff``, the merge's conflicts and
+    every refusal of sites whose schemas differ. Columns are reported in the order the
+    first schema declares them (then columns only later schemas have), keys in
+    :data:`COLUMN_KEYS` order; a column some schemas lack is one ``"present"`` difference.
+
+    Args:
+        schemas: two or more schemas (one alone has no differences).
+        columns_only: leave out the ``[dataset]`` table (name, description, other keys):
+            what a job needs the sites to share is the columns.
+
+    Returns:
+        The differences; empty when the schemas declare the same columns (and, unless
+        ``columns_only``, the same ``[dataset]`` table).
+    """
+    out: list[SchemaDifference] = []
+    if len(schemas) < 2:
+        return out
+    if not columns_only:
+        tables = [{"name": s.name, "description": s.description, **s.extra} for s in schemas]
+        for key in _ordered_union(list(t) for t in tables):
+            vals = tuple(t.get(key) for t in tables)
+            if len(set(map(repr, vals))) > 1:
+                out.append(SchemaDifference(None, key, vals))
+    by_name = [{c.name: c for c in s.columns} for s in schemas]
+    names = _ordered_union(s.names for s in schemas)
+    for name in names:
+        cols = [b.get(name) for b in by_name]
+        if any(c is None for c in cols):
+            out.append(SchemaDifference(name, "present", tuple(c is not None for c in cols)))
+            continue
+        for key in COLUMN_KEYS:
+            vals = tuple(getattr(c, key) for c in cols)
+            if len(set(vals)) > 1:
+                out.append(SchemaDifference(name, key, vals))
+    common = [n for n in names if all(n in b for b in by_name)]
+    orders = tuple(tuple(n for n in s.names if n in common) for s in schemas)
+    if len(set(orders)) > 1:
+        out.append(SchemaDifference(None, "order", orders))
+    return out
+
+
+def describe_differences(diffs: Sequence[SchemaDifference], labels: Sequence[str] | None = None,
+                         *, limit: int = 6, sep: str = "; ") -> str:
+    """``diffs`` in one text, at most ``limit`` of them (then ``and N more``).
+
+    Args:
+        diffs: from :func:`schema_differences`.
+        labels: one name per schema compared (see :meth:`SchemaDifference.describe`).
+        limit: how many to write out.
+        sep: what goes between two.
+
+    Returns:
+        The text; empty for no differences.
+    """
+    parts = [d.describe(labels) for d in diffs[:limit]]
+    if len(diffs) > limit:
+        parts.append(f"and {len(diffs) - limit} more (`fedmtl datasite schema diff` lists them all)")
+    return sep.join(parts)
+
+
+def merge_schemas(schemas: Sequence[Schema], labels: Sequence[str] | None = None, *,
+                  name: str | None = None, description: str | None = None) -> Schema:
+    """One shared schema every site's records fit: the union of the sites' drafts.
+
+    Per column: the numeric range is the union (the least ``min``, the greatest ``max``),
+    ``categories`` the union (the first schema's order, then new ones as they come),
+    ``missing`` is true if any schema allows it, ``description`` the first non-empty one.
+    ``role``, ``type`` and ``transform`` must agree, a label's ``categories`` (its classes)
+    too, every column must be in every schema, and a ``min``/``max``/``categories`` that one
+    schema declares the others must declare as well: anything else is a conflict.
+
+    The ``[dataset]`` table: ``name`` and ``description`` as given, else the schemas' own
+    when they all agree, else none (each site then publishes ``SITE-records``); other
+    ``[dataset]`` keys are kept where the schemas agree.
+
+    Args:
+        schemas: the sites' schemas (drafts), two or more.
+        labels: one name per schema for the messages (file names); default ``#1``, ``#2``, ...
+        name: the shared dataset name.
+        description: the shared dataset description.
+
+    Returns:
+        The merged schema (valid: it loads as any schema does).
+
+    Raises:
+        SchemaError: fewer than two schemas, or conflicts (each named: the column, the key,
+            which schema says what, and what to fix).
+    """
+    if len(schemas) < 2:
+        raise SchemaError("merging needs two or more schemas")
+    labels = list(labels) if labels is not None else [f"#{i}" for i in range(1, len(schemas) + 1)]
+    if len(labels) != len(schemas):
+        raise ValueError(f"{len(labels)} labels for {len(schemas)} schemas")
+    problems: list[str] = []
+    blocked: set[str | None] = set()  # columns whose role/type/transform differ: the rest follows
+    for d in schema_differences(schemas, columns_only=True):
+        fix = "" if d.column in blocked else _conflict_fix(d, schemas)
+        if fix:
+            problems.append(f"{d.describe(labels)}: {fix}")
+            if d.key in MERGE_MUST_AGREE:
+                blocked.add(d.column)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise SchemaError(
+            f"the schemas {', '.join(labels)} cannot be merged; fix these in the drafts (or the exports), "
+            f"then merge again:\n{lines}"
+        )
+    first = schemas[0]
+    cols = [_merge_column([s.column(c.name) for s in schemas]) for c in first.columns]
+    tables = [{"name": s.name, "description": s.description, **s.extra} for s in schemas]
+    agreed = {k: tables[0][k] for k in tables[0] if all(k in t and t[k] == tables[0][k] for t in tables)}
+    merged = {
+        "dataset": {
+            **{k: v for k, v in agreed.items() if k not in ("name", "description")},
+            "name": name if name is not None else agreed.get("name", DEFAULT_NAME),
+            "description": description if description is not None else agreed.get("description", ""),
+        },
+        "columns": [c.to_dict() for c in cols],
+    }
+    return Schema.from_dict(_drop_none(merged), source="the merged schema")
+
+
+def _conflict_fix(d: SchemaDifference, schemas: Sequence[Schema]) -> str:
+    """What to do about difference ``d`` before a merge; empty when the merge resolves it."""
+    if d.key == "present":
+        return ("every site's export needs the same columns: add the column to the exports that lack it, "
+                "or drop it from the others and their drafts")
+    if d.key in MERGE_MUST_AGREE:
+        return f"the {d.key} must be the same in every draft: decide which is right and write it in all of them"
+    if any(v is None for v in d.values) and d.key in ("min", "max", "categories"):
+        return f"declared in some drafts only: declare {d.key} in every draft (or in none)"
+    if d.key == "categories" and schemas[0].column(d.column).role == "label":
+        return ("a label's categories are the task's classes: agree on one list of classes and write it in "
+                "every draft (recode the exports if the codes mean different things)")
+    return ""
+
+
+def _merge_column(cols: Sequence[Column]) -> Column:
+    """The union of one column's declarations (their role, type and transform agree)."""
+    c0 = cols[0]
+    lo = min(c.min for c in cols) if c0.min is not None else None
+    hi = max(c.max for c in cols) if c0.max is not None else None
+    cats = None
+    if c0.categories is not None:
+        cats = tuple(_ordered_union(c.categories or () for c in cols))
+    return Column(
+        name=c0.name, role=c0.role, type=c0.type, min=lo, max=hi, categories=cats,
+        missing=any(c.missing for c in cols), transform=c0.transform,
+        description=next((c.description for c in cols if c.description), ""),
+    )
+
+
+def _ordered_union(seqs: Any) -> list[Any]:
+    out: list[Any] = []
+    seen: set[Any] = set()
+    for seq in seqs:
+        for x in seq:
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+    return out

@@ -57,7 +57,7 @@ from fedmtl.models.preprocessing import Preprocessor, labels_of, local_stats, su
 from fedmtl.models.tasks import TaskSpec
 from fedmtl.privacy.dp import train_local
 from fedmtl.researcher.recipe import recipe_spec
-from fedmtl.schema import Schema
+from fedmtl.schema import MERGE_HINT, Schema, describe_differences, schema_differences
 
 METHODS = ("pooled_mtl", "pooled_mtl_dp", "local_mtl", "local_mtl_dp", "pooled_logreg")
 #: per-task figures kept in an evaluation
@@ -88,8 +88,10 @@ def load_sites(paths: Sequence[tuple[str, Path, Path]]) -> tuple[Schema, list[Si
     frames = {}
     for name, rec, sch in paths:
         s = Schema.load(sch)
-        if schema is not None and list(s.columns) != list(schema.columns):
-            raise ValueError(f"site {name!r} has a different schema from the first site; baselines need one schema")
+        differ = schema_differences([s, schema], columns_only=True) if schema is not None else []
+        if differ:
+            raise ValueError(f"site {name!r}'s schema differs from the first site's: {describe_differences(differ)}; "
+                             f"baselines need one schema: {MERGE_HINT}")
         schema = schema or s
         if s.split_column is None:
             raise ValueError(f"site {name!r}: the schema has no split column; baselines need train/test splits")

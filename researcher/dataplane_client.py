@@ -11,6 +11,7 @@ strictly increasing sequence number per site. It is a
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from fedmtl.contract import wire
 from fedmtl.datasites.server.dataplane import PING_PATH, ROUND_PATH, VERSION
 
 KEY_FILE = "dataplane.key"
-#: how often a request refused as one too many at once (HTTP 429) is sent again
-BUSY_RETRIES = 6
+#: how long a request refused as one too many at once (HTTP 429) is sent again, with
+#: back-off (a site serves a few requests at once; a busy one is not a dropout)
+BUSY_WAIT_S = 60.0
 
 
 def _verify_option():
@@ -89,17 +91,22 @@ class DataPlaneTransport:
     def call(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
         """Send one stage's ``message`` to ``site``; its reply (``{"ok": False, ...}`` when
         the site refuses or cannot be reached: a dropout). A request refused as one too
-        many at once (HTTP 429) is sent again, up to :data:`BUSY_RETRIES` times."""
+        many at once (HTTP 429) is sent again, with back-off, for up to :data:`BUSY_WAIT_S`
+        seconds."""
         spec = self.site_specs[site]
         env = wire.Envelope(job_id=str(spec["job_id"]), site=site, seq=self._next_seq(site), spec=spec,
                             message=dict(message))
         try:
             req = wire.sign_request(env, self.key)
-            for attempt in range(BUSY_RETRIES + 1):
+            deadline = time.monotonic() + BUSY_WAIT_S
+            attempt = 0
+            while True:
                 r = self._clients[site].post(ROUND_PATH, content=req.body, headers=req.headers())
-                if r.status_code != 429 or attempt == BUSY_RETRIES:
+                if r.status_code != 429 or time.monotonic() >= deadline:
                     break
-                time.sleep(min(2.0, 0.05 * 2 ** attempt))
+                # exponential back-off, capped, with jitter so that waiting jobs spread out
+                time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+                attempt += 1
         except Exception as e:  # noqa: BLE001 - a site that fails is a dropout
             return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                     "kind": "Unreachable"}

@@ -20,7 +20,8 @@ flat-vector order; :meth:`JobResult.model` with a ``site`` puts them over the gl
 Using a result::
 
     result = job.run()                      # or JobResult.load("runs/mtl/result")
-    print(result)                           # tasks, final AUROC / Brier, epsilon per site, rounds
+    print(result)                           # tasks, final AUROC / Brier, epsilon charged per site,
+                                            # the passes each site took part in
     result.final_metrics()                  # {task: {metric: value}} of the last evaluation
     result.metrics_table()                  # every evaluation, one row per metric
     result.predict(df)                      # {task: predictions}; df checked against the schema
@@ -55,8 +56,11 @@ class JobResult:
     """A trained multi-task model with its metrics and privacy cost (see the module docs).
 
     ``metrics`` is the history (one entry per evaluated round), ``epsilon`` the epsilon
-    charged per site, ``rounds_done`` the training rounds run. ``print(result)`` shows a
-    short summary (never the spec, the schema or the weights)."""
+    charged per site (read back from each site's ledger through your spend view where
+    ``epsilon_source`` says ``"ledger"``; else ``"estimate: <why>"``, the figure the passes
+    would cost), ``site_passes`` the passes each site's vector is in (the pass's
+    survivors), ``rounds_done`` the training rounds run. ``print(result)`` shows a short
+    summary (never the spec, the schema or the weights)."""
 
     spec: JobSpec
     model_config: dict[str, Any]
@@ -67,6 +71,8 @@ class JobResult:
     epsilon: dict[str, float] = field(default_factory=dict)
     rounds_done: int = 0
     site_status: dict[str, Any] = field(default_factory=dict)
+    epsilon_source: dict[str, str] = field(default_factory=dict)
+    site_passes: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from fedmtl.models.flat import vector_size
@@ -253,7 +259,19 @@ class JobResult:
         lines.append(f"  final metrics from the evaluation after round {last}" if last is not None
                      else "  no evaluation yet")
         eps = ", ".join(f"{site}={_fmt(e)}" for site, e in sorted(self.epsilon.items())) or "-"
-        lines.append(f"  epsilon per site: {eps} (delta={self.spec.delta:g})")
+        if self.epsilon_source and all(v == "ledger" for v in self.epsilon_source.values()):
+            lines.append(f"  epsilon charged per site (read back from each site's ledger): {eps}")
+        else:
+            lines.append(f"  epsilon per site: {eps} (delta={self.spec.delta:g})")
+            for site, why in sorted(self.epsilon_source.items()):
+                if why != "ledger":
+                    lines.append(f"    {site}: not read back from its ledger ({why})")
+        if self.site_passes:
+            n = max((max(p) for p in self.site_passes.values() if p), default=0)
+            lines.append("  passes per site: " + ", ".join(
+                f"{site} {_ranges(ps)}" + (f" (missed {_ranges(sorted(set(range(1, n + 1)) - set(ps)))})"
+                                           if len(ps) < n else "")
+                for site, ps in sorted(self.site_passes.items())))
         if self.site_heads:
             lines.append(f"  personalised heads: {', '.join(sorted(self.site_heads))}")
         return "\n".join(lines)
@@ -277,6 +295,8 @@ class JobResult:
             "epsilon": {k: float(v) for k, v in self.epsilon.items()},
             "rounds_done": self.rounds_done,
             "site_status": self.site_status,
+            "epsilon_source": dict(self.epsilon_source),
+            "site_passes": {k: [int(p) for p in v] for k, v in self.site_passes.items()},
             "sites_with_heads": sorted(self.site_heads),
         }
 
@@ -328,7 +348,24 @@ class JobResult:
             epsilon={k: float(v) for k, v in meta.get("epsilon", {}).items()},
             rounds_done=int(meta.get("rounds_done", 0)),
             site_status=meta.get("site_status", {}),
+            epsilon_source={str(k): str(v) for k, v in meta.get("epsilon_source", {}).items()},
+            site_passes={str(k): [int(p) for p in v] for k, v in meta.get("site_passes", {}).items()},
         )
+
+
+def _ranges(passes: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3,5"`` (``"none"`` when empty)."""
+    if not passes:
+        return "none"
+    out, start, prev = [], passes[0], passes[0]
+    for p in [*passes[1:], None]:
+        if p is not None and p == prev + 1:
+            prev = p
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if p is not None:
+            start = prev = p
+    return ",".join(out)
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:

@@ -342,7 +342,7 @@ def prepare(
         note = f"; does not record {MISSING_TASK}" if lacks else ""
         schema = Schema(
             columns=shared.columns,
-            name=name,
+            name=f"{name}-records",  # the dataset each demo site publishes
             description=f"NAFLD demo cohort, hospital {name!r} ({len(df)} patients{note})",
         )
         text = _to_csv(df, schema)

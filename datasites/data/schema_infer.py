@@ -152,10 +152,15 @@ class Draft:
             "#  - role: exactly one \"id\" column (one row per patient); \"label\" columns are the",
             "#    prediction tasks researchers may train on; \"feature\" columns are model inputs;",
             "#    an optional \"split\" column holds train/test.",
-            "#  - min/max (numeric): features are scaled by the declared range, so declare the",
-            "#    plausible clinical range, not far wider than the data. The schema is published",
+            "#  - min/max (numeric): a value outside the range is rejected at launch. A job",
+            "#    standardises each numeric feature with a mean and standard deviation from its",
+            "#    statistics pass (each site's sums, noised and charged to its privacy budget); the",
+            "#    range bounds one patient's share of those sums, so the noise grows with it: declare",
+            "#    the plausible clinical range, not far wider than the data. The schema is published",
             "#    to researchers: the range shows the extremes of your records (they are rounded",
             "#    outward here; widen them to a clinical range if the extremes are sensitive).",
+            "#  - transform = \"log1p\" (numeric features, min > -1): the model sees ln(1 + x), for",
+            "#    skewed values such as many lab results; the export keeps its values and units.",
             "#  - categories: every allowed value; the list is published too. Whole numbers are",
             "#    compared as integers (2, 2.0 and \"2\" are the same category).",
             "#  - missing = true where a value may be empty; a missing label means \"not labelled\".",
@@ -341,8 +346,9 @@ def _infer_column(name: str, raw: pd.Series, n: int) -> DraftColumn:
         col.observed = (lo, hi)
         col.min, col.max = _bounds(lo, hi, whole=whole)
         col.notes.append(
-            f"observed {_fmt(lo)} .. {_fmt(hi)}; CHECK min/max: the declared range scales this "
-            "feature, so keep it close to the plausible values"
+            f"observed {_fmt(lo)} .. {_fmt(hi)}; CHECK min/max: the declared range bounds this "
+            "feature's released statistics (their noise grows with it), so keep it close to the "
+            "plausible values"
         )
         if hi > lo and len(finite) >= 30:
             med = float(np.median(finite))
@@ -351,8 +357,10 @@ def _infer_column(name: str, raw: pd.Series, n: int) -> DraftColumn:
             if skew > 2.0 or share < 0.1:
                 col.notes.append(
                     f"CHECK: skewed (skewness {skew:.1f}): half of the values lie below {_fmt(med)}, "
-                    f"in the lowest {share:.0%} of the range, so range scaling squeezes most patients "
-                    "together; consider exporting a log-transformed value instead"
+                    f"in the lowest {share:.0%} of the range, so scaling squeezes most patients "
+                    "together; consider adding transform = \"log1p\" to this column (the model then "
+                    "sees ln(1 + x); the export keeps its values)"
+                    + ("" if col.min is not None and col.min > -1 else ", which needs min > -1")
                 )
         return col
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fedmtl.contract.schedule import PassSchedule
 from fedmtl.datasites.ledger.ledger import (
     LEDGER_FILE,
     Ledger,
@@ -61,6 +62,10 @@ class AuditReport:
     policy: dict[str, Any] | None
     html_path: Path | None = None
     json_path: Path | None = None
+    #: what approved, unfinished jobs' passes not yet charged will add (composed), per
+    #: researcher and per dataset: reserved, not spent
+    researcher_reserved: dict[str, float] = field(default_factory=dict)
+    dataset_reserved: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +80,7 @@ class AuditReport:
                 "dataset": {k: [list(p) for p in v] for k, v in self.dataset_series.items()},
             },
             "epsilon_spent": {"researcher": self.researcher_spent, "dataset": self.dataset_spent},
+            "epsilon_reserved": {"researcher": self.researcher_reserved, "dataset": self.dataset_reserved},
             "policy_changes": self.policy_changes,
             "policy": self.policy,
         }
@@ -89,12 +95,16 @@ class ResearcherView:
     epsilon_spent: dict[str, float]
     budget_left: dict[str, float]
     series: dict[str, list[Point]] = field(default_factory=dict)
+    #: per dataset: what your approved, unfinished jobs' passes not yet charged will add to
+    #: ``epsilon_spent`` (composed): reserved for them, not spent; 0 once they are closed
+    epsilon_reserved: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "email": self.email,
             "requests": self.requests,
             "epsilon_spent": self.epsilon_spent,
+            "epsilon_reserved": self.epsilon_reserved,
             "budget_left": self.budget_left,
             "series": {k: [list(p) for p in v] for k, v in self.series.items()},
         }
@@ -182,8 +192,48 @@ def _request_rows(state: _State, *, researcher: str | None = None) -> list[dict[
         d["epsilon_approved"] = dec.to_dict()["epsilon_job"] if dec else None
         d["reasons"] = list(dec.reasons) if dec else []
         d["warning_shown"] = bool(dec.warning_shown) if dec else False
+        d.update(pass_progress(st.facts.rounds, st.facts.passes, st.rounds))
         rows.append(d)
     return rows
+
+
+def pass_progress(rounds: int, passes: int, executed: Sequence[int]) -> dict[str, Any]:
+    """How far a job got, in rounds and in passes, as the audit shows it.
+
+    A *round* trains the model; a *pass* is one trip through secure aggregation, and the
+    ledger charges passes: with standard scaling pass 1 releases the features' statistics,
+    the rounds follow, and the last pass evaluates the final model. So a finished 5-round
+    job ran 7 passes (6 with range scaling): never more rounds than approved.
+
+    Args:
+        rounds: the training rounds approved (the request's ``rounds``).
+        passes: the passes approved (the request's ``passes``; 0 in older ledgers: ``rounds``).
+        executed: the pass numbers charged (the ``round`` keys of its ``round_executed`` entries).
+
+    Returns:
+        ``rounds_run``, ``passes_approved``, ``passes_run``, ``passes_by_kind`` (statistics,
+        training, evaluation) and ``progress``, a sentence such as "5 of 5 rounds run;
+        7 of 7 passes (1 statistics, 5 training, 1 final evaluation)".
+    """
+    try:
+        rounds, passes = int(rounds), int(passes) or int(rounds)
+    except (TypeError, ValueError):  # a tampered entry: summarised as far as it reads
+        return {"rounds_run": None, "passes_approved": None, "passes_run": len(executed),
+                "passes_by_kind": None, "progress": f"{len(executed)} passes run (the request's rounds are unreadable)"}
+    schedule = PassSchedule(rounds=max(0, rounds), stats_pass=passes == rounds + 2)
+    kinds = {"statistics": 0, "training": 0, "evaluation": 0}
+    for p in executed:
+        if schedule.is_stats_pass(int(p)):
+            kinds["statistics"] += 1
+        elif schedule.training_round(int(p)) is not None:
+            kinds["training"] += 1
+        else:
+            kinds["evaluation"] += 1
+    parts = [f"{n} {'final evaluation' if k == 'evaluation' else k}" for k, n in kinds.items() if n]
+    progress = (f"{kinds['training']} of {rounds} rounds run; {len(executed)} of {passes} passes"
+                + (f" ({', '.join(parts)})" if parts else ""))
+    return {"rounds_run": kinds["training"], "passes_approved": passes, "passes_run": len(executed),
+            "passes_by_kind": kinds, "progress": progress}
 
 
 # ----------------------------------------------------------------------------- audit
@@ -208,6 +258,7 @@ def audit(
     state, changes = _fold(entries)
     rs, ds = _series(entries)
     policy = state.policy
+    by_r, by_d = _reserved(state, policy)
     report_obj = AuditReport(
         verification=report,
         requests=_request_rows(state),
@@ -217,6 +268,8 @@ def audit(
         dataset_spent={k: v[-1][1] for k, v in ds.items()},
         policy_changes=changes,
         policy=policy.to_dict() if policy else None,
+        researcher_reserved=by_r,
+        dataset_reserved=by_d,
     )
     if write:
         out = Path(out_dir) if out_dir is not None else ledger_path.parent / "audit"
@@ -226,6 +279,38 @@ def audit(
         _write_text(report_obj.json_path, json.dumps(report_obj.to_dict(), indent=2, sort_keys=True, default=_jsonable))
         _write_text(report_obj.html_path, render_html(report_obj))
     return report_obj
+
+
+def reserved_epsilon(state: _State, policy: Policy | None, *, dataset: str, researcher: str | None = None) -> float:
+    """What the approved, unfinished jobs (of ``researcher``, or of everyone) on ``dataset``
+    still hold against the budgets: epsilon of spent and reserved records composed, minus
+    epsilon of the spent ones alone, under ``policy`` (0 without a policy or reservation).
+
+    Args:
+        state: the folded ledger.
+        policy: the current policy (its delta and accountant).
+        dataset: the dataset.
+        researcher: one researcher's jobs only (``None``: everyone's).
+
+    Returns:
+        The reserved epsilon, >= 0.
+    """
+    held = state.committed(dataset=dataset, researcher=researcher)
+    if policy is None or not held:
+        return 0.0
+    spent = state.spent(dataset=dataset, researcher=researcher)
+    before = epsilon_of(spent, delta=policy.delta, accountant=policy.accountant) if spent else 0.0
+    return max(0.0, epsilon_of(spent + held, delta=policy.delta, accountant=policy.accountant) - before)
+
+
+def _reserved(state: _State, policy: Policy | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Reserved epsilon per researcher and per dataset, keyed as :func:`_series` keys them."""
+    pairs = {(st.facts.researcher, st.facts.dataset) for st in state.requests.values()}
+    datasets = {d for _, d in pairs}
+    by_r = {(r if len(datasets) <= 1 else f"{r} on {d}"): reserved_epsilon(state, policy, dataset=d, researcher=r)
+            for r, d in sorted(pairs)}
+    by_d = {d: reserved_epsilon(state, policy, dataset=d) for d in sorted(datasets)}
+    return by_r, by_d
 
 
 def researcher_view(ledger: Ledger | str | Path, email: str) -> ResearcherView:
@@ -248,7 +333,9 @@ def researcher_view(ledger: Ledger | str | Path, email: str) -> ResearcherView:
             spent[dsn] = eps
             left[dsn] = policy.researcher_epsilon_budget - eps
     rs, _ = _series(entries, only_researcher=email)
-    return ResearcherView(email=email, requests=_request_rows(state, researcher=email), epsilon_spent=spent, budget_left=left, series=rs)
+    reserved = {dsn: reserved_epsilon(state, policy, dataset=dsn, researcher=email) for dsn in sorted(datasets)}
+    return ResearcherView(email=email, requests=_request_rows(state, researcher=email), epsilon_spent=spent,
+                          budget_left=left, series=rs, epsilon_reserved=reserved)
 
 
 def _jsonable(x: Any) -> Any:
@@ -343,7 +430,7 @@ def render_html(report: AuditReport) -> str:
             ("", _e(r["decided_by"]) + (f" ({_e(r['mode'])})" if r["mode"] else "")),
             ("num", _f(r["epsilon_approved"])),
             ("num", _f(r["epsilon_charged"])),
-            ("num", f'{len(r["rounds_executed"])} / {_e(r["rounds_approved"])}'),
+            ("", _e(r["progress"])),
             ("", "yes" if r["warning_shown"] else ""),
             ("reasons", "<br>".join(_e(x) for x in r["reasons"])),
         ]
@@ -353,11 +440,12 @@ def render_html(report: AuditReport) -> str:
     req_rows = "".join(request_row(r) for r in report.requests)
     budgets = (report.policy or {}).get("privacy", {})
 
-    def spend_rows(spent: Mapping[str, float], budget_key: str, css: str) -> str:
+    def spend_rows(spent: Mapping[str, float], reserved: Mapping[str, float], budget_key: str, css: str) -> str:
         b = budgets.get(budget_key)
         return "".join(
-            f'<tr class="{css}"><td>{_e(k)}</td><td>{_f(val)}</td><td>{_f(b)}</td><td>{_f(b - val) if b is not None else ""}</td></tr>'
-            for k, val in sorted(spent.items())
+            f'<tr class="{css}"><td>{_e(k)}</td><td>{_f(spent.get(k, 0.0))}</td><td>{_f(reserved.get(k, 0.0))}</td>'
+            f'<td>{_f(b)}</td><td>{_f(b - spent.get(k, 0.0)) if b is not None else ""}</td></tr>'
+            for k in sorted(set(spent) | {k for k, v in reserved.items() if v > 0})
         )
 
     pol_rows = "".join(
@@ -396,14 +484,20 @@ img {{ max-width: 100%; height: auto; }}
 <img id="epsilon-plot" alt="epsilon spent over time per researcher and per dataset" src="data:image/png;base64,{png}" width="1100">
 <h2>Requests</h2>
 <table id="requests"><thead><tr><th>request</th><th>researcher</th><th>dataset</th><th>code</th><th>received</th>
-<th>status</th><th>decided by</th><th>epsilon approved</th><th>epsilon charged</th><th>rounds run</th>
+<th>status</th><th>decided by</th><th>epsilon approved</th><th>epsilon charged</th><th>rounds and passes run</th>
 <th>advisory warning shown</th><th class="reasons">reasons</th></tr></thead><tbody>{req_rows}</tbody></table>
+<p id="passes-note">A <em>round</em> trains the model; a <em>pass</em> is one trip through secure aggregation,
+and the ledger charges passes: with standard scaling pass 1 releases the features' statistics, then the rounds
+run, and the last pass evaluates the final model. A finished 5-round job runs 7 passes (6 with range scaling).</p>
 <h2>Spend per researcher</h2>
-<table id="researchers"><thead><tr><th>researcher</th><th>epsilon spent</th><th>budget</th><th>left</th></tr></thead>
-<tbody>{spend_rows(report.researcher_spent, "researcher_epsilon_budget", "researcher")}</tbody></table>
+<table id="researchers"><thead><tr><th>researcher</th><th>epsilon spent</th><th>epsilon reserved</th><th>budget</th><th>left</th></tr></thead>
+<tbody>{spend_rows(report.researcher_spent, report.researcher_reserved, "researcher_epsilon_budget", "researcher")}</tbody></table>
 <h2>Spend per dataset</h2>
-<table id="datasets"><thead><tr><th>dataset</th><th>epsilon spent</th><th>budget</th><th>left</th></tr></thead>
-<tbody>{spend_rows(report.dataset_spent, "dataset_epsilon_budget", "dataset")}</tbody></table>
+<table id="datasets"><thead><tr><th>dataset</th><th>epsilon spent</th><th>epsilon reserved</th><th>budget</th><th>left</th></tr></thead>
+<tbody>{spend_rows(report.dataset_spent, report.dataset_reserved, "dataset_epsilon_budget", "dataset")}</tbody></table>
+<p>Reserved: what approved jobs that are not finished or aborted will add when their remaining passes are
+charged (composed with what was spent); a job closed by its researcher, its last pass or its idle time
+(limits.job_idle_close_s) reserves nothing. Left: the budget minus what was spent.</p>
 <h2>Policy changes</h2>
 <table id="policy-changes"><thead><tr><th>seq</th><th>time</th><th>who</th><th>old policy</th><th>new policy</th><th>changed</th></tr></thead>
 <tbody>{pol_rows}</tbody></table>
@@ -415,4 +509,4 @@ as the expected entry count to the next audit to detect a rollback of ledger and
 """
 
 
-__all__ = ["AuditReport", "ResearcherView", "audit", "plot_png", "render_html", "researcher_view"]
+__all__ = ["AuditReport", "ResearcherView", "audit", "pass_progress", "plot_png", "render_html", "researcher_view"]

@@ -46,12 +46,15 @@ This module imports neither syft nor torch (epsilon comes from
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -90,6 +93,21 @@ from fedmtl.privacy.keys import (
 )
 
 # ----------------------------------------------------------------------------- ledger
+
+
+log = logging.getLogger("fedmtl.ledger")
+
+
+def _write_failure(path: Path, error: OSError) -> str:
+    """What went wrong writing ``path``, in words an owner can act on."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the datasite's disk is full (writing its {path.name}): its owner must free space there"
+    return f"could not write the datasite's {path.name} ({type(error).__name__}: {error.strerror or error})"
+
+
+def _ts_seconds(ts: str) -> float:
+    """Seconds since the epoch of an entry's ``ts`` (ISO 8601, UTC, ``Z``)."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 class Ledger:
@@ -289,8 +307,20 @@ class Ledger:
         data = b"".join(canonical_json(e) + b"\n" for e in entries)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            _write_all(fd, data)
-            os.fsync(fd)  # acknowledged from here on
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)  # acknowledged from here on
+            except OSError as e:
+                # not acknowledged: take back whatever part reached the file (a full disk
+                # mid-write), so the ledger stays as it was; if even that fails, the torn
+                # tail is moved aside at the next open (_recover)
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                except OSError:
+                    pass
+                raise LedgerError(f"{_write_failure(self.path, e)}; nothing was recorded") from e
         finally:
             os.close(fd)
         if seq == len(entries):  # first entry: make the file's creation durable
@@ -298,7 +328,14 @@ class Ledger:
         for e in entries:
             self._state.apply(e)
         self._offset += len(data)
-        self._write_head(entries[-1])
+        try:
+            self._write_head(entries[-1])
+        except OSError as e:
+            # the entries are durable and they are the truth: report them written. The head
+            # lags; the next append or open (_check_head) writes it again from them.
+            log.warning("ledger entries up to seq %d are written, but %s could not be updated (%s); "
+                        "it is rewritten at the next append or open", entries[-1]["seq"], self.head_path,
+                        _write_failure(self.head_path, e))
         return entries
 
     # ------------------------------------------------------------------ policy
@@ -530,9 +567,24 @@ class Ledger:
                 budget_left={"dataset": on_ds.left, "researcher": on_rs.left},
             )
 
-    def finish_job(self, request_id: str, *, aborted: bool = False, reason: str = "") -> dict[str, Any]:
+    def finish_job(self, request_id: str, *, aborted: bool = False, reason: str = "",
+                   by: str = "datasite") -> dict[str, Any]:
         """Record ``job_finished`` (or ``job_aborted``); no round may run afterwards and
-        the job's unspent rounds stop counting as committed budget."""
+        the job's unspent rounds stop counting as committed budget.
+
+        Args:
+            request_id: the job.
+            aborted: record ``job_aborted`` instead of ``job_finished``.
+            reason: why (written to the entry).
+            by: who closed it: ``"datasite"`` (its last pass, or its idle time) or
+                ``"researcher"`` (a ``close`` request).
+
+        Returns:
+            The appended entry.
+
+        Raises:
+            LedgerError: no such request, or it is already finished or aborted.
+        """
         with self._locked():
             self._catch_up()
             st = self._state.requests.get(request_id)
@@ -542,8 +594,67 @@ class Ledger:
                 raise LedgerError(f"request {request_id!r} is already {st.status}")
             kind = "job_aborted" if aborted else "job_finished"
             body = {"request_id": request_id, "rounds": list(st.rounds), "reason": reason,
-                    "epsilon_job": st.epsilon_charged}
+                    "epsilon_job": st.epsilon_charged, "by": by}
             return self._append([(kind, body)])[0]
+
+    def close_job(self, request_id: str, *, aborted: bool, reason: str, by: str) -> tuple[RequestState, bool]:
+        """Close an approved job (:meth:`finish_job`) unless it is already closed; check and
+        append under one lock, so two closings never both append.
+
+        Args:
+            request_id: the job.
+            aborted: ``job_aborted`` rather than ``job_finished``.
+            reason: why.
+            by: ``"researcher"`` or ``"datasite"``.
+
+        Returns:
+            ``(the request's state after it, whether this call closed it)``; a job already
+            finished or aborted is returned as it is (``False``).
+
+        Raises:
+            RoundRefusedError: no such request, or it was never approved (pending or
+                denied: there is nothing to close).
+        """
+        with self._locked():
+            self._catch_up()
+            st = self._state.requests.get(request_id)
+            if st is None:
+                raise RoundRefusedError(f"no request {request_id!r} in the ledger; it was never reviewed")
+            if st.status in ("finished", "aborted"):
+                return st, False
+            if st.status != "approved":
+                raise RoundRefusedError(f"request {request_id!r} is {st.status}, not approved; there is no job to close")
+            self.finish_job(request_id, aborted=aborted, reason=reason, by=by)
+            return self._state.requests[request_id], True
+
+    def close_idle_jobs(self, *, now: float | None = None) -> list[dict[str, Any]]:
+        """Abort every approved job with no decision or charged pass for the current
+        policy's ``limits.job_idle_close_s`` seconds (``job_aborted``, ``by`` the datasite,
+        reason ``idle ...``): their unspent passes stop being reserved.
+
+        Args:
+            now: the time to measure from (default: the ledger's clock).
+
+        Returns:
+            The appended entries (none when no job was idle).
+        """
+        with self._locked():
+            self._catch_up()
+            policy = self._state.policy
+            if policy is None:
+                return []
+            limit = float(policy.job_idle_close_s)
+            t = self._clock() if now is None else float(now)
+            out = []
+            for st in list(self._state.requests.values()):
+                if st.status != "approved" or not st.last_activity_ts:
+                    continue
+                idle = t - _ts_seconds(st.last_activity_ts)
+                if idle >= limit:
+                    reason = (f"idle for {idle:.0f} s without a pass (limits.job_idle_close_s = {limit:g}); "
+                              "closed by the datasite, its unspent passes are no longer reserved")
+                    out.append(self.finish_job(st.request_id, aborted=True, reason=reason, by="datasite"))
+            return out
 
     # ------------------------------------------------------------------ queries
     def _summary(self, dataset: str, researcher: str, *, include_committed: bool) -> SpendSummary:

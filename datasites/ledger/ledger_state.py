@@ -48,6 +48,18 @@ class RequestState:
     rounds: list[int] = field(default_factory=list)
     records: list[PrivacyRecord] = field(default_factory=list)
     epsilon_charged: float = 0.0
+    #: the time of the request's last decision or charged pass (what idle time counts from)
+    last_activity_ts: str = ""
+    #: the ``job_finished`` / ``job_aborted`` entry's body, once the job is closed
+    closed: dict[str, Any] | None = None
+
+    def reserved_records(self) -> list[PrivacyRecord]:
+        """The privacy records this request still holds against the budgets: the planned
+        records of the passes it has not been charged for while it is approved; none once
+        it is denied, finished or aborted."""
+        if self.status != "approved":
+            return []
+        return list(self.facts.privacy_records()[len(self.records):])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +76,9 @@ class RequestState:
             "rounds_approved": self.facts.rounds,
             "rounds_executed": list(self.rounds),
             "epsilon_charged": self.epsilon_charged,
+            "passes_reserved": max(0, int(self.facts.passes or self.facts.rounds) - len(self.rounds))
+            if self.status == "approved" else 0,
+            "closed": dict(self.closed) if self.closed else None,
         }
 
 
@@ -97,6 +112,7 @@ class _State:
                 st.decision = Decision.from_dict(b["decision"])
                 st.decisions.append({"seq": e["seq"], "ts": e["ts"], **b["decision"]})
                 st.status = st.decision.status
+                st.last_activity_ts = e["ts"]
         elif kind == "round_executed":
             st = self.requests.get(b["request_id"])
             recs = [PrivacyRecord.from_dict(r) for r in b["records"]]
@@ -104,11 +120,14 @@ class _State:
                 st.rounds.append(int(b["round"]))
                 st.records.extend(recs)
                 st.epsilon_charged = float(b["epsilon_job"])
+                st.last_activity_ts = e["ts"]
             self.round_records.append((b["dataset"], b["researcher"], recs))
         elif kind in ("job_finished", "job_aborted"):
             st = self.requests.get(b["request_id"])
             if st is not None:
                 st.status = "finished" if kind == "job_finished" else "aborted"
+                st.closed = {"seq": e["seq"], "ts": e["ts"], "kind": kind, "reason": b.get("reason", ""),
+                             "by": b.get("by", "")}
 
     def spent(self, *, dataset: str | None = None, researcher: str | None = None) -> list[PrivacyRecord]:
         out: list[PrivacyRecord] = []
@@ -121,14 +140,11 @@ class _State:
         """Records approved jobs have not spent yet (their remaining planned rounds)."""
         out: list[PrivacyRecord] = []
         for st in self.requests.values():
-            if st.status != "approved":
-                continue
             if dataset is not None and st.facts.dataset != dataset:
                 continue
             if researcher is not None and st.facts.researcher != researcher:
                 continue
-            planned = st.facts.privacy_records()
-            out.extend(planned[len(st.records):])
+            out.extend(st.reserved_records())
         return out
 
 

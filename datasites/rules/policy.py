@@ -45,6 +45,9 @@ One file per datasite, TOML (or YAML with the same structure)::
                                   # before any record is read (trained demo models stay below 3)
     max_concurrent_jobs_per_researcher = 2   # one researcher's jobs training or evaluating
                                   # here at once (running or queued); one more is refused
+    job_idle_close_s = 604800     # an approved job with no pass for this long (7 days) is
+                                  # closed by the site (job_aborted) and its unspent passes
+                                  # stop being reserved against the budgets
 
     [[templates]]
     name = "fedmtl.round.v1"
@@ -162,6 +165,8 @@ class Policy:
     max_layers: int = 8
     max_abs_weight: float = 1000.0
     max_concurrent_jobs_per_researcher: int = 2
+    #: seconds without a pass after which the site aborts an approved job (7 days)
+    job_idle_close_s: int = 7 * 24 * 3600
     # [[peers]]
     peers: tuple[Peer, ...] = ()
 
@@ -355,6 +360,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
         "max_layers",
         "max_concurrent_jobs_per_researcher",
         "max_abs_weight",
+        "job_idle_close_s",
     ),
 }
 _ARRAYS: tuple[str, ...] = ("templates", "peers")  # [[templates]], [[peers]]
@@ -497,6 +503,7 @@ def _validate_limits(p: Policy, key: Callable[[str], str]) -> list[str]:
         ("max_width", 1),
         ("max_layers", 1),
         ("max_concurrent_jobs_per_researcher", 1),
+        ("job_idle_close_s", 1),
     ):
         v = getattr(p, name)
         if not (_is_int(v) and v >= lo):

@@ -16,8 +16,8 @@ from fedmtl.datasites.site import home as home_mod
 from fedmtl.datasites.site import identity, syftio
 from fedmtl.errors import DatasiteError
 
-__all__ = ["DatasiteStatus", "add_researcher", "admin_client", "register_researcher", "server_view", "status",
-           "stop"]
+__all__ = ["DatasiteStatus", "add_researcher", "admin_client", "register_researcher", "review_list", "server_view",
+           "status", "stop"]
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD = 10
@@ -51,6 +51,31 @@ def add_researcher(
         except RuntimeError as e:
             raise DatasiteError(f"could not register {email}: {e}") from None
     register_researcher(admin_client(home), email=email, password=password, name=name, institution=institution)
+
+
+def review_list(home: str | Path, *, include_decided: bool = False) -> list[dict[str, Any]] | None:
+    """The requests waiting for a person, from the running server's control socket: what
+    :func:`fedmtl.datasites.review.manual_review.list_requests` returns, as dicts, without
+    importing syft or logging in.
+
+    Args:
+        home: the datasite's home.
+        include_decided: also the requests already decided (``review --list --all``).
+
+    Returns:
+        One dict per request (``RequestSummary.to_dict()``: request_id, syft_id, researcher,
+        code_name, syft_status, ledger_status); ``None`` when the datasite is not running or
+        no control socket answered with the list (an older server): then list with a syft
+        login (``manual_review.list_requests(home, client=admin_client(home))``).
+    """
+    home = Path(home)
+    if home_mod.running(home) is None:
+        return None
+    try:
+        reply = control.call(home, "review_list", include_decided=bool(include_decided))
+    except RuntimeError:  # an older server without the operation, or the listing failed there
+        return None
+    return None if reply is None else list(reply["requests"])
 
 
 def stop(home: str | Path, timeout: float = 15.0) -> bool:
@@ -125,7 +150,8 @@ class DatasiteStatus:
     def render(self) -> str:
         lines = [f"datasite {self.name} ({self.home})"]
         if self.fingerprint:
-            lines.append(f"  fingerprint: {self.fingerprint}  (give it to the owners of the peer datasites)")
+            lines.append(f"  fingerprint: {self.fingerprint}  (give it to the owners of the peer datasites, "
+                         "and to your auditor for `fedmtl audit --verify-key`)")
         if not self.running:
             lines.append("  status: stopped")
             return "\n".join(lines)

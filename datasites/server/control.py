@@ -9,8 +9,11 @@ or ``{"ok": false, "error": ...}``.
 
 Operations: ``status`` (datasets, researchers, pending requests) and ``add_researcher``
 (email, password, name, institution), both run by :mod:`fedmtl.datasites.server.accounts` with the
-server's root client. :mod:`fedmtl.datasites.server.admin` uses the socket when it answers and falls
-back to a syft login otherwise (an older server, a foreign home).
+server's root client, and ``review_list`` (``include_decided``: the requests ``fedmtl datasite
+review --list`` prints, from the listing function the server process passes to :func:`serve`,
+:func:`fedmtl.datasites.review.manual_review.list_requests`; read-only). :mod:`fedmtl.datasites.server.admin`
+uses the socket when it answers and falls back to a syft login otherwise (an older server, a
+foreign home).
 """
 
 from __future__ import annotations
@@ -61,8 +64,22 @@ def _bind_path(home: Path) -> Path:
 # ----------------------------------------------------------------------------- server side
 
 
-def serve(home: Path, worker, *, admin_email: str) -> None:
-    """Start answering on ``HOME/control.sock`` in a daemon thread (server process only)."""
+#: what ``review_list`` runs: ``(home, *, client, include_decided) -> [RequestSummary, ...]``
+ListRequests = Callable[..., list]
+
+
+def serve(home: Path, worker, *, admin_email: str, list_requests: ListRequests | None = None) -> None:
+    """Start answering on ``HOME/control.sock`` in a daemon thread (server process only).
+
+    Args:
+        home: the datasite's home.
+        worker: syft's server worker (its ``root_client`` runs the operations).
+        admin_email: the owner's account, left out of the researcher list.
+        list_requests: the manual reviewer's listing function
+            (:func:`fedmtl.datasites.review.manual_review.list_requests`); without it there is
+            no ``review_list`` operation. It is passed in, not imported, so that the owner's
+            commands that import this module for :func:`call` stay free of torch and syft.
+    """
     global _thread
     path = _bind_path(home)
     path.unlink(missing_ok=True)
@@ -76,7 +93,7 @@ def serve(home: Path, worker, *, admin_email: str) -> None:
     srv.listen(8)
     srv.settimeout(0.5)
     _stop.clear()
-    ops = _operations(worker, admin_email)
+    ops = _operations(worker, admin_email, home=Path(home), list_requests=list_requests)
 
     def loop() -> None:
         while not _stop.is_set():
@@ -136,7 +153,8 @@ def _read_line(conn: socket.socket) -> bytes:
     return buf
 
 
-def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, Any]]]:
+def _operations(worker, admin_email: str, *, home: Path | None = None,
+                list_requests: ListRequests | None = None) -> dict[str, Callable[..., dict[str, Any]]]:
     lock = threading.Lock()
     state: dict[str, Any] = {}
 
@@ -156,7 +174,18 @@ def _operations(worker, admin_email: str) -> dict[str, Callable[..., dict[str, A
                                          institution=institution)
             return {"email": email}
 
-    return {"status": status, "add_researcher": add_researcher}
+    ops: dict[str, Callable[..., dict[str, Any]]] = {"status": status, "add_researcher": add_researcher}
+    if list_requests is not None and home is not None:
+
+        def review_list(*, include_decided: bool = False) -> dict[str, Any]:
+            if not isinstance(include_decided, bool):
+                raise ValueError(f"include_decided must be true or false, got {include_decided!r}")
+            with lock:
+                rows = list_requests(home, client=client(), include_decided=include_decided)
+            return {"requests": [r.to_dict() for r in rows]}
+
+        ops["review_list"] = review_list
+    return ops
 
 
 # ----------------------------------------------------------------------------- client side

@@ -17,8 +17,9 @@ connection, so the rest of the body is never read):
 
 1. the auth header is there, at most :data:`fedmtl.contract.wire.MAX_AUTH_HEADER` long, well formed
    (401); it names this site (403);
-2. the ledger of this site holds an approval of the job (``approved``; a ``finished`` job
-   answers only its spend query) (403). The approved site spec is the one whose hash the
+2. the ledger of this site holds an approval of the job (``approved``; a ``finished`` or
+   ``aborted`` job answers only its spend query and its ``close`` request, which returns
+   its state) (403). The approved site spec is the one whose hash the
    approval bound (the signed ledger's ``spec_hash``); the datasite finds it once per job in
    syft's store (the code request that carried it) and keeps, in memory, only what
    admission needs: the job's data-plane key, its model's parameter count, its roster size;
@@ -93,8 +94,11 @@ _JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,79}$")
 _HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
 #: stages whose call reads the records
 DATA_STAGES = frozenset({"advertise"})
-#: stages a finished job still answers
-FINISHED_STAGES = frozenset({"spend"})
+#: stages a finished or aborted job still answers (its spend view; closing it again
+#: returns its state)
+FINISHED_STAGES = frozenset({"spend", "close"})
+#: the ledger statuses of a job that answers only :data:`FINISHED_STAGES`
+CLOSED_STATUSES = frozenset({"finished", "aborted"})
 MEDIA_TYPE = "application/x-fedmtl"
 
 
@@ -281,7 +285,7 @@ class DataPlane:
         st = site_ledger.open_ledger(self.home).request(job_id)
         if st is None:
             raise DataPlaneRefused(f"job {job_id!r} was never reviewed here")
-        allowed = {"approved", "finished"} if stage in FINISHED_STAGES else {"approved"}
+        allowed = {"approved", *CLOSED_STATUSES} if stage in FINISHED_STAGES else {"approved"}
         if st.status not in allowed:
             raise DataPlaneRefused(f"job {job_id!r} is {st.status}, not approved")
         spec_hash = st.facts.spec_hash
@@ -341,7 +345,7 @@ class DataPlane:
     def _check_approved(self, env: wire.Envelope) -> None:
         # again, after the body: the job may have finished meanwhile
         st = site_ledger.open_ledger(self.home).request(env.job_id)
-        allowed = {"approved", "finished"} if env.message.get("stage") in FINISHED_STAGES else {"approved"}
+        allowed = {"approved", *CLOSED_STATUSES} if env.message.get("stage") in FINISHED_STAGES else {"approved"}
         if st is None or st.status not in allowed:
             raise DataPlaneRefused(f"job {env.job_id!r} is {st.status if st else 'unknown'}, not approved")
 

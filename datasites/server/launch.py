@@ -59,7 +59,7 @@ from fedmtl.datasites.site import home as home_mod
 from fedmtl.datasites.site import identity, syftio
 from fedmtl.datasites.template import default_policy
 from fedmtl.errors import DatasiteError, LaunchWarning
-from fedmtl.schema import Schema
+from fedmtl.schema import DEFAULT_NAME, Schema
 
 ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"
 META_FENCE = "fedmtl-meta"
@@ -385,6 +385,22 @@ def _load_policy(policy):
     return policy if isinstance(policy, Policy) else Policy.load(policy)
 
 
+def published_dataset_name(site: str, schema: Schema) -> str:
+    """The name a first launch publishes the records under: the schema's ``[dataset] name``,
+    or ``SITE-records`` where the schema names none (:data:`fedmtl.schema.DEFAULT_NAME`).
+
+    Args:
+        site: the datasite's name.
+        schema: the records schema of the first launch.
+
+    Returns:
+        The dataset's name (researchers find the dataset by its metadata, not its name; the
+        ledger keys the per-dataset privacy budget by it).
+    """
+    own = schema.name.strip()
+    return own if own and own != DEFAULT_NAME else f"{site}-records"
+
+
 def _check_name(name: str) -> None:
     import re
 
@@ -428,7 +444,7 @@ def _create_home(
             "name": name,
             "server_id": server_id,
             "admin_email": admin_email,
-            "dataset": f"{name}-records",
+            "dataset": published_dataset_name(name, schema),
             "records_file": str(records.resolve()),
             "records_sha256": _sha256_file(records),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -616,6 +632,9 @@ def upload_payload(home: Path, df, schema: Schema, split_info: dict[str, Any]) -
     launch. Writes nothing; needs the home's identity keys."""
     public = identity.load_public(home)
     meta = dataset_meta(schema, df, public, split_info)
+    # the policy of the first launch, so `job.cost()` can run the review ahead of time before
+    # any job is approved here (the spend view carries the current one afterwards)
+    meta["policy"] = site_ledger.current_policy(home).to_dict()
     mock = make_mock(df, schema, seed=0)
     description = (
         describe_dataset(schema, df)

@@ -118,6 +118,26 @@ GUEST_REFUSED = (
     "made for you (`sy.login(url=..., port=..., email=..., password=...)`)"
 )
 
+DATABASE_UNAVAILABLE = (
+    "this datasite's database is unavailable at the moment (its owner's log says why); "
+    "nothing was done: retry in a minute, your login is still valid"
+)
+log = logging.getLogger("fedmtl.datasite")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the database failing, not the caller: a
+    connection refused or cut, a server shutting down, a disk the database cannot write
+    (SQLAlchemy's ``OperationalError``/``InterfaceError``, the DB-API's own classes)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("OperationalError", "InterfaceError", "DisconnectionError"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
 
 def refuse_guests(worker) -> None:
     """Guests see nothing: a client that holds no account on this datasite (syft's GUEST
@@ -165,7 +185,10 @@ def refuse_guests(worker) -> None:
             credentials = api_call.credentials
             path = api_call.message.path
             role = worker.get_role_for_credentials(credentials=credentials)
-        except Exception:  # noqa: BLE001 - unsigned, malformed or unknown: refused
+        except Exception as e:  # noqa: BLE001 - unsigned, malformed or unknown: refused
+            if database_unavailable(e):  # not the caller's fault: say so, and log it here
+                log.error("the database is unavailable: %s: %s", type(e).__name__, str(e).splitlines()[0][:300])
+                return SyftError(message=DATABASE_UNAVAILABLE)
             return SyftError(message=GUEST_REFUSED)
         if path in GUEST_PATHS:
             return original(api_call, *args, **kwargs)
@@ -211,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
 
     app, worker = build_app(home)
     apply_thread_limit()
-    from fedmtl.datasites.review import reviewer_thread
+    from fedmtl.datasites.review import manual_review, reviewer_thread
 
     reviewer_thread.start_background(home, worker)
     from fedmtl.datasites.server import control, http_guard
     from fedmtl.datasites.site import home as home_mod
 
     try:  # a convenience for the owner's commands: never a reason not to start
-        control.serve(home, worker, admin_email=home_mod.read_config(home)["admin_email"])
+        control.serve(home, worker, admin_email=home_mod.read_config(home)["admin_email"],
+                      list_requests=manual_review.list_requests)
     except OSError as e:
         logging.getLogger("fedmtl.datasite").warning("control socket not available (%s); status and "
                                                      "add-researcher will log in with syft", e)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fedmtl import __version__
@@ -51,8 +52,20 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: the command's, 2 for a user error (its message printed), 130 on
-        Ctrl-C.
+        Ctrl-C, 141 (a shell's status for SIGPIPE) when whoever read the output stopped
+        reading (``fedmtl ... | head``), without a traceback.
     """
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # the reader went away; stdout's last flush at exit would fail again: point it at
+        # /dev/null (Python's documented recipe for SIGPIPE)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from fedmtl.cli.terminal import login_at_host, say
 from fedmtl.errors import ConfigError, FedMTLError
 from fedmtl.fsutil import atomic_write_bytes
-from fedmtl.schema import Schema
+from fedmtl.schema import Schema, merge_schemas, schema_differences
 
 RESEARCHER_PASSWORD_ENV = "FEDMTL_RESEARCHER_PASSWORD"
 ADMIN_PASSWORD_ENV = "FEDMTL_ADMIN_PASSWORD"  # fedmtl.datasites.server.launch reads it; here the parser needs no import
@@ -125,11 +125,13 @@ def cmd_datasite_schema_infer(args: argparse.Namespace) -> int:
 
 def _add_schema_parser(dsub) -> None:
     sc = dsub.add_parser(
-        "schema", help="draft a records schema from an export (schema infer)",
-        description="Write the schema a datasite needs (docs/schema.md) without writing it by hand.",
+        "schema", help="draft a records schema from an export (infer); make the sites' drafts one (merge, diff)",
+        description="Write the schema a datasite needs (docs/schema.md) without writing it by hand, and "
+        "agree on one schema across the federation's sites.",
     )
-    ssub = sc.add_subparsers(dest="schema_action", required=True, metavar="{infer}",
-                             help="infer: draft a schema from a CSV/Parquet export")
+    ssub = sc.add_subparsers(dest="schema_action", required=True, metavar="{infer,merge,diff}",
+                             help="infer: draft a schema from a CSV/Parquet export; merge: one shared "
+                             "schema from the sites' drafts; diff: what differs between schemas")
     inf = ssub.add_parser(
         "infer", help="draft a schema (TOML) from a CSV/Parquet export",
         description="Reads the export and drafts a schema: column types (numeric, categorical, "
@@ -146,6 +148,82 @@ def _add_schema_parser(dsub) -> None:
                      help="the dataset name in the draft's [dataset] table (default: from the file name)")
     inf.add_argument("--force", action="store_true", help="replace --out if it exists")
     inf.set_defaults(func=cmd_datasite_schema_infer)
+    _add_schema_merge_diff_parsers(ssub)
+
+
+def cmd_datasite_schema_merge(args: argparse.Namespace) -> int:
+    if args.out is not None and args.out.exists() and not args.force:
+        raise FedMTLError(f"{args.out} exists; choose another --out, or add --force to replace it")
+    if args.out is not None and any(args.out.resolve() == p.resolve() for p in args.schemas):
+        raise FedMTLError("--out names one of the drafts; write the shared schema to another file")
+    labels = [str(p) for p in args.schemas]
+    schemas = [Schema.load(p) for p in args.schemas]
+    merged = merge_schemas(schemas, labels, name=args.name, description=args.description)
+    text = (f"# The federation's shared records schema, merged by `fedmtl datasite schema merge` from\n"
+            f"# {', '.join(labels)}: ranges and categories are the union of the drafts. Every site\n"
+            "# launches with this file (reference: docs/schema.md, 'One schema for the federation').\n\n"
+            + merged.dumps())
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+    err = sys.stderr
+    print(f"merged {len(schemas)} schemas into {args.out or 'standard output'} ({len(merged.columns)} columns)",
+          file=err)
+    for d in schema_differences(schemas):
+        print(f"  {d.describe(labels)}", file=err)
+    if args.name is None and len({s.name for s in schemas}) > 1:
+        print("  the drafts name different datasets: the shared schema names none, so each site publishes "
+              "SITE-records (give --name to name the dataset)", file=err)
+    print(f"next: give {args.out or 'the shared schema'} to every site's owner; each launches with "
+          f"`fedmtl datasite launch ... --schema {args.out or 'shared.toml'}` (launch validates the export "
+          "against it)", file=err)
+    return 0
+
+
+def cmd_datasite_schema_diff(args: argparse.Namespace) -> int:
+    if len(args.schemas) < 2:
+        raise FedMTLError("give two or more schema files to compare")
+    labels = [str(p) for p in args.schemas]
+    diffs = schema_differences([Schema.load(p) for p in args.schemas], columns_only=args.columns_only)
+    if not diffs:
+        print(f"{' and '.join(labels)} declare the same "
+              + ("columns" if args.columns_only else "columns and [dataset] table"))
+        return 0
+    for d in diffs:
+        print(d.describe(labels))
+    return 1
+
+
+def _add_schema_merge_diff_parsers(ssub) -> None:
+    files_help = "the schemas (TOML), e.g. each site's draft from `schema infer`"
+    me = ssub.add_parser(
+        "merge", help="one shared schema from the sites' drafts (union of ranges and categories)",
+        description="Merges two or more schemas column by column: numeric ranges become their union "
+        "(the least min, the greatest max), categories their union, missing is true if any draft "
+        "allows it. Every column must be in every draft, and role, type, transform and a label's "
+        "categories must agree: each conflict is named (column, key, which file says what) and "
+        "nothing is written. Reference: docs/schema.md, 'One schema for the federation'.",
+    )
+    me.add_argument("schemas", nargs="+", type=Path, metavar="SCHEMA", help=files_help)
+    me.add_argument("--out", type=Path, metavar="FILE",
+                    help="write the shared schema here (e.g. shared.toml); default: standard output")
+    me.add_argument("--name", metavar="DATASET",
+                    help="the shared [dataset] name: every site publishes its dataset under it (default: the "
+                    "drafts' name if they agree, else none: each site publishes SITE-records)")
+    me.add_argument("--description", metavar="TEXT", help="the shared [dataset] description")
+    me.add_argument("--force", action="store_true", help="replace --out if it exists")
+    me.set_defaults(func=cmd_datasite_schema_merge)
+    di = ssub.add_parser(
+        "diff", help="what differs between schemas, column by column and key by key",
+        description="Prints one line per difference (a column some schemas lack, or one key of a column "
+        "or of [dataset], with each file's value). Exit status 0: the same; 1: they differ; 2: a file "
+        "could not be read.",
+    )
+    di.add_argument("schemas", nargs="+", type=Path, metavar="SCHEMA", help=files_help)
+    di.add_argument("--columns-only", action="store_true",
+                    help="compare the columns only, not [dataset] (what a job needs the sites to share)")
+    di.set_defaults(func=cmd_datasite_schema_diff)
 
 
 def cmd_datasite_stop(args: argparse.Namespace) -> int:
@@ -170,6 +248,46 @@ def cmd_datasite_add_researcher(args: argparse.Namespace) -> int:
     add_researcher(home=args.home, email=args.email, password=password, name=args.full_name)
     print(f"researcher {args.email} registered")
     return 0
+
+
+# -- data owner and compliance officer: the review console ----------------------------
+
+
+def cmd_datasite_console(args: argparse.Namespace) -> int:
+    from fedmtl.datasites.console.app import open_console, serve
+
+    reviewer = args.reviewer or login_at_host()
+    app, guard, sock = open_console(args.home, reviewer=reviewer, host=args.host, port=args.port,
+                                    allow_remote=args.allow_remote)
+    say(f"review console of {args.home} (decisions recorded as {reviewer})")
+    say(f"open: {guard.launch_url()}")
+    say("the link holds this launch's secret: do not share it; press Ctrl-C to stop")
+    try:
+        serve(app, sock)
+    except KeyboardInterrupt:
+        pass
+    say("console stopped")
+    return 0
+
+
+def _add_console_parser(dsub) -> None:
+    co = dsub.add_parser(
+        "console", help="a local web page to review requests, read the ledger and download the audit",
+        description="Serves the review console of a running datasite on 127.0.0.1: pending requests with the "
+        "job in plain words and each policy check, approve or deny with a reason (the same signed ledger "
+        "entries as `datasite review`), the ledger's timeline and verification, epsilon spent per "
+        "researcher and per dataset, the audit report. Prints the URL to open once: it holds a secret "
+        "made for this launch.",
+    )
+    co.add_argument("--home", required=True, type=Path, help="the datasite's home folder (the datasite must be running)")
+    co.add_argument("--port", type=int, default=0, help="the port to listen on (default: a free one, printed)")
+    co.add_argument("--host", default="127.0.0.1",
+                    help="the address to listen on (default 127.0.0.1; reach it from elsewhere with `ssh -L`)")
+    co.add_argument("--allow-remote", action="store_true",
+                    help="accept a --host that is not loopback (plain HTTP: whoever reaches it with the secret "
+                    "can approve requests)")
+    co.add_argument("--reviewer", help="your name or email for the ledger (default: login@host)")
+    co.set_defaults(func=cmd_datasite_console)
 
 
 # -- data owner: pinned peers -------------------------------------------------------
@@ -354,7 +472,7 @@ def _add_personalise_parser(dsub) -> None:
 
 
 def _add_control_parsers(dsub) -> None:
-    """launch, stop, status, add-researcher."""
+    """launch, stop, status, add-researcher, console."""
     home_help = "the datasite's home folder"
     la = dsub.add_parser(
         "launch", help="launch (first time: create) a datasite",
@@ -412,3 +530,4 @@ def _add_control_parsers(dsub) -> None:
                     help="read the password from the first line of standard input "
                     f"(instead of {RESEARCHER_PASSWORD_ENV})")
     ar.set_defaults(func=cmd_datasite_add_researcher)
+    _add_console_parser(dsub)

@@ -1,4 +1,5 @@
-"""The researcher's commands: ``fedmtl train``, ``fedmtl job price``, and the demo
+"""The researcher's commands: ``fedmtl train``, ``fedmtl job price``, ``fedmtl job finish``,
+``fedmtl job abort``, and the demo
 (``fedmtl demo``, ``fedmtl demo prepare``)."""
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fedmtl.researcher.job import Job
     from fedmtl.researcher.session import Session
 
-    session = Session.connect(args.sites)
+    session = Session.connect(args.sites, log=say)
     say(f"connected to {', '.join(sorted(session.sites))}")
     if (Path(args.out) / "job.json").exists():
-        job = Job.resume(session, args.out)
+        job = Job.resume(session, args.out, log=say)
         say(f"resuming job {job.job_id} in {args.out}")
     else:
         if args.job is None:
@@ -49,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(f"submitted job {job.job_id}; waiting for the sites' review ...")
     for site, st in job.wait_for_review(args.review_timeout).items():
         say(f"  {site}: {st['status']}{' - ' + st['reason'] if st['reason'] else ''}")
-    result = job.run(progress=not args.quiet, review_timeout=args.review_timeout)
+    wait = {} if args.rejoin_wait is None else {"rejoin_wait": args.rejoin_wait}
+    result = job.run(progress=not args.quiet, review_timeout=args.review_timeout, log=say, **wait)
     result.save(Path(args.out) / "result")
     table = result.metrics_table()
     last = table[table["round"] == table["round"].max()]
@@ -59,6 +61,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(line)
     say(f"result saved to {Path(args.out) / 'result'}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
 
 
 def hospital_lines(result) -> list[str]:
@@ -100,6 +113,40 @@ def cmd_job_price(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job_close(args: argparse.Namespace) -> int:
+    """``fedmtl job finish`` / ``fedmtl job abort``: close the job in ``--job DIR`` at every
+    site; exit status 1 when a site did not close it (run the command again)."""
+    from fedmtl.researcher.job import Job
+    from fedmtl.researcher.session import Session
+
+    if not (Path(args.job) / "job.json").exists():
+        raise FedMTLError(f"{args.job} holds no job (no job.json): give the folder `fedmtl train --out` wrote")
+    session = Session.connect(args.sites)
+    job = Job.resume(session, args.job, need_threshold=False)  # closing needs no threshold
+    rows = job.close(args.action, reason=args.reason or "finished by its researcher")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        say(f"job {job.job_id}: {args.action}")
+        say(close_table(rows))
+    return 0 if all(r.get("status") in ("finished", "aborted") for r in rows.values()) else 1
+
+
+def close_table(rows) -> str:
+    """Per site: the job's status, passes charged, epsilon charged and passes still reserved
+    after a close request (or why the site did not close it)."""
+    lines = [f"{'site':<12} {'status':<10} {'passes charged':<16} {'epsilon charged':<16} passes reserved"]
+    for site, r in sorted(rows.items()):
+        if r.get("status") not in ("finished", "aborted"):
+            lines.append(f"{site:<12} not closed: {r.get('error')} (run the command again)")
+            continue
+        passes = ",".join(str(p) for p in r.get("passes_charged", [])) or "none"
+        again = "" if r.get("closed_now") else "  (already closed: " + str((r.get("closed") or {}).get("reason", "")) + ")"
+        lines.append(f"{site:<12} {r['status']:<10} {passes:<16} {float(r.get('epsilon_charged') or 0):<16.4g} "
+                     f"{r.get('passes_reserved', 0)}{again}")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmtl.researcher.demo import hospital_table, markdown_table, run_demo, targets_table
 
@@ -128,23 +175,44 @@ def _add_parsers(sub) -> None:
     tr.add_argument("--out", required=True, type=Path, help="job folder (checkpoints, result)")
     tr.add_argument("--review-timeout", type=float, default=300.0, metavar="SECONDS",
                     help="how long to wait for the sites to review the job (default 300)")
+    tr.add_argument("--rejoin-wait", type=_seconds, default=None, metavar="S",
+                    help="before each pass, wait at most S seconds for sites that are down to answer again "
+                    "(with back-off; default 30, fedmtl.researcher.job.REJOIN_WAIT; 0: never wait)")
     tr.add_argument("--no-dry-run", action="store_true",
                     help="submit without first running the job on the sites' mock data")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
-    jb = sub.add_parser("job", help="researcher: plan a job before running it")
-    jsub = jb.add_subparsers(dest="action", required=True, help="price: epsilon and budget per site")
-    jp = jsub.add_parser("price", help="epsilon of a job at each site, and your budget left there",
+    jb = sub.add_parser("job", help="researcher: plan a job before running it, close it after")
+    jsub = jb.add_subparsers(dest="action", required=True,
+                             help="price: epsilon and budget per site; finish, abort: close a job")
+    jp = jsub.add_parser("price", help="epsilon of a job at each site, your budget left there, and which of "
+                         "the site's review rules would deny it",
                          description="Connects to the sites, checks the job spec against their schemas and "
                          "prints, per site, the epsilon of the whole job (training rounds and evaluation "
                          "releases) and your researcher budget left there. Submits nothing and charges "
                          "nothing. A site publishes no budgets: yours is read through an approved job of "
-                         "yours at that site, so it is unknown before your first one.")
+                         "yours at that site, so it is unknown before your first one. It also runs each "
+                         "site's own review on the policy the site publishes and prints every rule that "
+                         "would deny the job, in the review's words ('would deny (training.max_rounds): ...').")
     jp.add_argument("--job", required=True, type=Path, help="job spec (TOML/YAML/JSON)")
     jp.add_argument("--sites", required=True, type=Path, help="sites file (TOML), as for `fedmtl train`")
     jp.add_argument("--no-budget", action="store_true", help="epsilon only: do not look up budgets left")
     jp.add_argument("--json", action="store_true", help="machine-readable output")
     jp.set_defaults(func=cmd_job_price)
+    for action, text in (("finish", "finish a job at every site: it runs no more passes and its unspent passes "
+                          "stop being reserved against your budget"),
+                         ("abort", "abort a job at every site (as finish, recorded as aborted with your reason)")):
+        jc = jsub.add_parser(action, help=text, description=text.capitalize() + ". Each site records the closing in "
+                             "its ledger; a job a site already closed (its last pass, its idle time) is shown as it "
+                             "is. A site that does not answer is reported: run the command again.")
+        jc.add_argument("--job", required=True, type=Path, metavar="DIR",
+                        help="the job's folder (what `fedmtl train --out` wrote)")
+        jc.add_argument("--sites", required=True, type=Path, help="sites file (TOML), as for `fedmtl train`")
+        jc.add_argument("--reason", required=action == "abort", default=None,
+                        help="why (written to each site's ledger; at most 500 characters)"
+                        + ("" if action == "abort" else "; default 'finished by its researcher'"))
+        jc.add_argument("--json", action="store_true", help="machine-readable output")
+        jc.set_defaults(func=cmd_job_close, action=action)
 
     de = sub.add_parser("demo", help="the demo: NAFLD cohort, three hospitals, one job")
     de.add_argument("--out", type=Path, default=Path("demo-out"),

@@ -4,41 +4,68 @@ review`` (a person lists, shows, approves or denies pending code requests)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from fedmtl.cli.terminal import login_at_host
-from fedmtl.errors import FedMTLError
+from fedmtl.errors import FedMTLError, KeyMismatch
 
 # -- compliance: audit ----------------------------------------------------------------
 
 
+_SEPARATORS = str.maketrans("", "", ": -_\t\n")
+
+
 def _audit_verify_key(home: Path, pinned: str | None):
-    """(VerifyKey, where it came from): the pinned ``--verify-key`` or HOME/public_keys.json."""
+    """(VerifyKey, where it came from): the pinned ``--verify-key`` or HOME/public_keys.json.
+
+    ``--verify-key`` is the datasite's fingerprint (what every owner command prints) or its
+    raw Ed25519 public key, 64 hex characters either way, any case, with or without
+    separators. A fingerprint names the key in HOME/public_keys.json, which must hash to it
+    (SHA-256: nobody can make another key with that fingerprint); a value that is neither
+    that key nor its fingerprint is refused, naming both fingerprints."""
     from fedmtl.privacy.keys import VerifyKey
 
-    if pinned is not None:
-        try:
-            raw = bytes.fromhex(pinned.strip())
-            if len(raw) != 32:
-                raise ValueError(f"{len(raw)} bytes")
-            return VerifyKey.from_bytes(raw), "pinned with --verify-key"
-        except ValueError as e:
-            raise FedMTLError(
-                f"--verify-key must be the datasite's Ed25519 public key as 64 hex characters ({e}); "
-                "it is the \"ed25519\" field of HOME/public_keys.json, obtained out of band"
-            ) from None
     path = home / "public_keys.json"
+    home_key, why = None, ""
     try:
-        hex_key = json.loads(path.read_text(encoding="utf-8"))["ed25519"]
-        return VerifyKey.from_bytes(bytes.fromhex(hex_key)), f"read from {path} (not pinned)"
+        home_key = VerifyKey.from_bytes(bytes.fromhex(json.loads(path.read_text(encoding="utf-8"))["ed25519"]))
     except FileNotFoundError:
-        raise FedMTLError(
-            f"{path} does not exist: is {home} a datasite home? Give the key with --verify-key HEX"
-        ) from None
+        why = f"{path} does not exist"
     except (ValueError, KeyError, TypeError) as e:
-        raise FedMTLError(f"{path} holds no valid \"ed25519\" key ({e}); give the key with --verify-key HEX") from None
+        why = f"{path} holds no valid \"ed25519\" key ({e})"
+    if pinned is None:
+        if home_key is None:
+            hint = "is it a datasite home? " if "does not exist" in why else ""
+            raise FedMTLError(f"{why}: {hint}give the datasite's fingerprint with --verify-key HEX")
+        return home_key, f"read from {path} (not pinned)"
+    value = pinned.translate(_SEPARATORS).lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        got = f"{len(value) // 2} bytes" if all(c in "0123456789abcdef" for c in value) else "not hex"
+        raise FedMTLError(
+            f"--verify-key must be the datasite's fingerprint (or its Ed25519 public key) as 64 hex characters "
+            f"({got}); the fingerprint is what `fedmtl datasite status` prints, obtained from its owner out of band"
+        )
+    if home_key is not None and home_key.fingerprint() == value:
+        return home_key, "pinned with --verify-key (fingerprint)"
+    if home_key is not None and home_key.to_bytes().hex() == value:
+        return home_key, "pinned with --verify-key (public key)"
+    if home_key is not None:
+        raise KeyMismatch(
+            f"the pinned --verify-key is not this datasite's key: {path} holds the key with fingerprint "
+            f"{home_key.fingerprint()}; you pinned {value} (read as a public key, its fingerprint is "
+            f"{hashlib.sha256(bytes.fromhex(value)).hexdigest()}). Check the value with the datasite's owner; "
+            "if it is right, the home's keys were replaced and its ledger cannot be trusted"
+        )
+    try:  # no key in the home (a ledger copied alone): only the public key itself can verify
+        return VerifyKey.from_bytes(bytes.fromhex(value)), "pinned with --verify-key (public key)"
+    except ValueError:
+        raise FedMTLError(
+            f"{why}, so a fingerprint cannot be checked here, and {value[:16]}... is no Ed25519 public key; "
+            "give the datasite's public key (the \"ed25519\" field of its public_keys.json) with --verify-key"
+        ) from None
 
 
 def _eps(x) -> str:
@@ -50,8 +77,17 @@ def _eps(x) -> str:
         return str(x)
 
 
+def _rounds_cell(r) -> str:
+    """"5 of 5 (7 of 7 passes)": training rounds run of those approved, then the passes
+    the ledger charged (statistics, rounds, final evaluation), so that 7 never reads as 7 rounds."""
+    if r.get("rounds_run") is None:  # an unreadable request: what the ledger charged
+        return f"? ({len(r.get('rounds_executed') or [])} passes)"
+    return f"{r['rounds_run']} of {r['rounds_approved']} ({r['passes_run']} of {r['passes_approved']} passes)"
+
+
 def _request_table(rows) -> str:
-    head = ("request", "researcher", "status", "decided by", "eps approved", "eps charged", "rounds", "warning shown")
+    head = ("request", "researcher", "status", "decided by", "eps approved", "eps charged", "rounds run (passes)",
+            "warning shown")
     body = [
         (
             str(r["request_id"]),
@@ -60,7 +96,7 @@ def _request_table(rows) -> str:
             f"{r['decided_by']} ({r['mode']})" if r.get("decided_by") else "-",
             _eps(r.get("epsilon_approved")),
             _eps(r.get("epsilon_charged")),
-            f"{len(r.get('rounds_executed') or [])}/{r.get('rounds_approved')}",
+            _rounds_cell(r),
             "yes" if r.get("warning_shown") else "",
         )
         for r in rows
@@ -73,11 +109,13 @@ def _request_table(rows) -> str:
     for r in rows:
         for reason in r.get("reasons") or []:
             lines.append(f"    {r['request_id']}: {reason}")
+    lines.append("  rounds train the model; passes are what the ledger charges: a statistics pass (standard "
+                 "scaling), the rounds and a final evaluation (docs/compliance.md, section 5)")
     return "\n".join(lines)
 
 
 def _verification_lines(v, key_source: str) -> list[str]:
-    lines = [f"ledger: {v.path}", f"verify key: {v.fingerprint[:16]}... {key_source}"]
+    lines = [f"ledger: {v.path}", f"verify key: fingerprint {v.fingerprint} {key_source}"]
     if v.ok:
         lines.append(f"verification: OK ({v.entries} entries, chain and signatures intact)")
     else:
@@ -98,7 +136,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise FedMTLError(f"{home} holds no ledger ({LEDGER_FILE}); is it a datasite home?")
     if args.expected_count is not None and args.expected_count < 0:
         raise FedMTLError("--expected-count must be >= 0 (the entry count of your last audit)")
-    key, source = _audit_verify_key(home, args.verify_key)
+    try:
+        key, source = _audit_verify_key(home, args.verify_key)
+    except KeyMismatch as e:  # a verification that failed before it began: exit 1, not a usage error
+        if args.json:
+            print(json.dumps({"verification": {"ok": False, "problems": [str(e)]}}, indent=2))
+        else:
+            print(f"ledger: {home / LEDGER_FILE}\nverification: FAILED (1 problem(s))\n  - {e}")
+        return 1
     if args.researcher:
         v = verify(home, key, expected_count=args.expected_count)
         view = researcher_view(home / LEDGER_FILE, args.researcher)
@@ -142,38 +187,57 @@ def _confirm(question: str) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
-def cmd_datasite_review(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.review import manual_review as mr
-    from fedmtl.datasites.rules.policy import ADVISORY_ID
-    from fedmtl.datasites.server.admin import admin_client
+def _printable(x) -> str:
+    """``x`` for the owner's terminal: a researcher chooses job ids and code names, so control
+    characters (terminal escape sequences) are shown escaped, never sent."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(x))
 
+
+def _review_list(args: argparse.Namespace) -> int:
+    """``review --list``: from the running server's control socket (no syft import, no
+    login), else through a syft login as the owner."""
+    from fedmtl.datasites.server import admin
+
+    rows = admin.review_list(args.home, include_decided=args.all)
+    if rows is None:
+        client = admin.admin_client(args.home)  # raises "not running" with what to do
+        from fedmtl.datasites.review import manual_review as mr
+
+        rows = [r.to_dict() for r in mr.list_requests(args.home, client=client, include_decided=args.all)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no requests waiting for review" if not args.all else "no requests")
+        return 0
+    head = ("request", "syft id", "researcher", "code", "syft", "ledger")
+    body = [tuple(_printable(x) for x in (r["request_id"], str(r["syft_id"] or "-")[:12], r["researcher"],
+                                          r["code_name"], r["syft_status"], r["ledger_status"])) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*head))
+    for b in body:
+        print(fmt.format(*b))
+    print("\nshow one with --show ID; decide with --approve ID or --deny ID --reason TEXT")
+    return 0
+
+
+def cmd_datasite_review(args: argparse.Namespace) -> int:
     target = args.approve or args.deny
     if (args.reason or args.acknowledge) and not target:
         raise FedMTLError("--reason and --acknowledge go with --approve ID or --deny ID")
     if target and args.show:
         raise FedMTLError("give either --show ID or --approve/--deny ID, not both")
+    if not target and not args.show:
+        return _review_list(args)
+    from fedmtl.datasites.review import manual_review as mr
+    from fedmtl.datasites.rules.policy import ADVISORY_ID
+    from fedmtl.datasites.server.admin import admin_client
+
     client = admin_client(args.home)  # raises "not running" with what to do
     if args.show:
         details = mr.show_request(args.home, args.show, client=client, dry_run=not args.no_dry_run)
         print(json.dumps(details.to_dict(), indent=2, default=str) if args.json else details.render())
-        return 0
-    if not target:
-        rows = mr.list_requests(args.home, client=client, include_decided=args.all)
-        if args.json:
-            print(json.dumps([r.to_dict() for r in rows], indent=2))
-            return 0
-        if not rows:
-            print("no requests waiting for review" if not args.all else "no requests")
-            return 0
-        head = ("request", "syft id", "researcher", "code", "syft", "ledger")
-        body = [(r.request_id, (r.syft_id or "-")[:12], r.researcher, r.code_name, r.syft_status,
-                 r.ledger_status) for r in rows]
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        print(fmt.format(*head))
-        for b in body:
-            print(fmt.format(*b))
-        print("\nshow one with --show ID; decide with --approve ID or --deny ID --reason TEXT")
         return 0
 
     approve = bool(args.approve)
@@ -249,8 +313,11 @@ def _add_audit_parser(sub) -> None:
     au = sub.add_parser("audit", help="compliance: verify a datasite's privacy ledger and write a report")
     au.add_argument("--home", required=True, type=Path, help="the datasite's home folder")
     au.add_argument("--out", type=Path, help="where report.html and report.json go (default HOME/audit)")
-    au.add_argument("--verify-key", metavar="HEX",
-                    help="the datasite's Ed25519 public key, pinned out of band (default: HOME/public_keys.json)")
+    au.add_argument("--verify-key", metavar="FINGERPRINT",
+                    help="pin the datasite's key: the fingerprint its owner reads from `fedmtl datasite status` "
+                    "(or `datasite peers list`) and gives you out of band, 64 hex characters, any case, colons or "
+                    "spaces allowed; the raw public key (\"ed25519\" in HOME/public_keys.json) works too "
+                    "(default: trust HOME/public_keys.json, not pinned)")
     au.add_argument("--expected-count", type=int, metavar="N",
                     help="entries the last audit saw: detects a rollback of ledger and head together")
     au.add_argument("--researcher", metavar="EMAIL", help="only this researcher's own requests and spend")

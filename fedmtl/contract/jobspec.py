@@ -101,7 +101,7 @@ from fedmtl.errors import ConfigError
 from fedmtl.models.tasks import TaskSpec, tasks_from_schema
 from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
 from fedmtl.privacy.secagg_common import majority_threshold
-from fedmtl.schema import Schema
+from fedmtl.schema import MERGE_HINT, Schema, describe_differences, schema_differences
 
 __all__ = [
     "CLIPPINGS",
@@ -396,11 +396,12 @@ class JobSpec:
         feats = {site: [(c.name, c.type, c.categories, c.missing) for c in schemas[site].features] for site in sites}
         if len({tuple(v) for v in feats.values()}) > 1:
             first = sites[0]
-            differ = [x for x in sites if feats[x] != feats[first]]
-            p.append(
-                f"the sites' feature columns differ ({differ} vs {first!r}); the shared model needs the "
-                "same features (names, types, categories, missing) at every site"
-            )
+            for x in (x for x in sites if feats[x] != feats[first]):
+                p.append(
+                    f"the sites' feature columns differ: {x}'s from {first}'s: "
+                    f"{_feature_differences(schemas[x], schemas[first])}; the shared model needs the same "
+                    f"features (names, types, categories, missing) at every site: {MERGE_HINT}"
+                )
         for site in sites[:1]:
             noscale = [c.name for c in schemas[site].features if c.type == "numeric" and (c.min is None or c.max is None)]
             if noscale:
@@ -742,6 +743,19 @@ def _check_n(n_train: int) -> None:
 
 def _dedupe(problems: list[str]) -> list[str]:
     return list(dict.fromkeys(problems))
+
+
+_FEATURE_LAYOUT_KEYS = ("present", "role", "type", "categories", "missing")
+
+
+def _feature_differences(schema: Schema, first: Schema) -> str:
+    """How ``schema``'s features differ from ``first``'s, column by column and key by key."""
+    feature = {c.name for s in (schema, first) for c in s.features}
+    diffs = [d for d in schema_differences([schema, first], columns_only=True)
+             if d.column in feature and d.key in _FEATURE_LAYOUT_KEYS]
+    if not diffs:  # the same features, in another order
+        return f"the feature columns' order ({[c.name for c in schema.features]} vs {[c.name for c in first.features]})"
+    return describe_differences(diffs)
 
 
 @functools.lru_cache(maxsize=256)

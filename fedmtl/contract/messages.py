@@ -16,10 +16,11 @@ masked_input    ``{"stage", "pass", "attempt", "delivery"}``
 consistency     ``{"stage", "pass", "attempt", "request"}``
 unmask          ``{"stage", "pass", "attempt", "request"}``
 spend           ``{"stage": "spend"}``
+close           ``{"stage": "close", "action": "finish" | "abort", "reason"}``
 =============== ====================================================================
 
 A reply is ``{"ok": True, "message"[, "report"]}`` (a stage), ``{"ok": True, "view"}``
-(the spend query) or ``{"ok": False, "error", "kind"}`` (a refusal). The secure-aggregation
+(the spend query, and the close request: the job's state after it) or ``{"ok": False, "error", "kind"}`` (a refusal). The secure-aggregation
 payloads (``keys``, ``delivery``, ``request``, a reply's ``message``) stay the plain data
 :mod:`fedmtl.privacy.secagg` reads and checks itself. Pure: no syft.
 """
@@ -34,7 +35,11 @@ from fedmtl.errors import RoundError
 __all__ = [
     "PASS_STAGES",
     "QUERIES",
+    "CLOSE_ACTIONS",
+    "LIFECYCLE",
+    "MAX_REASON",
     "Advertise",
+    "Close",
     "Consistency",
     "MaskedInput",
     "Reply",
@@ -49,6 +54,12 @@ __all__ = [
 PASS_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
 #: read-only requests outside a pass
 QUERIES = ("spend",)
+#: requests that end a job (no pass): they write the site's ledger, under the job's lock
+LIFECYCLE = ("close",)
+#: what a ``close`` request may ask
+CLOSE_ACTIONS = ("finish", "abort")
+#: the longest reason a ``close`` request may give (it is written to the signed ledger)
+MAX_REASON = 500
 
 
 def _pass_fields(d: Mapping[str, Any], stage: str) -> tuple[int, int]:
@@ -228,9 +239,56 @@ class Spend:
         return {"stage": self.stage}
 
 
-StageMessage = Union[Advertise, ShareKeys, MaskedInput, Consistency, Unmask, Spend]
+@dataclass(frozen=True)
+class Close:
+    """The researcher ends the job at this site (no pass): ``finish`` (done with it) or
+    ``abort`` (given up). The site records ``job_finished`` / ``job_aborted`` in its
+    ledger; no pass runs afterwards and the job's unspent passes stop being reserved.
 
-_BY_STAGE: dict[str, Any] = {c.stage: c for c in (Advertise, ShareKeys, MaskedInput, Consistency, Unmask, Spend)}
+    Attributes:
+        action: ``"finish"`` or ``"abort"``.
+        reason: why, in the researcher's words (at most :data:`MAX_REASON` characters).
+    """
+
+    stage: ClassVar[str] = "close"
+    action: str
+    reason: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Close":
+        """Read the wire dict (see the module docs).
+
+        Args:
+            d: the message.
+
+        Returns:
+            The request.
+
+        Raises:
+            RoundError: ``action`` is not one of :data:`CLOSE_ACTIONS`, or ``reason`` is
+                not a string of at most :data:`MAX_REASON` characters.
+        """
+        action = d.get("action")
+        if action not in CLOSE_ACTIONS:
+            raise RoundError(f"a 'close' request's action must be one of {list(CLOSE_ACTIONS)}, got {action!r}")
+        reason = d.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise RoundError(f"a 'close' request's reason must be a string of at most {MAX_REASON} characters")
+        return cls(action=action, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire dict.
+
+        Returns:
+            ``{"stage": "close", "action", "reason"}``.
+        """
+        return {"stage": self.stage, "action": self.action, "reason": self.reason}
+
+
+StageMessage = Union[Advertise, ShareKeys, MaskedInput, Consistency, Unmask, Spend, Close]
+
+_BY_STAGE: dict[str, Any] = {
+    c.stage: c for c in (Advertise, ShareKeys, MaskedInput, Consistency, Unmask, Spend, Close)}
 
 
 def parse_message(d: Any) -> StageMessage:
@@ -250,7 +308,7 @@ def parse_message(d: Any) -> StageMessage:
     stage = d.get("stage")
     cls = _BY_STAGE.get(stage) if isinstance(stage, str) else None
     if cls is None:
-        raise RoundError(f"unknown stage {stage!r}; expected one of {list(PASS_STAGES + QUERIES)}")
+        raise RoundError(f"unknown stage {stage!r}; expected one of {list(PASS_STAGES + QUERIES + LIFECYCLE)}")
     return cls.from_dict(d)
 
 

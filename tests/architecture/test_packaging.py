@@ -24,4 +24,8 @@ def test_packages_are_the_folders_with_an_init():
             found.add(".".join((pkg, *rel)))
     # Assert
     assert sorted(setup["packages"]) == sorted(found)
-    assert "package-data" not in setup  # no package folder holds a non-.py file
+    # only the review console ships non-.py files (its templates and CSS), and they exist
+    data = setup.get("package-data", {})
+    assert set(data) == {"fedmtl.datasites.console"}
+    for pattern in data["fedmtl.datasites.console"]:
+        assert list((REPO / "datasites" / "console").glob(pattern)), pattern

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -141,3 +142,22 @@ def test_stop_returns_once_the_server_has_exited(tmp_path, capsys):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    # Prepare: an export to draft a schema for (the draft goes to stdout), and a pipe whose
+    # reader is gone before the command writes (`fedmtl ... | head`)
+    records = tmp_path / "export.csv"
+    records.write_text("id,age,sex,label\n1,50,m,0\n2,60,f,1\n3,70,m,0\n4,40,f,1\n", encoding="utf-8")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        # Execute
+        done = subprocess.run([sys.executable, "-m", "fedmtl.cli", "datasite", "schema", "infer",
+                               "--records", str(records)], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=REPO)
+    finally:
+        os.close(write_end)
+    # Assert: SIGPIPE's status, and no traceback on stderr
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

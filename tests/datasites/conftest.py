@@ -139,6 +139,7 @@ class PostgresServer:
     password: str
     run_as: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    opts: str = ""
     _n: count = field(default_factory=lambda: count(1))
 
     def url(self, database: str, user: str | None = None, password: str | None = None) -> str:
@@ -170,6 +171,15 @@ class PostgresServer:
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), *args],
                               capture_output=True, text=True, check=check, timeout=120)
+
+    def stop(self) -> None:
+        """Stop the server at once (an outage: clients' connections are cut)."""
+        self.pg_ctl("-m", "immediate", "-w", "stop")
+
+    def start(self) -> subprocess.CompletedProcess:
+        """Start it again on the same port, with the same options."""
+        return self.pg_ctl("-l", str(self.base / "server.log"), "-w", "-t", "60", "-o", self.opts, "start",
+                           check=False)
 
 
 def _start_postgres(bindir: Path) -> PostgresServer:
@@ -210,7 +220,8 @@ def _start_postgres(bindir: Path) -> PostgresServer:
         pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
     opts = (f"-p {server.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-    start = server.pg_ctl("-l", str(base / "server.log"), "-w", "-t", "60", "-o", opts, "start", check=False)
+    server.opts = opts
+    start = server.start()
     if start.returncode != 0:
         log = (base / "server.log").read_text(errors="replace") if (base / "server.log").exists() else ""
         shutil.rmtree(base, ignore_errors=True)

@@ -68,7 +68,7 @@ def _site(name, n_records, train, *, requests=(), views=None):
 
 
 def _session(*sites):
-    s = SimpleNamespace(sites={x.name: x for x in sites})
+    s = SimpleNamespace(sites={x.name: x for x in sites}, down={})
     s.schemas = {x.name: x.schema for x in sites}
     return s
 
@@ -157,6 +157,46 @@ def test_cli_job_price(monkeypatch, tmp_path, capsys):
     assert "job 'plan': epsilon per site at delta=1e-05 (rdp)" in out
     assert f"{SPEC.epsilon_for_site(750):.4g}" in out and "a: budget left unknown" in out
     assert "b: budget left unknown" in out
+    # the command line's advice names the command, not (only) a Python call
+    assert "then `fedmtl job price` shows it" in out
+
+
+# -- the job's folder -------------------------------------------------------------------------
+def test_pricing_a_job_claims_nothing_and_only_one_job_claims_a_folder(tmp_path):
+    import json
+    import os
+    import stat
+
+    from fedmtl.errors import JobError
+    from fedmtl.privacy.keys import SigningKey, load_private_key
+
+    # Prepare: two sites with identities (what Job.create binds into the specs)
+    sites = [_site("a", 1000, 750), _site("b", 2000, 1500)]
+    for s in sites:
+        s.identity, s.url, s.n_records = SimpleNamespace(verify_key=SigningKey.generate().verify_key), "http://x", 1000
+    session = _session(*sites)
+    out = tmp_path / "job"
+    # Execute: the same pricing script, run twice
+    for _ in range(2):
+        rows = Job.create(session, SPEC, out=out).cost()
+        # Assert: priced, and nothing written
+        assert sorted(rows) == ["a", "b"] and rows["a"]["epsilon"] == pytest.approx(SPEC.epsilon_for_site(750))
+        assert not out.exists()
+    # Execute: two jobs prepared for one folder; the first to submit claims it
+    first, second = Job.create(session, SPEC, out=out), Job.create(session, SPEC, out=out)
+    first.claim()
+    # Assert: job.json and the data-plane key the sites' specs bind (0600) are the first job's
+    assert json.loads((out / "job.json").read_text())["job_id"] == first.job_id
+    key = out / "secrets" / "dataplane.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert SigningKey.from_bytes(load_private_key(key)).verify_key.to_bytes().hex() == \
+        first.site_specs["a"]["dataplane_key"] != second.site_specs["a"]["dataplane_key"]
+    with pytest.raises(JobError, match="already holds a job: continue it with `fedmtl train"):
+        second.claim()
+    with pytest.raises(JobError, match="already holds a job"):
+        second.submit()  # refused before anything is sent
+    assert json.loads((out / "job.json").read_text())["job_id"] == first.job_id
+    assert Job.resume(session, out).job_id == first.job_id
 
 
 # -- why a request is pending ----------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_files_and_names(demo_cohort):
     for sf in files:
         assert sf.records == out / sf.name / "records.csv" and sf.records.is_file()
         assert sf.schema == out / sf.name / "schema.toml" and sf.schema.is_file()
-        assert Schema.load(sf.schema).name == sf.name
+        assert Schema.load(sf.schema).name == f"{sf.name}-records"  # the dataset the site publishes
 
 
 def test_every_patient_once_and_unequal_sizes(demo_cohort, demo_records, raw_tables):

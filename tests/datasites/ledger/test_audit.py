@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedmtl.datasites.ledger import ledger as L
-from fedmtl.datasites.ledger.audit import PALETTE, audit, researcher_view
+from fedmtl.datasites.ledger.audit import PALETTE, audit, pass_progress, researcher_view
 from fedmtl.datasites.ledger.ledger import Ledger
 from fedmtl.privacy.accounting import epsilon_of
 from fedmtl.privacy.keys import SigningKey
@@ -69,6 +69,21 @@ def test_report_json_matches(report):
     assert len(data["requests"]) == 4
     assert data["epsilon_spent"]["dataset"]["nafld"] == pytest.approx(report.dataset_spent["nafld"])
     assert data["epsilon_over_time"]["researcher"][H.ALICE][0][0].startswith("2026-01-05T")
+    bob = next(r for r in data["requests"] if r["researcher"] == H.BOB)  # old fields kept, clearer ones added
+    assert bob["rounds_approved"] == 2 and bob["rounds_executed"] == [1, 2] and bob["rounds_run"] == 2
+    assert bob["progress"] in report.html_path.read_text() and 'id="passes-note"' in report.html_path.read_text()
+
+
+@pytest.mark.parametrize("rounds, passes, executed, progress", [
+    (5, 7, [1, 2, 3, 4, 5, 6, 7], "5 of 5 rounds run; 7 of 7 passes (1 statistics, 5 training, 1 final evaluation)"),
+    (5, 6, [1, 2, 3], "3 of 5 rounds run; 3 of 6 passes (3 training)"),
+    (5, 7, [1], "0 of 5 rounds run; 1 of 7 passes (1 statistics)"),
+    (3, 0, [], "0 of 3 rounds run; 0 of 3 passes"),  # a ledger from before passes were recorded
+])
+def test_pass_progress_never_reads_passes_as_rounds(rounds, passes, executed, progress):
+    out = pass_progress(rounds, passes, executed)
+    assert out["progress"] == progress
+    assert out["rounds_run"] <= rounds and out["passes_run"] == len(executed)
 
 
 def test_html_escapes_ledger_strings(report):

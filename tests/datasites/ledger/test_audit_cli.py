@@ -133,18 +133,54 @@ def test_audit_detects_a_deleted_line_and_a_rollback(home, tmp_path, capsys):
     assert "fewer than the 7 expected" in out
 
 
-def test_audit_with_another_key_fails_as_re_signed(home, tmp_path, capsys):
-    other = SigningKey.generate().verify_key.to_bytes().hex()
-    rc = cli_main(["audit", "--home", str(home), "--verify-key", other, "--out", str(tmp_path / "r")])
+def test_audit_accepts_the_fingerprint_owner_commands_print(home, tmp_path, capsys):
+    # Prepare: the fingerprint as `fedmtl datasite status` prints it, as an auditor may type it
+    fp = identity.load_public(home).fingerprint
+    spaced = ":".join(fp[i:i + 2] for i in range(0, 64, 2)).upper()
+    for pinned in (fp, spaced):
+        # Execute
+        rc = cli_main(["audit", "--home", str(home), "--verify-key", pinned, "--out", str(tmp_path / "r")])
+        out = capsys.readouterr().out
+        # Assert
+        assert rc == 0, out
+        assert f"verify key: fingerprint {fp} pinned with --verify-key (fingerprint)" in out
+        assert "verification: OK (7 entries" in out
+
+
+def test_audit_with_another_key_or_fingerprint_fails_naming_both(home, tmp_path, capsys):
+    own = identity.load_public(home).fingerprint
+    other = SigningKey.generate().verify_key
+    for pinned, pinned_fp in ((other.to_bytes().hex(), other.fingerprint()), (other.fingerprint(), None)):
+        rc = cli_main(["audit", "--home", str(home), "--verify-key", pinned, "--out", str(tmp_path / "r")])
+        out = capsys.readouterr().out
+        assert rc == 1
+        assert "verification: FAILED" in out and "is not this datasite's key" in out
+        assert own in out and pinned in out
+        if pinned_fp:
+            assert pinned_fp in out
+    assert not (tmp_path / "r").exists()  # no report claims anything about an unpinned ledger
+
+
+def test_audit_of_a_home_re_signed_with_another_key_fails(home, tmp_path, capsys):
+    # Prepare: the attacker re-keys the home (their key in public_keys.json); the auditor pins the real one
+    real = identity.load_public(home).fingerprint
+    (tmp_path / "attacker").mkdir()
+    (home / "public_keys.json").write_text(json.dumps(identity.create(tmp_path / "attacker", "x").public.to_dict()))
+    # Execute
+    rc = cli_main(["audit", "--home", str(home), "--verify-key", real, "--out", str(tmp_path / "r")])
+    # Assert
+    assert rc == 1 and real in capsys.readouterr().out
+    # and without a pin the ledger itself names the key it was created for
+    assert cli_main(["audit", "--home", str(home), "--out", str(tmp_path / "r")]) == 1
     out = capsys.readouterr().out
-    assert rc == 1
-    assert "re-signed with another key (or you pinned the wrong key)" in out
+    assert "re-signed with another key (or you pinned the wrong key)" in out and real[:16] in out
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--verify-key", "zz"], "--verify-key must be the datasite's Ed25519 public key as 64 hex characters"),
+        (["--verify-key", "zz"], "--verify-key must be the datasite's fingerprint (or its Ed25519 public key) as "
+                                 "64 hex characters (not hex)"),
         (["--verify-key", "ab" * 16], "64 hex characters (16 bytes)"),
         (["--expected-count", "-1"], "--expected-count must be >= 0"),
     ],

@@ -3,6 +3,7 @@ tamper evidence, crash safety."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -487,4 +488,53 @@ def test_a_denial_without_epsilon_can_be_recorded(home, key):
     led.record_review(f, d)
     st = Ledger.open(home, key).request(f.request_id)
     assert st.status == "denied" and st.decision.reasons == d.reasons
+    assert verify(home, key.verify_key).ok
+
+
+def _enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_mid_entry_records_nothing_and_says_so(home, key, monkeypatch):
+    # Prepare: an approved job; the disk fills up halfway through the next ledger line
+    led = _open(home, key, max_rounds=3)
+    f = H.make_facts(rounds=3)
+    assert led.review_and_record(f).status == "approved"
+    before = _lines(home)
+    real = L._write_all
+
+    def half_then_full(fd, data):
+        real(fd, data[: len(data) // 2])
+        _enospc()
+
+    monkeypatch.setattr(L, "_write_all", half_then_full)
+    # Execute / Assert: the charge fails with the cause named, and nothing was recorded
+    with pytest.raises(LedgerError, match="disk is full.*nothing was recorded"):
+        led.charge_pass(request_id=f.request_id, pass_no=1, records=[R], participants=PARTS)
+    assert _lines(home) == before
+    assert led.executed_rounds(f.request_id) == []
+    monkeypatch.setattr(L, "_write_all", real)
+    # space again: the same pass is charged once, and the ledger verifies
+    led.charge_pass(request_id=f.request_id, pass_no=1, records=[R], participants=PARTS)
+    assert led.executed_rounds(f.request_id) == [1]
+    assert verify(home, key.verify_key).ok
+
+
+def test_an_entry_whose_head_could_not_be_updated_is_reported_written(home, key, monkeypatch):
+    # Prepare: an approved job; the head file cannot be replaced (a full disk)
+    led = _open(home, key, max_rounds=3)
+    f = H.make_facts(rounds=3)
+    assert led.review_and_record(f).status == "approved"
+    monkeypatch.setattr(L, "atomic_write_bytes", _enospc)
+    # Execute: the charge's entry is durable, its head is not
+    charge = led.charge_pass(request_id=f.request_id, pass_no=1, records=[R], participants=PARTS)
+    monkeypatch.undo()
+    # Assert: reported as written (the entry is the truth); the head is rebuilt from it at
+    # the next open, and the ledger verifies
+    assert charge.pass_no == 1 and led.executed_rounds(f.request_id) == [1]
+    led.close()
+    again = Ledger.open(home, key)
+    assert again.executed_rounds(f.request_id) == [1]
+    head = json.loads((home / L.HEAD_FILE).read_text())
+    assert head["seq"] == charge.seq
     assert verify(home, key.verify_key).ok

@@ -16,6 +16,7 @@ import pytest
 
 from fedmtl.cli import main as cli_main
 from fedmtl.datasites.ledger import site_ledger
+from fedmtl.datasites.review import manual_review
 from fedmtl.datasites.server import admin
 from fedmtl.datasites.server.launch import DatasiteHandle, free_port
 from fedmtl.datasites.server.peers import pin_federation
@@ -374,6 +375,10 @@ def test_person_lists_shows_denies_and_approves(two_sites, tmp_path, capsys):
     rc, out, err = _review(capsys, river.home, "--list")
     assert rc == 0, err
     assert job.job_id in out and "pending_manual" in out
+    # --list asks the server's control socket: the same rows as a syft login lists
+    via_socket = admin.review_list(river.home, include_decided=True)
+    via_login = manual_review.list_requests(river.home, client=admin.admin_client(river.home), include_decided=True)
+    assert via_socket == [r.to_dict() for r in via_login] and job.job_id in {r["request_id"] for r in via_socket}
 
     rc, out, err = _review(capsys, river.home, "--show", job.job_id)
     assert rc == 0, err

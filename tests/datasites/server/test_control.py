@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +19,7 @@ def serving(monkeypatch):
     served = []
 
     def start(home):
-        monkeypatch.setattr(control, "_operations", lambda worker, admin_email: {
+        monkeypatch.setattr(control, "_operations", lambda worker, admin_email, **_: {
             "status": lambda: {"datasets": ["records"], "researchers": ["ada@uni.example"], "pending_requests": []},
             "fail": lambda: (_ for _ in ()).throw(ValueError("no such thing")),
         })
@@ -58,3 +59,28 @@ def test_errors_come_back_as_answers_and_unknown_operations_are_named(tmp_path, 
 
 def test_no_socket_means_fall_back(tmp_path):
     assert control.call(tmp_path, "status") is None
+
+
+def test_review_list_answers_what_the_listing_function_lists_and_nothing_else(tmp_path):
+    # Prepare: the server's root client and a listing function standing in for manual_review's
+    root = object()
+    calls = []
+
+    def list_requests(home, *, client, include_decided):
+        calls.append((home, client, include_decided))
+        return [SimpleNamespace(to_dict=lambda: {"request_id": "mtl-1", "ledger_status": "pending_manual"})]
+
+    control.serve(tmp_path, SimpleNamespace(root_client=root), admin_email="admin@site", list_requests=list_requests)
+    try:
+        # Execute
+        reply = control.call(tmp_path, "review_list", include_decided=True)
+        # Assert: the rows as dicts, listed with the root client; arguments are checked
+        assert reply == {"ok": True, "requests": [{"request_id": "mtl-1", "ledger_status": "pending_manual"}]}
+        assert calls == [(tmp_path, root, True)]
+        with pytest.raises(RuntimeError, match="include_decided must be true or false"):
+            control.call(tmp_path, "review_list", include_decided="yes")
+        with pytest.raises(RuntimeError, match="unexpected keyword"):
+            control.call(tmp_path, "review_list", approve="mtl-1")
+        assert len(calls) == 1
+    finally:
+        control.stop_serving()

@@ -78,7 +78,7 @@ def test_unseen_export_to_running_datasite_with_test_split(tmp_path):
 
         # Assert: running, the split recorded in the metadata and the published description
         st = admin.status(home)
-        assert st.running and st.datasets == ["north-records"]
+        assert st.running and st.datasets == ["north-oncology"]  # the schema's [dataset] name
         meta = json.loads((home / "dataset_meta.json").read_text())
         assert meta["split"] == {"column": "split", "source": "launch", "test_fraction": 0.2, "seed": 0,
                                  "stratified_by": "recurrence_5y"}
