@@ -734,8 +734,36 @@ class Job:
             if bar:
                 bar.close()
         if chosen:
+            if done <= last and stop == last:
+                self._close_where_missed(transport, history, last, log=log)
             self._read_charged(transport)
         return self.result()
+
+    def _close_where_missed(self, transport: Transport, history: list[Mapping[str, Any]], last: int, *,
+                            log: Callable[[str], None] | None = None) -> None:
+        """After the job's last pass: a site that did not take part in it has not closed the
+        job (a site closes it when it runs the last pass), so its unspent passes would stay
+        reserved; ask each such site that answers to finish it (idempotent at the site). A
+        site that is down closes the job itself after its idle time
+        (``limits.job_idle_close_s``), or when :meth:`finish` reaches it later."""
+        final = next((r for r in reversed(history) if r.get("pass") == last), None)
+        took = set((final or {}).get("survivors") or [])
+        missed = [s for s in self.sites if s not in took and s in self.session.sites]
+        if not missed:
+            return
+        msg = Close.from_dict({"action": "finish", "reason": "the job's last pass ran without this site"}).to_dict()
+        closed = dict((self.state.get("closed") or {}).get("sites") or {})
+        for s in missed:
+            r = Reply.from_dict(transport.call(s, msg))
+            closed[s] = dict(r.view) if r.ok and r.view is not None else \
+                {"status": "not closed", "error": r.error, "kind": r.kind}
+            (log or _stderr)(f"job {self.job_id}: {s} missed the last pass; "
+                             + (f"closed there ({closed[s].get('status')})" if r.ok else
+                                f"it did not answer ({r.error}): run job.finish() later, or it closes the job "
+                                "itself after its idle time"))
+        self.state["closed"] = {"action": "finish", "reason": "the job's last pass ran", "at": time.time(),
+                                "sites": closed}
+        self._save()
 
     def _await_rejoin(self, sites: list[str], site_status: Mapping[str, str], *, pass_no: int, wait: float,
                       say: Callable[[str], None]) -> dict[str, str]:

@@ -399,43 +399,56 @@ def _add_proxy_parser(dsub) -> None:
 
 
 def cmd_datasite_personalise(args: argparse.Namespace) -> int:
-    from fedmtl.datasites.data.records import load_records
     from fedmtl.models.flat import model_to_vector
-    from fedmtl.researcher.baselines import split_sites
-    from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table
+    from fedmtl.researcher.personalise import FINETUNE, compare_at_site, comparison_table, site_from_export
     from fedmtl.researcher.result import JobResult
 
     result = JobResult.load(args.result)
     trained_on = result.schema
     schema = trained_on
-    if args.schema is not None:
-        schema = Schema.load(args.schema)
+    schema_path = args.schema
+    if schema_path is None and args.home is not None and (Path(args.home) / "schema.toml").is_file():
+        schema_path = Path(args.home) / "schema.toml"  # the datasite's own schema, with its split column
+    if schema_path is not None:
+        schema = Schema.load(schema_path)
         ours = {c.name: c for c in schema.features}
         theirs = {c.name: c for c in trained_on.features}
         if ours != theirs:
             diff = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs.get(n))
-            raise ConfigError(f"{args.schema}: its feature columns differ from those the federated model was trained "
+            raise ConfigError(f"{schema_path}: its feature columns differ from those the federated model was trained "
                               f"on ({', '.join(diff)}); use the schema your datasite was launched with")
-    if schema.split_column is None:
-        where = args.schema or "the federated model's schema"
-        raise ConfigError(f"{where} has no split column: give --schema with the split column of your export "
-                          "(the comparison needs a held-out test split)")
+    if args.bootstrap < 100:
+        raise ConfigError(f"--bootstrap {args.bootstrap}: a 95% interval needs at least 100 resamples (default 1000)")
     try:
-        (site,) = split_sites({args.site: load_records(args.records, schema)}, schema)
+        site, split = site_from_export(args.records, schema, home=args.home, name=args.site)
         kw = {"epochs": args.epochs, "lr": args.lr}
-        cmp, tuned = compare_at_site(result, site, seed=args.seed, local=not args.no_local,
+        cmp, tuned = compare_at_site(result, site, seed=args.seed, local=not args.no_local, n_boot=args.bootstrap,
                                      finetune_kw={k: v for k, v in kw.items() if v is not None})
     except FedMTLError:
         raise
     except ValueError as e:
         raise ConfigError(f"{args.records}: {e}") from e
-    say(f"{args.site}: {cmp['n_train']} training and {cmp['n_test']} test records; fine-tuned "
-         f"{cmp['finetune']['epochs']:g} epochs at lr {cmp['finetune']['lr']:g} (defaults {FINETUNE}), no DP")
-    say("AUROC on your own test split:")
+    cmp["split"] = split
+    how = ("rebuilt from the datasite's launch record" if split.get("source") == "launch"
+           else "the export's split column")
+    ft = cmp["finetune"]
+    say(f"{args.site}: {cmp['n_train']} training records ({cmp['n_validation']} of them held out for validation) "
+        f"and {cmp['n_test']} test records (split {split.get('column')!r}: {how})")
+    say(f"fine-tuned without DP at lr {ft['lr']:g}, at most {ft['epochs']:g} epochs (defaults {FINETUNE}): kept "
+        f"epoch {ft['best_epoch']} of {ft['epochs_run']} run, the best on the validation split"
+        + (" (the federated model itself: no epoch improved on it)" if ft["best_epoch"] == 0 else ""))
+    if cmp["local_only"] is not None:
+        lo = cmp["local_only"]
+        cands = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in lo["validation"].items())
+        say(f"local-only, no DP: {lo['chosen']} (the better on the validation split: {cands}; mean AUROC)"
+            + (f"; {lo['note']}" if lo.get("note") else ""))
+    say(f"AUROC on your own test split, differences with {cmp['bootstrap']['resamples']} paired-bootstrap "
+        "resamples of its patients:")
     say(comparison_table(cmp))
-    g = cmp["gain_finetuned_vs_local"]
-    if g is not None:
-        say(f"federated and fine-tuned here vs training alone: {g:+.3f} mean AUROC")
+    g = (cmp["differences"].get("fine-tuned - local-only") or {}).get("mean") or {}
+    if g.get("diff") is not None:
+        say(f"federated and fine-tuned here vs training alone: {g['diff']:+.3f} mean AUROC "
+            f"(95% interval {g['low']:+.3f} to {g['high']:+.3f})")
     if args.out is not None:
         out = Path(args.out)
         # the federated job's metrics and epsilon do not describe this model (trained on these
@@ -452,21 +465,32 @@ def _add_personalise_parser(dsub) -> None:
     pe = dsub.add_parser(
         "personalise", help="fine-tune the federated model on your own records; compare with training alone",
         description="Run by a hospital on its own export, no datasite needed: fine-tunes the federated model "
-        "(a job result folder the researcher shares) on the export's training split without DP, trains a "
-        "model on that split alone for comparison, and measures the federated, fine-tuned and local-only "
-        "models on the export's test split. The fine-tuned model is trained on your records without DP: "
-        "it stays with you. See docs/models.md, 'Personalisation at the hospital'.",
+        "(a job result folder the researcher shares) on the export's training split without DP, stopping early "
+        "on a validation split carved from it; picks the better local-only model (logistic regression or the "
+        "job's recipe) on that validation split; and measures the federated, fine-tuned and local-only models on "
+        "the export's test split, each difference with a paired-bootstrap 95% interval. The test split is the "
+        "export's split column, or with --home the split your datasite made at launch. The fine-tuned model is "
+        "trained on your records without DP: it stays with you. See docs/models.md, 'Personalisation at the "
+        "hospital'.",
     )
     pe.add_argument("--result", required=True, type=Path, help="the federated job's result folder (result.json, "
                     "weights.npz)")
-    pe.add_argument("--records", required=True, type=Path, help="your export (CSV or Parquet), with labels and "
-                    "the split column")
-    pe.add_argument("--schema", type=Path, help="your records schema (default: the one the model was trained on)")
+    pe.add_argument("--records", required=True, type=Path, help="your export (CSV or Parquet) with labels: the "
+                    "file your datasite was launched with")
+    pe.add_argument("--home", type=Path, help="your datasite's home folder: its schema, and the train/test split "
+                    "it made at launch (--test-fraction), rebuilt from its launch record when the export has no "
+                    "split column")
+    pe.add_argument("--schema", type=Path, help="your records schema (default: your datasite's with --home, else "
+                    "the one the model was trained on)")
     pe.add_argument("--site", default="this-hospital", help="your site's name, for the report")
     pe.add_argument("--out", type=Path, help="write comparison.json and the fine-tuned model (model/) here")
-    pe.add_argument("--epochs", type=float, help="fine-tuning passes over the training split (default 5)")
+    pe.add_argument("--epochs", type=float, help="most fine-tuning passes over the training split; it stops "
+                    "earlier when the validation split stops improving (default 5)")
+    pe.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                    help="paired-bootstrap resamples of the test split for the intervals (default 1000)")
     pe.add_argument("--lr", type=float, help="fine-tuning learning rate (default 0.05)")
-    pe.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning and the local-only model")
+    pe.add_argument("--seed", type=int, default=0, help="seed of the validation split, the fine-tuning, the "
+                    "local-only model and the bootstrap")
     pe.add_argument("--no-local", action="store_true", help="skip training the local-only comparison model")
     pe.set_defaults(func=cmd_datasite_personalise)
 

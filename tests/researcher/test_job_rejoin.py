@@ -2,8 +2,8 @@
 naming it) without a site that is down.
 
 Three datasites on loopback (one module-scoped federation), short jobs (3 rounds, 2 local
-steps). Each test has a researcher of its own. The site-down test stops a site for good, so
-it runs last.
+steps). Each test has a researcher of its own. The site-down test stops a site and
+relaunches it at its end.
 """
 
 from __future__ import annotations
@@ -166,3 +166,17 @@ def test_resume_with_a_site_down_goes_on_when_the_threshold_allows_and_refuses_n
     with pytest.raises(DatasiteError, match="no datasite answered: ghost"):
         Session.connect(nowhere)
     _assert_verified(up)
+    # the down site comes back: the job's last pass ran without it, so it never closed the job;
+    # running the job again (no pass left) finishes it there and nothing stays reserved for it
+    back = launch(home=down.home, port=down.port)
+    sites[sites.index(down)] = back
+    session.reconnect(down.name)
+    lines.clear()
+    again = resumed.run(progress=False, rejoin_wait=0, log=lines.append)
+    assert _ledger_state(back, lenient.job_id).status == "finished"
+    assert any(f"{down.name} missed the last pass; closed there (finished)" in line for line in lines), lines
+    (reserved,) = resumed.spend()[down.name]["epsilon_reserved"].values()
+    assert reserved == 0.0
+    assert again.site_passes[down.name] == [1]
+    _assert_result_is_the_ledgers(resumed, again, sites)
+    _assert_verified(sites)

@@ -13,9 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites.server import admin
 from fedmtl.datasites.server.launch import free_port, parse_meta
 from fedmtl.datasites.site import syftio
+from fedmtl.models import model_to_vector
+from fedmtl.models.preprocessing import Preprocessor
+from fedmtl.researcher.result import JobResult
 from fedmtl.schema import Schema
 
 
@@ -95,6 +99,27 @@ def test_unseen_export_to_running_datasite_with_test_split(tmp_path):
         stop = _fedmtl("datasite", "stop", "--home", str(home), timeout=60)
     assert stop.returncode == 0, stop.stderr
     assert not admin.status(home).running
+
+    # Execute 3: personalise a (never trained) 'federated' model of this datasite's schema at
+    # the hospital, from its own export (no split column) and its home (the launch record)
+    site_schema = Schema.load(home / "schema.toml")
+    spec = JobSpec(name="onc", tasks=[{"label": "recurrence_5y"}, {"label": "death_event"}], model={"widths": [8]},
+                   noise_multiplier=1.0, scaling="range", rounds=1)
+    pre = Preprocessor(site_schema)
+    net = spec.build_model(site_schema, n_features=pre.n_features)
+    JobResult(spec=spec, model_config=net.config, preprocessor=pre.to_dict(),
+              global_vector=model_to_vector(net)).save(tmp_path / "result")
+    r = _fedmtl("datasite", "personalise", "--result", str(tmp_path / "result"), "--records", str(records),
+                "--home", str(home), "--site", "north", "--epochs", "2", "--bootstrap", "200",
+                "--out", str(tmp_path / "mine"))
+    # Assert: the datasite's own split, rebuilt; every difference with its interval
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rebuilt from the datasite's launch record" in r.stdout and "paired-bootstrap" in r.stdout
+    cmp = json.loads((tmp_path / "mine" / "comparison.json").read_text())
+    assert cmp["split"] == meta["split"] and cmp["n_test"] == 80 and cmp["n_train"] == 320
+    assert set(cmp["differences"]) == {"fine-tuned - federated", "fine-tuned - local-only", "federated - local-only"}
+    for d in cmp["differences"].values():
+        assert d["mean"]["low"] <= d["mean"]["diff"] <= d["mean"]["high"]
 
 
 def _admin_email(home) -> str:
