@@ -512,11 +512,7 @@ class Job:
         except RoundError as e:
             raise JobError(str(e)) from None
         transport = self.transport()
-        out: dict[str, dict[str, Any]] = {}
-        for s in self.sites:
-            r = Reply.from_dict(transport.call(s, msg.to_dict()))
-            out[s] = dict(r.view) if r.ok and r.view is not None else \
-                {"status": "not closed", "error": r.error, "kind": r.kind}
+        out = {s: _close_at(transport, s, msg) for s in self.sites}
         self.state["closed"] = {"action": action, "reason": reason, "at": time.time(), "sites": out}
         self._read_charged(transport)
         return out
@@ -751,16 +747,14 @@ class Job:
         missed = [s for s in self.sites if s not in took and s in self.session.sites]
         if not missed:
             return
-        msg = Close.from_dict({"action": "finish", "reason": "the job's last pass ran without this site"}).to_dict()
+        msg = Close.from_dict({"action": "finish", "reason": "the job's last pass ran without this site"})
         closed = dict((self.state.get("closed") or {}).get("sites") or {})
         for s in missed:
-            r = Reply.from_dict(transport.call(s, msg))
-            closed[s] = dict(r.view) if r.ok and r.view is not None else \
-                {"status": "not closed", "error": r.error, "kind": r.kind}
+            closed[s] = _close_at(transport, s, msg)
             (log or _stderr)(f"job {self.job_id}: {s} missed the last pass; "
-                             + (f"closed there ({closed[s].get('status')})" if r.ok else
-                                f"it did not answer ({r.error}): run job.finish() later, or it closes the job "
-                                "itself after its idle time"))
+                             + (f"it did not answer ({closed[s]['error']}): run job.finish() later, or it closes "
+                                "the job itself after its idle time" if closed[s]["status"] == "not closed" else
+                                f"closed there ({closed[s].get('status')})"))
         self.state["closed"] = {"action": "finish", "reason": "the job's last pass ran", "at": time.time(),
                                 "sites": closed}
         self._save()
@@ -1159,6 +1153,15 @@ def _view_budget_left(view: Mapping[str, Any] | None, conn) -> float | None:
     value = left.get(conn.dataset.name) if getattr(conn.dataset, "name", None) in left else (
         next(iter(left.values())) if len(left) == 1 else None)
     return None if value is None else float(value)
+
+
+def _close_at(transport: Transport, site: str, msg: Close) -> dict[str, Any]:
+    """Send the ``close`` request ``msg`` to ``site``: the job's state there, or
+    ``{"status": "not closed", "error", "kind"}`` when it refused or did not answer."""
+    r = Reply.from_dict(transport.call(site, msg.to_dict()))
+    if r.ok and r.view is not None:
+        return dict(r.view)
+    return {"status": "not closed", "error": r.error, "kind": r.kind}
 
 
 def _site_passes(history: list[Mapping[str, Any]], sites: list[str]) -> dict[str, list[int]]:
