@@ -582,11 +582,17 @@ class JobRuntime:
             return self._conform(payload, plan), report
         if plan.evaluate:
             payload["metrics"] = self._guarded(
-                "evaluation", p, lambda: self._eval_release(data, test_df, pre, tasks, start),
+                "evaluation", p,
+                lambda: self._eval_release(data, test_df, train_df if split else None, pre, tasks, start),
                 lambda: self._null_metrics(tasks))
             if self.job.per_site_metrics and self._policy_allows_site_metrics():
-                # the same noised, charged statistics, for this site alone
-                report["site_metrics"] = protocol.compute_metrics(payload["metrics"], tasks)
+                # the same noised, charged statistics, for this site alone (recalibrated on
+                # its own calibration split, with their intervals)
+                cal = protocol.calibrates(self.site_spec)
+                sd = protocol.eval_noise_sd(self.job, tasks, n_sites=1)
+                report["site_metrics"] = protocol.compute_metrics(
+                    payload["metrics"], tasks, calibration=cal, noise_sd=sd,
+                    platt=protocol.fit_calibration(payload["metrics"], tasks, calibration=cal, noise_sd=sd))
         if plan.train:
             # the report's figures follow from the spec and the charged records alone
             report.update(self._train_report(n, weights))
@@ -618,7 +624,7 @@ class JobRuntime:
 
         return noise_statistics(np.zeros(size(schema)), schema, noise_multiplier=float(self.job.stats_noise_multiplier))
 
-    def _eval_release(self, data, test_df, pre, tasks, start: np.ndarray) -> np.ndarray:
+    def _eval_release(self, data, test_df, train_df, pre, tasks, start: np.ndarray) -> np.ndarray:
         import torch
 
         from fedmtl.models import vector_to_model
@@ -626,21 +632,30 @@ class JobRuntime:
 
         model = self._model
         vector_to_model(model, start)
-        tm = protocol.task_metrics(tasks)
-        if len(test_df):
-            Xt, Y, M = self._tensors(data, "test", test_df, pre, tasks)
+        cal = protocol.calibrates(self.site_spec)
+        tm = protocol.task_metrics(tasks, calibration=cal)
+        for part, df in (("test", test_df), ("train", train_df if cal else None)):
+            if df is None or not len(df):
+                continue
+            Xt, Y, M = self._tensors(data, part, df, pre, tasks)
             with torch.no_grad():
                 pred = model.predict(Xt)
             # NaN/inf scores (weights that overflow for some records) become valid scores
             # the same way for every record, before the metrics see them
-            protocol.update_metrics(tm, finite_predictions(pred, tasks), Y, M, tasks)
-        return noise_statistics(protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS,
+            pred = finite_predictions(pred, tasks)
+            if part == "test":
+                protocol.update_metrics(tm, pred, Y, M, tasks)
+            else:
+                tm.update_calibration(pred, Y, M)
+        return noise_statistics(protocol.metric_vector(tm), tasks, n_bins=protocol.N_BINS, calibration=cal,
                                 noise_multiplier=float(self.job.eval_noise_multiplier))
 
     def _null_metrics(self, tasks) -> np.ndarray:
         from fedmtl.privacy.eval_release import noise_statistics
 
-        return noise_statistics(np.zeros(protocol.metric_size(tasks)), tasks, n_bins=protocol.N_BINS,
+        cal = protocol.calibrates(self.site_spec)
+        return noise_statistics(np.zeros(protocol.metric_size(tasks, calibration=cal)), tasks,
+                                n_bins=protocol.N_BINS, calibration=cal,
                                 noise_multiplier=float(self.job.eval_noise_multiplier))
 
     def _group_counts(self, M, tasks, groups) -> dict[str, int]:

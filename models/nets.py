@@ -144,6 +144,29 @@ class MultiTaskNet(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def recalibrate(self, platt: Mapping[str, tuple[float, float]]) -> None:
+        """Fold each binary task's Platt recalibration ``logit -> a * logit + b`` into its
+        head (weights times ``a``; bias ``a * bias + b``), in place: the ranking of the
+        risks does not change, their level and spread do.
+
+        Args:
+            platt: ``{binary task name: (a, b)}``; tasks not named are left alone.
+
+        Raises:
+            ValueError: a name that is not a binary task of the model, or a non-finite
+                or non-positive ``a``, or a non-finite ``b``.
+        """
+        kinds = {t.name: t.kind for t in self.tasks}
+        for name, (a, b) in platt.items():
+            if kinds.get(name) != "binary":
+                raise ValueError(f"recalibrate: {name!r} is not a binary task of this model ({sorted(kinds)})")
+            if not (np.isfinite(a) and a > 0 and np.isfinite(b)):
+                raise ValueError(f"recalibrate: {name!r} needs a finite a > 0 and a finite b, got ({a}, {b})")
+            head = self.heads[name]
+            head.weight.mul_(float(a))
+            head.bias.mul_(float(a)).add_(float(b))
+
 
 def build_model(
     *,

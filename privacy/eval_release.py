@@ -5,8 +5,15 @@ sufficient statistics (:class:`fedmtl.models.metrics.TaskMetrics`, flattened in 
 state-key order). Those sums are a function of the site's records, so by the trust model
 they may leave the site only noised and charged. This module is the pure mechanism:
 
-1. build the statistics with :func:`eval_metrics` (regression errors clipped, so that one
-   record moves the state by a bounded amount; binary/multiclass need no clipping);
+1. build the statistics with :class:`ReleaseStatistics` (:func:`eval_metrics` for the
+   tasks that are not binary: regression errors clipped, so that one record moves the
+   state by a bounded amount). A *binary* task releases one pair of logit histograms of
+   its test split (:mod:`fedmtl.models.binned`: every metric, the calibration and the
+   intervals are read from that pair) and, when the records have a split column, the same
+   pair for its training split (the *calibration split* the researcher fits each task's
+   Platt recalibration on). A record is in one split or the other, so it moves one count
+   of one pair by 1 per task: the pair costs sensitivity 1 per binary task, whatever is
+   read from it;
 2. :func:`noise_statistics` adds, per coordinate ``i``, Gaussian noise of standard
    deviation ``noise_multiplier * sensitivity(tasks) * w[i]``
    (``w = metric_scales(tasks, n_bins=...)``);
@@ -40,7 +47,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedmtl.models.metrics import TaskMetrics
+from fedmtl.models.binned import RELEASE_BINS, histograms
+from fedmtl.models.metrics import TaskMetrics, flatten_state
 from fedmtl.models.tasks import TaskSpec, check_tasks
 from fedmtl.privacy.accounting import PrivacyRecord
 from fedmtl.privacy.gaussian_release import GaussianRelease, check_noise_multiplier, gaussian_record
@@ -51,7 +59,7 @@ from fedmtl.privacy.gaussian_release import GaussianRelease, check_noise_multipl
 REGRESSION_CLIP_SCALES = 2.0
 
 #: Squared per-record contribution, in ``w``-scaled units, of each kind of task.
-_BINARY_SQ = 6.0  # auroc pos|neg 1, auprc pos|neg 1, correct 1, acc total 1, brier 1, brier total 1
+_BINARY_SQ = 1.0  # one count of the test or the calibration split's histograms
 _REGRESSION_SQ = 3.0  # abs_err 1, sq_err 1, total 1
 
 
@@ -83,10 +91,10 @@ def sensitivity(tasks: Sequence[TaskSpec]) -> float:
     record: ``sqrt(sum over tasks of s_t^2)`` with (per-record changes, after dividing
     by :func:`metric_scales`):
 
-    * binary: the record adds 1 to exactly one bin of ``auroc/pos`` or ``auroc/neg``, and
-      again of ``auprc/pos|neg`` (a separate copy of the same histograms); 0 or 1 to
-      ``accuracy/correct``; 1 to ``accuracy/total``; ``(p - y)^2 <= 1`` to
-      ``brier/sq_err``; 1 to ``brier/total``. All weights 1, so ``s^2 <= 6``.
+    * binary: the record adds 1 to exactly one bin of ``test/pos`` or ``test/neg`` (a test
+      record) or of ``fit/pos`` or ``fit/neg`` (a training record); weight 1, so
+      ``s^2 <= 1``. (The calibration split must not share records with the test split:
+      :class:`ReleaseStatistics` releases it only when the records have a split column.)
     * multiclass with C classes (one-vs-rest): per class, 1 to one bin of pos or neg, in
       both the AUROC and the AUPRC histograms (2C coordinates of 1); 0/1 to correct; 1 to
       each of the two totals; ``sum_k (p_k - [y=k])^2 <= C`` to ``brier/sq_err`` (each
@@ -103,6 +111,8 @@ def sensitivity(tasks: Sequence[TaskSpec]) -> float:
 
 
 def _coordinate_scale(task: TaskSpec, metric: str, key: str, clips: Mapping[str, float]) -> float:
+    if task.kind == "binary":
+        return 1.0  # histogram counts
     if task.kind == "regression":
         c = clips[task.name]
         return {"abs_err": c, "sq_err": c * c, "total": 1.0}[key]
@@ -111,21 +121,96 @@ def _coordinate_scale(task: TaskSpec, metric: str, key: str, clips: Mapping[str,
     return 1.0  # histogram bins, correct, totals: counts that move by at most 1
 
 
-def metric_scales(tasks: Sequence[TaskSpec], *, n_bins: int) -> np.ndarray:
-    """Per-coordinate scale ``w`` of the flattened ``TaskMetrics(tasks, n_bins=n_bins)``
-    state (same length and order as ``flatten_state``): 1 for counts and binary Brier
-    sums, C for a C-class Brier sum, ``c`` / ``c**2`` for a regression task's clipped
-    ``abs_err`` / ``sq_err`` (``c`` from :func:`regression_clips`)."""
+def metric_scales(tasks: Sequence[TaskSpec], *, n_bins: int, calibration: bool = False) -> np.ndarray:
+    """Per-coordinate scale ``w`` of the flattened :class:`ReleaseStatistics` state (same
+    length and order as its :meth:`~ReleaseStatistics.vector`): 1 for counts and binary
+    histograms, C for a C-class Brier sum, ``c`` / ``c**2`` for a regression task's
+    clipped ``abs_err`` / ``sq_err`` (``c`` from :func:`regression_clips`)."""
     tasks = check_tasks(tasks)
     by_name = {t.name: t for t in tasks}
     clips = regression_clips(tasks)
-    shapes = TaskMetrics(tasks, n_bins=n_bins).state_shapes()
+    shapes = ReleaseStatistics(tasks, n_bins=n_bins, calibration=calibration).state_shapes()
     parts = []
     for k in sorted(shapes):
         task, metric, key = k.split("/")
         n = int(np.prod(shapes[k]))
         parts.append(np.full(n, _coordinate_scale(by_name[task], metric, key, clips)))
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+class ReleaseStatistics:
+    """The evaluation statistics one site releases for the job's tasks, as one summable
+    state (keys ``"<task>/<part>/<key>"``, flattened in sorted key order).
+
+    * binary task: ``<task>/test/pos|neg``, the logit histograms of the test split
+      (:func:`fedmtl.models.binned.histograms`); with ``calibration``, also
+      ``<task>/fit/pos|neg`` of the training split;
+    * other tasks: the :func:`eval_metrics` state (AUROC/AUPRC histograms, accuracy,
+      Brier for multiclass; clipped errors for regression).
+
+    Args:
+        tasks: the evaluated tasks.
+        n_bins: the histogram bins of the tasks that are not binary.
+        calibration: release the training split's histograms too (only when the records
+            have a split column: the two splits must not share a record).
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec], *, n_bins: int, calibration: bool) -> None:
+        self.tasks = check_tasks(tasks)
+        self.binary = [t for t in self.tasks if t.kind == "binary"]
+        others = [t for t in self.tasks if t.kind != "binary"]
+        self.calibration = bool(calibration) and bool(self.binary)
+        #: the :func:`eval_metrics` of the tasks that are not binary (None: all binary)
+        self.others = eval_metrics(others, n_bins=n_bins) if others else None
+        parts = ("test", "fit") if self.calibration else ("test",)
+        self._hist = {f"{t.name}/{part}/{key}": np.zeros(RELEASE_BINS)
+                      for t in self.binary for part in parts for key in ("pos", "neg")}
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {k: (RELEASE_BINS,) for k in self._hist}
+        if self.others is not None:
+            shapes.update(self.others.state_shapes())
+        return shapes
+
+    def _add(self, part: str, predictions: Mapping[str, np.ndarray], Y: Any, mask: Any) -> None:
+        Y, mask = np.asarray(Y), np.asarray(mask).astype(bool)
+        for j, t in enumerate(self.tasks):
+            if t.kind != "binary":
+                continue
+            if t.name not in predictions:
+                raise KeyError(f"no predictions for task {t.name!r}")
+            m = mask[:, j]
+            pos, neg = histograms(np.asarray(predictions[t.name])[m], Y[m, j] == 1)
+            self._hist[f"{t.name}/{part}/pos"] += pos
+            self._hist[f"{t.name}/{part}/neg"] += neg
+
+    def update(self, predictions: Mapping[str, np.ndarray], Y: Any, mask: Any) -> "ReleaseStatistics":
+        """Add the test split's predictions (``MultiTaskNet.predict`` output, made finite
+        with :func:`~fedmtl.models.metrics.finite_predictions`), labels and label mask."""
+        self._add("test", predictions, Y, mask)
+        if self.others is not None:
+            names = [t.name for t in self.others.tasks]
+            idx = [i for i, t in enumerate(self.tasks) if t.name in names]
+            self.others.update({k: v for k, v in predictions.items() if k in names},
+                                np.asarray(Y)[:, idx], np.asarray(mask)[:, idx])
+        return self
+
+    def update_calibration(self, predictions: Mapping[str, np.ndarray], Y: Any, mask: Any) -> "ReleaseStatistics":
+        """Add the training split's predictions to the calibration histograms (no-op
+        without ``calibration``)."""
+        if self.calibration:
+            self._add("fit", predictions, Y, mask)
+        return self
+
+    def state(self) -> dict[str, np.ndarray]:
+        st = dict(self._hist)
+        if self.others is not None:
+            st.update(self.others.state())
+        return st
+
+    def vector(self) -> np.ndarray:
+        """The flattened state, float64 (what :class:`EvaluationRelease` noises)."""
+        return flatten_state(self.state()).astype(np.float64)
 
 
 class EvaluationRelease(GaussianRelease):
@@ -143,11 +228,13 @@ class EvaluationRelease(GaussianRelease):
 
     released = "evaluation statistics"
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, n_bins: int, noise_multiplier: Any) -> None:
+    def __init__(self, tasks: Sequence[TaskSpec], *, n_bins: int, noise_multiplier: Any,
+                 calibration: bool = False) -> None:
         super().__init__(noise_multiplier=noise_multiplier)
         self.tasks = check_tasks(tasks)
         self.n_bins = n_bins
-        self._scales = metric_scales(self.tasks, n_bins=n_bins)
+        self.calibration = calibration
+        self._scales = metric_scales(self.tasks, n_bins=n_bins, calibration=calibration)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -170,12 +257,13 @@ def noise_statistics(
     *,
     n_bins: int,
     noise_multiplier: float,
+    calibration: bool = False,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """``vec + w * N(0, (noise_multiplier * sensitivity(tasks))^2)`` per coordinate.
 
     Args:
-        vec: the flattened state of :func:`eval_metrics` (``tasks``, ``n_bins``).
+        vec: the :meth:`ReleaseStatistics.vector` (``tasks``, ``n_bins``, ``calibration``).
         tasks: the evaluated tasks.
         n_bins: the metrics' histogram bins.
         noise_multiplier: a finite number > 0.
@@ -189,7 +277,8 @@ def noise_statistics(
         ValueError: a bad ``noise_multiplier``, or a ``vec`` of the wrong shape or with
             non-finite entries (nothing is noised or returned then).
     """
-    return EvaluationRelease(tasks, n_bins=n_bins, noise_multiplier=noise_multiplier).noise(vec, rng=rng)
+    return EvaluationRelease(tasks, n_bins=n_bins, noise_multiplier=noise_multiplier,
+                             calibration=calibration).noise(vec, rng=rng)
 
 
 def privacy_record(noise_multiplier: float) -> PrivacyRecord:
@@ -211,6 +300,7 @@ def privacy_record(noise_multiplier: float) -> PrivacyRecord:
 __all__ = [
     "EvaluationRelease",
     "REGRESSION_CLIP_SCALES",
+    "ReleaseStatistics",
     "check_noise_multiplier",
     "eval_metrics",
     "metric_scales",

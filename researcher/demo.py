@@ -451,7 +451,18 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     if None not in (nodp, pooled):
         add("federated no DP >= 0.99 x pooled no DP", nodp, 0.99 * pooled, nodp >= 0.99 * pooled)
     if None not in (fed, pooled_dp):
-        add("federated DP >= pooled DP (same epsilon)", fed, pooled_dp, fed >= pooled_dp)
+        # decided: "equal within noise" (each site adds its own noise)
+        add("federated DP >= pooled DP (same epsilon) - 0.005", fed, pooled_dp - 0.005, fed >= pooled_dp - 0.005)
+    cal = dict(calibration_rows(report)).get("federated")
+    if cal:
+        eces = [v["ece"] for v in cal.values() if v.get("ece") is not None]
+        if eces:
+            mean_ece = sum(eces) / len(eces)
+            add("federated DP: mean ECE over tasks <= 0.03", mean_ece, 0.03, mean_ece <= 0.03)
+        for t, v in cal.items():
+            if v.get("mean_predicted") is not None and v.get("observed_rate"):
+                r = v["mean_predicted"] / v["observed_rate"]
+                add(f"federated DP {t}: mean predicted / observed within 0.85-1.15", r, None, 0.85 <= r <= 1.15)
     if None not in (fed, pooled):
         add("federated DP >= 0.965 x pooled no DP", fed, 0.965 * pooled, fed >= 0.965 * pooled)
     if None not in (fed, single):

@@ -42,7 +42,7 @@ from fedmtl.datasites.site import syftio
 from fedmtl.datasites.site.home import write_json_atomic
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
 from fedmtl.errors import DatasiteError, FedMTLError, JobError, PassLostError, PolicyError, RoundError
-from fedmtl.models import model_to_vector
+from fedmtl.models import model_to_vector, vector_to_model
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import SigningKey, save_private_key
 from fedmtl.privacy.quantization import average_by_group
@@ -705,8 +705,21 @@ class Job:
                     self._save()
                     record["stats"] = True
                 if "metrics" in outcome.arrays:
-                    record["metrics"] = protocol.compute_metrics(outcome.arrays["metrics"], tasks)
+                    vec = outcome.arrays["metrics"]
+                    cal = protocol.calibrates(next(iter(self.site_specs.values())))
+                    # each binary task's Platt recalibration, fitted on the summed, noised
+                    # histograms of the sites' training splits (not the test splits); the
+                    # metrics are read under it, and the final model takes it on
+                    noise_sd = protocol.eval_noise_sd(self.spec, tasks, n_sites=len(outcome.survivors))
+                    platt = (protocol.fit_calibration(vec, tasks, calibration=cal, noise_sd=noise_sd)
+                             if self._recalibrates() else {})
+                    record["metrics"] = protocol.compute_metrics(vec, tasks, calibration=cal, platt=platt,
+                                                                 noise_sd=noise_sd)
                     record["site_metrics"] = {s: r["site_metrics"] for s, r in outcome.reports.items() if "site_metrics" in r}
+                    if platt:
+                        record["calibration"] = {t: [float(a), float(b)] for t, (a, b) in platt.items()}
+                    if platt and p == last:
+                        weights = _recalibrated(model, weights, platt)
                 if "update" in outcome.arrays:
                     avg, totals = average_by_group(outcome.arrays["update"], outcome.arrays["counts"], groups=groups)
                     agg_dir = self.out / "aggregates"
@@ -734,6 +747,12 @@ class Job:
                 self._close_where_missed(transport, history, last, log=log)
             self._read_charged(transport)
         return self.result()
+
+    def _recalibrates(self) -> bool:
+        """Whether the final model takes the Platt recalibration: not when the heads stay
+        at the sites (a strategy that personalises them: there is no global head)."""
+        layout = protocol.groups_of(self.model)
+        return not bool(np.asarray(make_strategy(self.spec.strategy).personal_mask(layout)).any())
 
     def _close_where_missed(self, transport: Transport, history: list[Mapping[str, Any]], last: int, *,
                             log: Callable[[str], None] | None = None) -> None:
@@ -1164,6 +1183,14 @@ def _close_at(transport: Transport, site: str, msg: Close) -> dict[str, Any]:
     return {"status": "not closed", "error": r.error, "kind": r.kind}
 
 
+def _recalibrated(model, weights: np.ndarray, platt: Mapping[str, tuple[float, float]]) -> np.ndarray:
+    """``weights`` with each binary head's Platt recalibration folded in
+    (:meth:`~fedmtl.models.nets.MultiTaskNet.recalibrate`)."""
+    vector_to_model(model, np.asarray(weights, dtype=np.float32))
+    model.recalibrate(platt)
+    return model_to_vector(model).astype(np.float64)
+
+
 def _site_passes(history: list[Mapping[str, Any]], sites: list[str]) -> dict[str, list[int]]:
     """Per site, the passes whose aggregate holds its vector (the pass's survivors), from
     the checkpoint's history (one record per pass, in order; a pass whose aggregate was
@@ -1177,7 +1204,10 @@ def _site_passes(history: list[Mapping[str, Any]], sites: list[str]) -> dict[str
 
 
 def _metrics_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {"round": record["round"], "pooled": record["metrics"], "sites": record.get("site_metrics", {})}
+    row = {"round": record["round"], "pooled": record["metrics"], "sites": record.get("site_metrics", {})}
+    if record.get("calibration"):
+        row["calibration"] = record["calibration"]
+    return row
 
 
 def _initial_vector(model) -> np.ndarray:

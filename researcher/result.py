@@ -213,9 +213,12 @@ class JobResult:
         """Every evaluation as rows ``round, site, task, metric, value``; ``site`` is
         ``"pooled"`` for the metrics summed over all sites under secure aggregation (a
         site's own only where the sites released them). Metrics: ``auroc``, ``auprc``,
-        ``accuracy``, ``brier`` (calibration) for classification tasks, ``mae`` and
-        ``rmse`` for regression, ``n`` the labelled test records; all are DP-noised
-        releases. A missing value is NaN."""
+        ``accuracy``, ``brier`` for classification tasks; for binary tasks also
+        ``mean_predicted`` against ``observed_rate`` (calibration in the large) and ``ece``,
+        read under the job's Platt recalibration, each with its 95% interval
+        ``<metric>_lo`` / ``<metric>_hi`` and ``wide`` (1.0: the AUROC interval is wider
+        than +-0.05); ``mae`` and ``rmse`` for regression; ``n`` the labelled test records.
+        All are DP-noised releases. A missing value is NaN."""
         rows = []
         for e in self.metrics:
             r = int(e["round"])
@@ -250,14 +253,31 @@ class JobResult:
         last = self.metrics[-1]["round"] if self.metrics else None
         head = (f"JobResult {self.spec.name!r}: {self.rounds_done} of {self.spec.rounds} round(s), "
                 f"{len(tasks)} task(s), strategy {self.spec.strategy.name}")
-        rows = [("task", "kind", "AUROC", "Brier", "MAE")]
+        rows = [("task", "kind", "AUROC (95% interval)", "Brier", "mean risk/observed", "ECE", "MAE")]
+        wide = []
         for name, kind in tasks:
             m = final.get(name, {})
-            rows.append((name, kind, _fmt(m.get("auroc"), ".3f"), _fmt(m.get("brier"), ".3f"), _fmt(m.get("mae"))))
+            auroc = _fmt(m.get("auroc"), ".3f")
+            if "auroc_lo" in m:
+                auroc += f" ({_fmt(m.get('auroc_lo'), '.3f')} to {_fmt(m.get('auroc_hi'), '.3f')})"
+            risk = (f"{_fmt(m.get('mean_predicted'), '.3f')}/{_fmt(m.get('observed_rate'), '.3f')}"
+                    if "mean_predicted" in m else "-")
+            rows.append((name, kind, auroc, _fmt(m.get("brier"), ".3f"), risk, _fmt(m.get("ece"), ".3f"),
+                         _fmt(m.get("mae"))))
+            if m.get("wide"):
+                wide.append(name)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(f"  final metrics from the evaluation after round {last}" if last is not None
-                     else "  no evaluation yet")
+        lines.append(f"  final metrics from the evaluation after round {last} (DP-noised releases; each interval "
+                     "covers the noise and the binning)" if last is not None else "  no evaluation yet")
+        if wide:
+            lines.append(f"  warning: the AUROC interval of {', '.join(wide)} is wider than +-0.05: too few test "
+                         "records for the evaluation noise to tell models apart (a smaller eval_noise_multiplier "
+                         "buys a narrower one, at an epsilon cost job.cost() shows)")
+        cal = self.metrics[-1].get("calibration") if self.metrics else None
+        if cal:
+            lines.append("  risks recalibrated (Platt, fitted on the sites' training splits): " + ", ".join(
+                f"{t} a={a:.2f} b={b:+.2f}" for t, (a, b) in sorted(cal.items())))
         eps = ", ".join(f"{site}={_fmt(e)}" for site, e in sorted(self.epsilon.items())) or "-"
         if self.epsilon_source and all(v == "ledger" for v in self.epsilon_source.values()):
             lines.append(f"  epsilon charged per site (read back from each site's ledger): {eps}")

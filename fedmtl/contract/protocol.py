@@ -16,8 +16,10 @@ carries, as one masked vector per site:
 - ``counts`` (training passes): those counts, one per group, so the sum gives the
   weighted average per head;
 - ``metrics`` (if the evaluation schedule says so): the sufficient statistics of every
-  task's metrics for the *incoming* global model on the site's test split. The last pass
-  evaluates the final model and trains nothing.
+  task's metrics for the *incoming* global model on the site's test split (a binary
+  task: its logit histograms, and those of the training split for the researcher's Platt
+  recalibration, :func:`fit_calibration`). The last pass evaluates the final model and
+  trains nothing; the researcher folds the recalibration into the final model's heads.
 
 Every function that needs the job, its schema or its roster takes the
 :class:`~fedmtl.contract.site_spec.SiteSpec` (the syft ``Constant`` the reviewer approves,
@@ -42,8 +44,9 @@ from fedmtl.schema import Schema
 #: a parsed site spec, or (until every caller parses at its edge) the bound mapping
 SiteSpecLike = SiteSpec | Mapping[str, Any]
 
-#: score-histogram bins of the released evaluation statistics: few, because each bin
-#: carries Gaussian noise (see fedmtl.privacy.eval_release and docs/compliance.md)
+#: score-histogram bins of a multiclass task's released evaluation statistics: few,
+#: because each bin carries Gaussian noise (see fedmtl.privacy.eval_release and
+#: docs/compliance.md); a binary task's are fedmtl.models.binned.RELEASE_BINS logit bins
 N_BINS = 20
 
 
@@ -144,11 +147,20 @@ def groups_of(model) -> dict[str, list[slice]]:
     return task_slices(model)
 
 
-def task_metrics(tasks):
-    """A fresh :class:`~fedmtl.models.metrics.TaskMetrics` for the job's tasks."""
-    from fedmtl.privacy.eval_release import eval_metrics
+def calibrates(site_spec: SiteSpecLike) -> bool:
+    """Whether the job's evaluation statistics hold each binary task's calibration
+    histograms of the training split: exactly when the schema has a split column (the
+    calibration split must not share a record with the test split)."""
+    spec = SiteSpec.coerce(site_spec)
+    return spec.schema.split_column is not None
 
-    return eval_metrics(tasks, n_bins=N_BINS)
+
+def task_metrics(tasks, *, calibration: bool = False):
+    """A fresh :class:`~fedmtl.privacy.eval_release.ReleaseStatistics` for the job's tasks
+    (``calibration``: :func:`calibrates`)."""
+    from fedmtl.privacy.eval_release import ReleaseStatistics
+
+    return ReleaseStatistics(tasks, n_bins=N_BINS, calibration=calibration)
 
 
 def update_metrics(tm, pred, Y, M, tasks) -> None:
@@ -157,30 +169,89 @@ def update_metrics(tm, pred, Y, M, tasks) -> None:
     tm.update(pred, Y, M)
 
 
-def metric_size(tasks) -> int:
-    return int(sum(int(np.prod(s)) for s in task_metrics(tasks).state_shapes().values()))
+def metric_size(tasks, *, calibration: bool = False) -> int:
+    return int(sum(int(np.prod(s)) for s in task_metrics(tasks, calibration=calibration).state_shapes().values()))
 
 
 def metric_vector(tm) -> np.ndarray:
-    from fedmtl.models.metrics import flatten_state
-
-    return flatten_state(tm.state()).astype(np.float64)
+    return tm.vector()
 
 
-def compute_metrics(vec: np.ndarray, tasks) -> dict[str, dict[str, float]]:
-    """Metric values per task from a (summed, de-quantised) flat metric vector."""
+def eval_noise_sd(job: JobSpec, tasks, *, n_sites: int) -> float:
+    """The standard deviation of the noise on each count of a sum of ``n_sites`` sites'
+    evaluation releases (public: the job's ``eval_noise_multiplier`` times the release's
+    sensitivity, each site adding its own noise)."""
+    from fedmtl.privacy.eval_release import sensitivity
+
+    return float(job.eval_noise_multiplier) * sensitivity(tasks) * float(np.sqrt(max(int(n_sites), 1)))
+
+
+def fit_calibration(vec: np.ndarray, tasks, *, calibration: bool, noise_sd: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Each binary task's Platt recalibration ``(a, b)`` (:func:`fedmtl.models.binned.fit_platt`)
+    from the calibration histograms of a (summed) metric vector; ``{}`` without them. Bins
+    whose count is below twice the noise (``noise_sd`` per count, :func:`eval_noise_sd`) are
+    left out: noise alone would pull the fit. Post-processing of the noised release: it
+    costs nothing more."""
+    from fedmtl.models.binned import fit_platt
     from fedmtl.models.metrics import unflatten_state
 
-    tm = task_metrics(tasks)
+    if not calibration:
+        return {}
+    tm = task_metrics(tasks, calibration=True)
+    st = unflatten_state(np.asarray(vec, dtype=np.float64), tm.state_shapes())
+    return {t.name: fit_platt(st[f"{t.name}/fit/pos"], st[f"{t.name}/fit/neg"], min_count=2.0 * float(noise_sd))
+            for t in tm.binary}
+
+
+def compute_metrics(vec: np.ndarray, tasks, *, calibration: bool = False, noise_sd: float = 0.0,
+                    platt: Mapping[str, tuple[float, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Metric values per task from a (summed, de-quantised) flat metric vector.
+
+    A binary task's metrics (:func:`fedmtl.models.binned.binary_metrics`: ``auroc``,
+    ``auprc``, ``accuracy``, ``brier``, ``mean_predicted``, ``observed_rate``, ``ece``,
+    ``n``) are read under its Platt recalibration in ``platt`` (if any), each with its 95%
+    interval ``<metric>_lo`` / ``<metric>_hi`` for noise of standard deviation ``noise_sd``
+    per count (:func:`eval_noise_sd`), and ``wide`` = 1.0 where the AUROC interval is wider
+    than +-0.05 (0.0 otherwise).
+
+    Args:
+        vec: the metric vector.
+        tasks: the job's tasks.
+        calibration: whether the vector holds calibration histograms (:func:`calibrates`).
+        noise_sd: the noise on each count (0: exact statistics).
+        platt: ``{task: (a, b)}`` (:func:`fit_calibration`).
+
+    Returns:
+        ``{task: {metric: value}}``.
+    """
+    from fedmtl.models.binned import binary_intervals, binary_metrics, support, warn_wide
+    from fedmtl.models.metrics import unflatten_state
+
+    tm = task_metrics(tasks, calibration=calibration)
     state = unflatten_state(np.asarray(vec, dtype=np.float64), tm.state_shapes())
-    # counts are rounded; every entry is a sum of non-negative terms, so DP noise that
-    # pushed one below 0 is clamped there (post-processing: no privacy cost; exact
-    # vectors are unchanged). A total at 0 gives NaN for that metric, never a crash.
-    state = {k: np.maximum(np.rint(v), 0) if _is_count(k) else np.maximum(v, 0) for k, v in state.items()}
-    out = {}
-    for task, vals in tm.compute(state).items():
-        out[task] = {k: float(v) for k, v in vals.items()}
-    return out
+    out: dict[str, dict[str, float]] = {}
+    platt = dict(platt or {})
+    for t in tm.binary:
+        pos, neg = state[f"{t.name}/test/pos"], state[f"{t.name}/test/neg"]
+        ab = tuple(platt.get(t.name, (1.0, 0.0)))
+        # the ranking metrics count only the bins where the calibration split has records
+        sup = (support(pos, neg, state[f"{t.name}/fit/pos"], state[f"{t.name}/fit/neg"], noise_sd=float(noise_sd))
+               if calibration else None)
+        vals = binary_metrics(pos, neg, platt=ab, support=sup)
+        iv = binary_intervals(pos, neg, noise_sd=float(noise_sd), platt=ab, support=sup)
+        for k, (lo, hi) in iv.items():
+            vals[f"{k}_lo"], vals[f"{k}_hi"] = lo, hi
+        vals["wide"] = float(warn_wide(iv))
+        out[t.name] = {k: float(v) for k, v in vals.items()}
+    if tm.others is not None:
+        other = {k: v for k, v in state.items() if k in tm.others.state_shapes()}
+        # counts are rounded; every entry is a sum of non-negative terms, so DP noise that
+        # pushed one below 0 is clamped there (post-processing: no privacy cost; exact
+        # vectors are unchanged). A total at 0 gives NaN for that metric, never a crash.
+        other = {k: np.maximum(np.rint(v), 0) if _is_count(k) else np.maximum(v, 0) for k, v in other.items()}
+        for task, vals in tm.others.compute(other).items():
+            out[task] = {k: float(v) for k, v in vals.items()}
+    return {t.name: out[t.name] for t in tm.tasks}
 
 
 def _is_count(key: str) -> bool:
@@ -303,7 +374,7 @@ def plan(site_spec: SiteSpecLike, pass_no: int, *, model=None) -> PassPlan:
     ev = schedule.evaluates(pass_no)
     if ev:
         names.append("metrics")
-        shapes.append((metric_size(tasks),))
+        shapes.append((metric_size(tasks, calibration=calibrates(spec)),))
     return PassPlan(pass_no, train, ev, tuple(names), tuple(shapes))
 
 

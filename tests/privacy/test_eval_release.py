@@ -14,6 +14,7 @@ from fedmtl.models.metrics import RegressionError, TaskMetrics, flatten_state
 from fedmtl.privacy.accounting import RDP_ORDERS, PrivacyRecord, epsilon_of
 from fedmtl.privacy.eval_release import (
     REGRESSION_CLIP_SCALES,
+    ReleaseStatistics,
     eval_metrics,
     metric_scales,
     noise_statistics,
@@ -60,10 +61,19 @@ def _random_case(tasks, n, rng):
     return pred, Y, M
 
 
-def _stats(tasks, pred, Y, M, *, n_bins=N_BINS, metrics=eval_metrics):
-    tm = metrics(tasks, n_bins=n_bins)
-    tm.update(pred, Y, M)
-    return flatten_state(tm.state())
+def _stats(tasks, pred, Y, M, *, n_bins=N_BINS, metrics=None, fit=None):
+    """The released vector, the records where ``fit`` is True in the training
+    (calibration) split, the rest in the test split (default: every third record from the third);
+    ``metrics`` (a TaskMetrics class) instead: its plain state."""
+    if metrics is not None:
+        tm = metrics(tasks, n_bins=n_bins)
+        tm.update(pred, Y, M)
+        return flatten_state(tm.state())
+    fit = np.arange(Y.shape[0]) % 3 == 2 if fit is None else fit
+    rel = ReleaseStatistics(tasks, n_bins=n_bins, calibration=True)
+    rel.update({k: v[~fit] for k, v in pred.items()}, Y[~fit], M[~fit])
+    rel.update_calibration({k: v[fit] for k, v in pred.items()}, Y[fit], M[fit])
+    return rel.vector()
 
 
 def _drop(pred, Y, M, i):
@@ -73,9 +83,10 @@ def _drop(pred, Y, M, i):
 
 def _scaled_change(tasks, case, i, n_bins=N_BINS):
     pred, Y, M = case
-    full = _stats(tasks, pred, Y, M, n_bins=n_bins)
-    less = _stats(tasks, *_drop(pred, Y, M, i), n_bins=n_bins)
-    return float(np.linalg.norm((full - less) / metric_scales(tasks, n_bins=n_bins)))
+    fit = np.arange(Y.shape[0]) % 3 == 2  # record i stays in its split when another is dropped
+    full = _stats(tasks, pred, Y, M, n_bins=n_bins, fit=fit)
+    less = _stats(tasks, *_drop(pred, Y, M, i), n_bins=n_bins, fit=np.delete(fit, i))
+    return float(np.linalg.norm((full - less) / metric_scales(tasks, n_bins=n_bins, calibration=True)))
 
 
 # -- the sensitivity bound ------------------------------------------------------
@@ -114,18 +125,18 @@ def test_worst_case_records_stay_within_the_bound_and_regression_is_tight():
     together = _scaled_change(tasks, (pred, Y, M), 0)
     # Assert
     assert per_task["alt"] == pytest.approx(math.sqrt(3)) and per_task["ldl"] == pytest.approx(math.sqrt(3))
-    assert per_task["dia"] == pytest.approx(math.sqrt(5)) and per_task["htn"] <= math.sqrt(6)
+    assert per_task["dia"] == pytest.approx(1.0) and per_task["htn"] == pytest.approx(1.0)
     assert per_task["stage"] <= math.sqrt(2 * 3 + 4) and per_task["grade"] <= math.sqrt(2 * 4 + 4)
     assert together <= sensitivity(tasks) + 1e-9
     assert together == pytest.approx(math.sqrt(sum(v * v for v in per_task.values())))
 
 
 def test_sensitivity_sums_the_per_task_bounds():
-    assert sensitivity([BIN]) == pytest.approx(math.sqrt(6))
+    assert sensitivity([BIN]) == pytest.approx(1.0)
     assert sensitivity([MC3]) == pytest.approx(math.sqrt(10))
     assert sensitivity([REG]) == pytest.approx(math.sqrt(3))
-    assert sensitivity([BIN] * 1 + [BIN2]) == pytest.approx(math.sqrt(12))
-    assert sensitivity(ALL) == pytest.approx(math.sqrt(6 + 10 + 3 + 6 + 12 + 3))
+    assert sensitivity([BIN] * 1 + [BIN2]) == pytest.approx(math.sqrt(2))
+    assert sensitivity(ALL) == pytest.approx(math.sqrt(1 + 10 + 3 + 1 + 12 + 3))
     with pytest.raises(ValueError):
         sensitivity([])
 
@@ -144,14 +155,16 @@ def test_unclipped_regression_statistics_would_break_the_bound():
 def test_scales_follow_the_flattened_state_order():
     # Prepare: a state whose every entry names its own key
     tasks = ALL
-    shapes = TaskMetrics(tasks, n_bins=N_BINS).state_shapes()
+    shapes = ReleaseStatistics(tasks, n_bins=N_BINS, calibration=True).state_shapes()
     keys = sorted(shapes)
     marked = flatten_state({k: np.full(shapes[k], float(i)) for i, k in enumerate(keys)})
     # Execute
-    w = metric_scales(tasks, n_bins=N_BINS)
+    w = metric_scales(tasks, n_bins=N_BINS, calibration=True)
     # Assert
     assert w.shape == marked.shape
     assert metric_scales(tasks, n_bins=protocol.N_BINS).size == protocol.metric_size(tasks)
+    assert w.size == protocol.metric_size(tasks, calibration=True)
+    assert {"dia/fit/pos", "dia/test/neg", "htn/fit/neg"} <= set(keys)
     clips = regression_clips(tasks)
     assert clips == {"alt": REGRESSION_CLIP_SCALES * 30.0, "ldl": REGRESSION_CLIP_SCALES * 1.0}
     expect = {
@@ -230,8 +243,11 @@ def test_wrong_or_non_finite_vectors_are_refused():
     n = metric_scales([BIN], n_bins=N_BINS).size
     with pytest.raises(ValueError, match="shape"):
         noise_statistics(np.zeros(n + 1), [BIN], n_bins=N_BINS, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="shape"):
-        noise_statistics(np.zeros(n), [BIN], n_bins=N_BINS + 1, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="shape"):  # the calibration histograms are missing
+        noise_statistics(np.zeros(n), [BIN], n_bins=N_BINS, calibration=True, noise_multiplier=1.0)
+    m = metric_scales([MC3], n_bins=N_BINS).size
+    with pytest.raises(ValueError, match="shape"):  # a multiclass task's bins are the spec's
+        noise_statistics(np.zeros(m), [MC3], n_bins=N_BINS + 1, noise_multiplier=1.0)
     bad = np.zeros(n)
     bad[3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -299,7 +315,7 @@ def test_noisy_realistic_split_gives_auroc_in_unit_interval():
     Y = (rng.random((n, 5)) < 0.12).astype(float)
     M = rng.random((n, 5)) < 0.95
     pred = {t.name: 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.5 * Y[:, j] - 1.5))) for j, t in enumerate(tasks)}
-    tm = eval_metrics(tasks, n_bins=protocol.N_BINS)
+    tm = protocol.task_metrics(tasks)
     tm.update(pred, Y, M)
     vec = protocol.metric_vector(tm)
     # Execute
@@ -320,7 +336,7 @@ def test_compute_copes_with_tiny_noisy_splits_of_every_kind():
     rng = np.random.default_rng(5)
     tasks = [BIN, MC3, REG]
     pred, Y, M = _random_case(tasks, 3, rng)
-    tm = eval_metrics(tasks, n_bins=protocol.N_BINS)
+    tm = protocol.task_metrics(tasks)
     tm.update(pred, Y, M)
     vec = protocol.metric_vector(tm)
     # Execute / Assert: no crash, no division warning, values in range or NaN

@@ -53,7 +53,7 @@ def test_quick_demo_writes_report_and_stops_sites(tmp_path):
     # each hospital fine-tuned the datasite job's model at home, measured on its own test split
     assert comp["federated_finetuned"]["sources"] == ["datasites"]
     assert all(r["gain_finetuned_vs_local"] is not None for r in report["per_hospital"].values())
-    assert {t["target"] for t in report["targets"]} >= {"federated DP >= pooled DP (same epsilon)"}
+    assert {t["target"] for t in report["targets"]} >= {"federated DP >= pooled DP (same epsilon) - 0.005"}
     assert all(abs(e - 3.0) < 0.05 for e in report["federated"]["epsilon"].values())
     assert all(a["verified"] for a in report["audit"].values())
     assert (out / "report" / "audit" / "st-mary" / "report.html").exists()

@@ -165,9 +165,9 @@ def test_summary_shows_tasks_final_metrics_epsilon_and_rounds_only():
     assert text == rep
     assert text.splitlines()[0] == "JobResult 'toy': 2 of 3 round(s), 3 task(s), strategy fedper"
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
-    assert rows["diabetes"] == ["binary", "0.712", "0.183", "-"]
-    assert rows["stage"] == ["multiclass", "0.610", "0.520", "-"]
-    assert rows["alt"] == ["regression", "-", "-", "2.5"]
+    assert rows["diabetes"] == ["binary", "0.712", "0.183", "-", "-", "-"]
+    assert rows["stage"] == ["multiclass", "0.610", "0.520", "-", "-", "-"]
+    assert rows["alt"] == ["regression", "-", "-", "-", "-", "2.5"]
     assert "after round 3" in text
     assert "epsilon per site: general=inf, st-mary=1.5 (delta=1e-05)" in text
     # never the spec, the schema or the weights
@@ -180,7 +180,24 @@ def test_summary_shows_tasks_final_metrics_epsilon_and_rounds_only():
 def test_summary_without_evaluations():
     r = _result()
     r.metrics.clear()
-    assert "no evaluation yet" in str(r) and "diabetes  binary      -      -      -" in str(r)
+    rows = {line.split()[0]: line.split()[1:] for line in str(r).splitlines()[2:5]}
+    assert "no evaluation yet" in str(r) and rows["diabetes"] == ["binary", "-", "-", "-", "-", "-"]
+
+
+def test_summary_shows_intervals_calibration_and_warns_on_wide_intervals():
+    # Prepare: a released AUROC with a wide interval, and one recalibrated task
+    r = _result()
+    r.add_metrics(3, {"diabetes": {"auroc": 0.7123, "auroc_lo": 0.61, "auroc_hi": 0.80, "brier": 0.1834,
+                                   "mean_predicted": 0.081, "observed_rate": 0.079, "ece": 0.012, "wide": 1.0},
+                      "stage": {"auroc": 0.61, "brier": 0.52}, "alt": {"mae": 2.5, "rmse": 3.0}})
+    r.metrics[-1]["calibration"] = {"diabetes": [1.3, -0.4]}
+    # Execute
+    text = str(r)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
+    # Assert
+    assert rows["diabetes"] == ["binary", "0.712", "(0.610", "to", "0.800)", "0.183", "0.081/0.079", "0.012", "-"]
+    assert "warning: the AUROC interval of diabetes is wider than +-0.05" in text
+    assert "diabetes a=1.30 b=-0.40" in text
 
 
 # -- predict checks its input as launch checks an export ----------------------------------------

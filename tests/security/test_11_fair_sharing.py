@@ -30,7 +30,9 @@ import numpy as np
 import pytest
 import security_kit as K
 
-pytestmark = pytest.mark.integration
+#: exclusive: both tests assert that one thing happens while a datasite trains; a second test
+#: process on the same cores can slow the first thing past the training (tests/conftest.py)
+pytestmark = [pytest.mark.integration, pytest.mark.exclusive]
 
 SITE = "st-mary"
 #: every label column of the cohort: the most task heads

@@ -8,15 +8,35 @@ APPROVED at every site within 60 s. Then NaN / inf / -inf / negative / huge valu
 EVERY numeric field of the job spec (``spec["job"]`` walked recursively, list entries
 such as ``model.widths`` included) and in ``max_count`` are each DENIED, and a legit job
 is still approved afterwards.
+
+How the numeric matrix is covered (one parametrised test per (field, bad value)): every
+case is judged IN PROCESS by the datasite's own review functions (``limits.spec_problems``,
+``SiteSpec.parse``, then :func:`fedmtl.datasites.review.preview.preview`'s
+``job_facts``/``decide``, in ``autoreview.facts_of``'s order and words) on ``riverside``'s
+real policy (from its ledger), schema, identity key and training size, read from its home; it must give a denial that is not only about budget. A deterministic sample
+(:data:`SAMPLED`: every field once with a rotating bad value, every bad value on
+``job.rounds`` and on ``max_count``) is ALSO submitted to the real datasite and must be
+denied there, with a reason the in-process review gives too: that pins the in-process
+rule to what the running reviewer does, at ~35 syft requests instead of ~155.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import security_kit as K
+
+from fedmtl.contract.site_spec import SiteSpec
+from fedmtl.datasites.ledger.site_ledger import current_policy
+from fedmtl.datasites.review.preview import preview
+from fedmtl.datasites.rules import limits
+from fedmtl.datasites.site import home as home_mod
+from fedmtl.datasites.site import identity
+from fedmtl.schema import Schema
 
 pytestmark = pytest.mark.integration
 
@@ -102,14 +122,79 @@ def _case_id(case) -> str:
     return f"{K.path_str(path)}={value}"
 
 
+def _sample() -> list[tuple[tuple, str]]:
+    """The cases also sent to the real datasite: every field once, the bad value rotating
+    with the field's index, plus every bad value on ``job.rounds`` and on ``max_count``."""
+    names = list(BAD_NUMBERS)
+    out = []
+    for i, path in enumerate(NUMERIC_PATHS):
+        values = [names[(i + k) % len(names)] for k in range(len(names))]
+        out.append(next((path, v) for v in values if (path, v) not in HARMLESS))
+    out += [(p, v) for p in (("job", "rounds"), ("max_count",)) for v in names]
+    return [c for c in NUMERIC_CASES if c in set(out)]
+
+
+#: the cases submitted to ``riverside`` as real syft requests (the rest are judged in process)
+SAMPLED = _sample()
+
+
+def _poisoned(federation, base: dict, case, tag: str) -> tuple[dict, str]:
+    """``base`` under a job id of its own with ``case``'s bad number, and its func name."""
+    path, value = case
+    spec, fn = federation.variant_spec(base, tag)
+    K.set_path(spec, path, BAD_NUMBERS[value])
+    return spec, fn
+
+
 @pytest.fixture(scope="module")
-def numeric_batch(federation):
+def numeric_base(federation) -> dict:
     base, _ = federation.legit_site_spec(NUMERIC_SITE)
+    return base
+
+
+@pytest.fixture(scope="module")
+def site_review(federation) -> dict[str, Any]:
+    """The arguments ``autoreview.facts_of`` gives ``limits.spec_problems``, read from
+    ``riverside``'s home: its current policy, schema, name, identity key and training size."""
+    home = federation.handles[NUMERIC_SITE].home
+    meta = json.loads((Path(home) / "dataset_meta.json").read_text())
+    return dict(
+        policy=current_policy(home),
+        schema=Schema.load(Path(home) / "schema.toml"),
+        site=home_mod.read_config(home)["name"],
+        own_key=identity.load_public(home).verify_key.to_bytes().hex(),
+        n_train=int(meta["split_sizes"].get("train", meta["n_records"])),
+    )
+
+
+def _in_process_denial(site_review: dict[str, Any], spec: dict) -> list[str]:
+    """The reasons the datasite's review denies ``spec`` with (``[]``: it would not deny).
+
+    Runs the review's own functions in ``autoreview.facts_of``'s order and words:
+    ``limits.spec_problems``, then ``SiteSpec.parse`` (a refusal is "the job spec is
+    invalid"), then :func:`preview` (``job_facts`` + ``decide``, a researcher with nothing
+    spent; the dataset budget, which it cannot know, is left out). Anything else that raises
+    is a denial too, as the reviewer's per-request error boundary makes it."""
+    problems, _ = limits.spec_problems(spec, **site_review)
+    if problems:
+        return problems
+    try:
+        SiteSpec.parse(spec)
+    except Exception as e:  # noqa: BLE001 - facts_of denies any spec the parser refuses
+        return [f"the job spec is invalid: {e}"]
+    try:
+        verdict = preview(spec, researcher_records=(), **site_review)
+    except Exception as e:  # noqa: BLE001 - the reviewer denies a request whose review raises
+        return [f"the datasite could not review this request ({type(e).__name__}: {str(e)[:200]})"]
+    return verdict.would_deny if verdict.status == "denied" else []
+
+
+@pytest.fixture(scope="module")
+def numeric_batch(federation, numeric_base):
     subs = {}
-    for i, (path, value) in enumerate(NUMERIC_CASES):
-        spec, fn = federation.variant_spec(base, f"n{i:03d}")
-        K.set_path(spec, path, BAD_NUMBERS[value])
-        label = _case_id((path, value))
+    for case in SAMPLED:
+        spec, fn = _poisoned(federation, numeric_base, case, f"n{NUMERIC_CASES.index(case):03d}")
+        label = _case_id(case)
         subs[label] = federation.forge(label, NUMERIC_SITE, spec, fn)
     return K.Batch(federation, subs)
 
@@ -121,18 +206,43 @@ def test_every_numeric_field_is_walked():
             "job.tasks.0.weight", "job.noise_multiplier", "job.sample_rate", "max_count"} <= paths
 
 
+def test_the_sample_covers_every_field_and_every_value():
+    """Every field and every bad value reaches the real datasite at least once."""
+    assert {p for p, _ in SAMPLED} == set(NUMERIC_PATHS)
+    assert {v for _, v in SAMPLED} == set(BAD_NUMBERS)
+    assert {c for c in NUMERIC_CASES if c[0] == ("max_count",)} <= set(SAMPLED)
+    assert len(SAMPLED) < len(NUMERIC_CASES) // 3
+
+
 @pytest.mark.parametrize("case", NUMERIC_CASES, ids=[_case_id(c) for c in NUMERIC_CASES])
-def test_bad_number_in_any_field_is_denied(numeric_batch, federation, case):
+def test_bad_number_in_any_field_is_denied(numeric_batch, numeric_base, site_review, federation, case):
+    # Prepare: the genuine site spec with one bad number
+    spec, _ = _poisoned(federation, numeric_base, case, "inproc")
+    # Execute: the datasite's review, in process
+    reasons = _in_process_denial(site_review, spec)
+    # Assert: denied, and not only for privacy budget
+    print(f"{_case_id(case)} in process: {reasons[:3]}")
+    assert reasons, f"ATTACK SUCCEEDED: the datasite's review does not deny {_case_id(case)}"
+    assert not K.budget_only("; ".join(reasons)), (
+        f"{_case_id(case)} is denied in process only for privacy budget ({reasons}): not recognised as an attack"
+    )
+    if case not in SAMPLED:
+        return
+    # the sampled case also went to the real datasite: the running reviewer must agree
     sub, decision = numeric_batch.decision(_case_id(case))
     print(f"{sub.label}: {decision.status}: {decision.reason[:200]}")
-    # the genuine template with a bad number: a denied syft request never runs, so the
-    # code is called only if it was approved (that keeps 150 requests quick)
+    # a denied syft request never runs, so the code is called only if it was approved
     federation.assert_denied(sub, decision, execute=False)
+    if decision.status == "REJECTED":
+        assert any(r[:80] in decision.reason for r in reasons), (
+            f"{sub.label}: the datasite denied it for {decision.reason[:300]!r}, none of the in-process "
+            f"review's reasons {reasons}: the in-process check no longer matches the running reviewer"
+        )
 
 
 def test_legit_job_still_approved_after_the_numeric_poison(federation, numeric_batch):
     job, status = _legit_job_approved_everywhere(federation, "after-numeric")
     assert {v["status"] for v in status.values()} == {"approved"}, (
-        f"after {len(NUMERIC_CASES)} poisoned requests the legit job {job.job_id} was not approved "
+        f"after {len(SAMPLED)} poisoned requests the legit job {job.job_id} was not approved "
         f"everywhere within {K.DECISION_TIMEOUT:.0f}s: {status}"
     )
