@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fedmtl import interrupts
 from fedmtl.contract.jobspec import JobSpec
 from fedmtl.datasites.data.cohort import prepare
 from fedmtl.datasites.data.records import load_records
@@ -145,13 +146,17 @@ def run_demo(
 
         log("[3/5] researcher: connect, dry-run, submit, run the multi-task DP job ...")
         session = Session.connect([{"url": h.url, "email": RESEARCHER, "password": password} for h in handles])
+        interrupts.check()  # between the steps: a Ctrl-C a library swallowed stops here
         spec = recipe_spec("mtl-dp", tasks, rounds=rounds, epsilon=epsilon, seed=seed, n_sites=sites)
         job = session.job(spec, out=out / "jobs" / "mtl-dp")
         job.dry_run(passes=1)
+        interrupts.check()
         job.submit()
         status = job.wait_for_review(300)
         log("      review: " + ", ".join(f"{s} {v['status']}" for s, v in sorted(status.items())))
+        interrupts.check()
         main = job.run(progress=True)
+        interrupts.check()
         main.save(out / "jobs" / "mtl-dp" / "result")
     finally:
         # also on Ctrl-C: stop every site (one failing to stop does not keep the others

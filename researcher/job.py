@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedmtl import interrupts
 from fedmtl.contract import protocol
 from fedmtl.contract.jobspec import JobSpec
 from fedmtl.contract.messages import Close, Reply
@@ -655,6 +656,7 @@ class Job:
         stop = last if passes is None else min(last, done + passes)
         try:
             for p in range(done + 1, stop + 1):
+                interrupts.check()  # a Ctrl-C a library swallowed during the last pass stops here
                 down = self._await_rejoin(approved, site_status, pass_no=p, wait=float(rejoin_wait), say=say)
                 answering = [s for s in approved if s not in down]
                 threshold = int(self.spec.secagg.threshold)

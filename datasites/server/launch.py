@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -176,10 +177,29 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+#: :func:`free_port` picks from these ports: below Linux's ephemeral range (32768-60999),
+#: so that no outgoing connection's source port takes one between the pick and the server's
+#: bind, and at random, so that two processes picking at the same moment (tests in two
+#: processes, two demos) do not get the same one as the kernel's next ephemeral port
+FREE_PORTS = range(20000, 32768)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port on ``host`` that nothing listens on now (see :data:`FREE_PORTS`).
+
+    Raises:
+        OSError: none of 200 random tries was free.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(FREE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on {host} in {FREE_PORTS.start}-{FREE_PORTS.stop - 1} after 200 tries")
 
 
 def _sha256_file(path: Path) -> str:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fedmtl import __version__
+from fedmtl import __version__, interrupts
 
 # The command modules import at their top only what loads no third-party package (the core's
 # errors, fsutil and schema; fedmtl.cli.terminal); each command imports the owner's or the
@@ -72,8 +72,11 @@ def _run(argv: list[str] | None) -> int:
     if func is None:
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
         return 2
+    interrupts.install()  # a Ctrl-C a library swallows is raised again at the next step
     try:
-        return int(func(args) or 0)
+        rc = int(func(args) or 0)
+        interrupts.check()  # one that was swallowed in the last step
+        return rc
     except FedMTLError as e:
         print(f"fedmtl: error: {e}", file=console(err=True))
         return 2

@@ -41,11 +41,11 @@ def contract_layers() -> tuple[list[list[str]], dict[str, list[list[str]]]]:
     return top, containers
 
 
-BASE = ("fedmtl.schema", "fedmtl.errors", "fedmtl.fsutil")
+BASE = ("fedmtl.schema", "fedmtl.errors", "fedmtl.fsutil", "fedmtl.interrupts")
 
 
 def layer_of(module: str) -> str:
-    """The layer name a module has by the contracts: ``base`` (fedmtl, errors, fsutil, schema),
+    """The layer name a module has by the contracts: ``base`` (fedmtl, errors, fsutil, interrupts, schema),
     ``models``, ``privacy``, ``contract``, ``datasites`` or ``datasites.<its layer>``,
     ``researcher``, ``cli``."""
     top, containers = contract_layers()

@@ -5,6 +5,8 @@ validates against it, and a job runs across three real datasites launched with i
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -111,4 +113,9 @@ def test_merged_schema_validates_every_export_and_a_job_runs_across_the_three_si
     assert {site: s.name for site, s in session.schemas.items()} == {site: SHARED_NAME for site in BANDS}
     assert statuses == {"approved"}
     assert result.rounds_done == 1 and set(result.epsilon) == set(BANDS)
-    assert all(0.0 <= r["pooled"]["diabetes_5y"]["auroc"] <= 1.0 for r in result.metrics)
+    # a released AUROC is undefined (NaN) when the noised positives sum to <= 0 (small test
+    # splits); either way it comes with an interval inside [0, 1] that holds it
+    for r in result.metrics:
+        m = r["pooled"]["diabetes_5y"]
+        assert math.isnan(m["auroc"]) or m["auroc_lo"] <= m["auroc"] <= m["auroc_hi"]
+        assert 0.0 <= m["auroc_lo"] <= m["auroc_hi"] <= 1.0
