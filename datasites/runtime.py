@@ -583,16 +583,12 @@ class JobRuntime:
         if plan.evaluate:
             payload["metrics"] = self._guarded(
                 "evaluation", p,
-                lambda: self._eval_release(data, test_df, train_df if split else None, pre, tasks, start),
+                lambda: self._eval_release(data, test_df, train_df, pre, tasks, start),
                 lambda: self._null_metrics(tasks))
             if self.job.per_site_metrics and self._policy_allows_site_metrics():
                 # the same noised, charged statistics, for this site alone (recalibrated on
                 # its own calibration split, with their intervals)
-                cal = protocol.calibrates(self.site_spec)
-                sd = protocol.eval_noise_sd(self.job, tasks, n_sites=1)
-                report["site_metrics"] = protocol.compute_metrics(
-                    payload["metrics"], tasks, calibration=cal, noise_sd=sd,
-                    platt=protocol.fit_calibration(payload["metrics"], tasks, calibration=cal, noise_sd=sd))
+                report["site_metrics"], _ = protocol.read_release(payload["metrics"], self.site_spec, n_sites=1)
         if plan.train:
             # the report's figures follow from the spec and the charged records alone
             report.update(self._train_report(n, weights))
@@ -632,10 +628,11 @@ class JobRuntime:
 
         model = self._model
         vector_to_model(model, start)
+        # the training split's histograms only beside a test split of other records
         cal = protocol.calibrates(self.site_spec)
         tm = protocol.task_metrics(tasks, calibration=cal)
-        for part, df in (("test", test_df), ("train", train_df if cal else None)):
-            if df is None or not len(df):
+        for part, df in (("test", test_df), ("train", train_df)):
+            if not len(df) or (part == "train" and not cal):
                 continue
             Xt, Y, M = self._tensors(data, part, df, pre, tasks)
             with torch.no_grad():

@@ -638,7 +638,9 @@ class Job:
         strategy = make_strategy(self.spec.strategy)
         model = self.model
         groups = protocol.groups_of(model)
-        tasks = self._tasks()
+        # the final model takes the Platt recalibration unless its heads stay at the sites
+        # (a strategy that personalises them: there is no global head)
+        recalibrate = not bool(np.asarray(strategy.personal_mask(groups)).any())
         if ckpt is not None:
             weights = np.asarray(ckpt.global_vector, dtype=np.float64)
             strategy.load_state_dict(ckpt.strategy_state)
@@ -707,16 +709,12 @@ class Job:
                     self._save()
                     record["stats"] = True
                 if "metrics" in outcome.arrays:
-                    vec = outcome.arrays["metrics"]
-                    cal = protocol.calibrates(next(iter(self.site_specs.values())))
                     # each binary task's Platt recalibration, fitted on the summed, noised
                     # histograms of the sites' training splits (not the test splits); the
                     # metrics are read under it, and the final model takes it on
-                    noise_sd = protocol.eval_noise_sd(self.spec, tasks, n_sites=len(outcome.survivors))
-                    platt = (protocol.fit_calibration(vec, tasks, calibration=cal, noise_sd=noise_sd)
-                             if self._recalibrates() else {})
-                    record["metrics"] = protocol.compute_metrics(vec, tasks, calibration=cal, platt=platt,
-                                                                 noise_sd=noise_sd)
+                    record["metrics"], platt = protocol.read_release(
+                        outcome.arrays["metrics"], next(iter(self.site_specs.values())),
+                        n_sites=len(outcome.survivors), recalibrate=recalibrate)
                     record["site_metrics"] = {s: r["site_metrics"] for s, r in outcome.reports.items() if "site_metrics" in r}
                     if platt:
                         record["calibration"] = {t: [float(a), float(b)] for t, (a, b) in platt.items()}
@@ -749,12 +747,6 @@ class Job:
                 self._close_where_missed(transport, history, last, log=log)
             self._read_charged(transport)
         return self.result()
-
-    def _recalibrates(self) -> bool:
-        """Whether the final model takes the Platt recalibration: not when the heads stay
-        at the sites (a strategy that personalises them: there is no global head)."""
-        layout = protocol.groups_of(self.model)
-        return not bool(np.asarray(make_strategy(self.spec.strategy).personal_mask(layout)).any())
 
     def _close_where_missed(self, transport: Transport, history: list[Mapping[str, Any]], last: int, *,
                             log: Callable[[str], None] | None = None) -> None:

@@ -117,9 +117,8 @@ def run_local_passes(job: Any, data: Mapping[str, Any], *, passes: int) -> dict[
                     scaling = protocol.derive_scaling(specs[job.sites[0]], outcome.arrays["stats"],
                                                       n_sites=len(outcome.survivors))
                 if "metrics" in outcome.arrays:
-                    metrics[p] = protocol.compute_metrics(
-                        outcome.arrays["metrics"], job._tasks(), calibration=protocol.calibrates(specs[job.sites[0]]),
-                        noise_sd=protocol.eval_noise_sd(job.spec, job._tasks(), n_sites=len(outcome.survivors)))
+                    metrics[p], _ = protocol.read_release(outcome.arrays["metrics"], specs[job.sites[0]],
+                                                          n_sites=len(outcome.survivors), recalibrate=False)
         finally:
             for s in sites:
                 rt.unregister_home(s)

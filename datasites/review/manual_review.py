@@ -397,10 +397,8 @@ def dry_run_site(spec: Mapping[str, Any], mock, *, passes: int = 1) -> DryRunRes
                     return DryRunResult(ran=True, ok=False, message=f"pass {p} failed: {why}")
                 report = dict(out.reports.get(names.get(own, ""), {}) or next(iter(out.reports.values()), {}))
                 if "metrics" in out.arrays:
-                    tasks = protocol.tasks_of(any_spec)
-                    metrics = protocol.compute_metrics(
-                        out.arrays["metrics"], tasks, calibration=protocol.calibrates(any_spec),
-                        noise_sd=protocol.eval_noise_sd(protocol.job_of(any_spec), tasks, n_sites=len(out.survivors)))
+                    metrics, _ = protocol.read_release(out.arrays["metrics"], any_spec, n_sites=len(out.survivors),
+                                                       recalibrate=False)
                 done = p
         except JobError as e:
             return DryRunResult(ran=True, ok=False, message=str(e))

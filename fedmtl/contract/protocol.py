@@ -244,7 +244,8 @@ def compute_metrics(vec: np.ndarray, tasks, *, calibration: bool = False, noise_
         vals["wide"] = float(warn_wide(iv))
         out[t.name] = {k: float(v) for k, v in vals.items()}
     if tm.others is not None:
-        other = {k: v for k, v in state.items() if k in tm.others.state_shapes()}
+        keys = tm.others.state_shapes()
+        other = {k: v for k, v in state.items() if k in keys}
         # counts are rounded; every entry is a sum of non-negative terms, so DP noise that
         # pushed one below 0 is clamped there (post-processing: no privacy cost; exact
         # vectors are unchanged). A total at 0 gives NaN for that metric, never a crash.
@@ -252,6 +253,30 @@ def compute_metrics(vec: np.ndarray, tasks, *, calibration: bool = False, noise_
         for task, vals in tm.others.compute(other).items():
             out[task] = {k: float(v) for k, v in vals.items()}
     return {t.name: out[t.name] for t in tm.tasks}
+
+
+def read_release(vec: np.ndarray, site_spec: SiteSpecLike, *, n_sites: int,
+                 recalibrate: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, tuple[float, float]]]:
+    """What a (summed) evaluation release says: each binary task's Platt recalibration
+    (:func:`fit_calibration`, with ``recalibrate`` and a calibration split) and the metrics
+    read under it with their intervals (:func:`compute_metrics`), for the noise of
+    ``n_sites`` sites (:func:`eval_noise_sd`).
+
+    Args:
+        vec: the metric vector (one site's, or the de-quantised sum).
+        site_spec: any site's spec of the job.
+        n_sites: how many sites' releases it sums.
+        recalibrate: fit the recalibration (``False``: the model as it is).
+
+    Returns:
+        ``(metrics, platt)``; ``platt`` is ``{}`` when nothing was fitted.
+    """
+    spec = SiteSpec.coerce(site_spec)
+    tasks = spec.job.task_specs(spec.schema)
+    cal = calibrates(spec)
+    sd = eval_noise_sd(spec.job, tasks, n_sites=n_sites)
+    platt = fit_calibration(vec, tasks, calibration=cal, noise_sd=sd) if recalibrate else {}
+    return compute_metrics(vec, tasks, calibration=cal, noise_sd=sd, platt=platt), platt
 
 
 def _is_count(key: str) -> bool:
