@@ -60,3 +60,27 @@ def fedmtl_attr(*places: str) -> Any:
             return getattr(mod, attr)
         errors.append(f"{mod_name} has no {attr}")
     raise ImportError(f"none of {places} imports: {errors}")
+
+
+def grid_arg(text: str) -> list[dict]:
+    """``--grid``: a JSON list of objects (argparse type)."""
+    import argparse
+    import json
+
+    try:
+        grid = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--grid is not JSON: {e}") from None
+    if not isinstance(grid, list) or not all(isinstance(g, dict) for g in grid):
+        raise argparse.ArgumentTypeError("--grid must be a JSON list of objects")
+    return grid
+
+
+def save_runs(out: Path, script: str, argv: Sequence[str], loadavg_before: Sequence[float], runs: list) -> None:
+    """Write a sweep's ``runs`` so far to ``out`` with the command and the machine."""
+    import json
+    import shlex
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": f"python benchmarks/{script} " + shlex.join(argv),
+                               "machine": machine_info(loadavg_before), "runs": runs}, indent=1) + "\n")

@@ -32,13 +32,12 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchkit import machine_info
+from benchkit import grid_arg, save_runs
 
 RESULTS = Path(__file__).parent / "results" / "recipe_sweep.json"
 
@@ -105,24 +104,20 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
             }
             done.append(row)
             print(json.dumps(row), flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"command": "python benchmarks/recipe_sweep.py " + shlex.join(sys.argv[1:]),
-                                       "machine": machine_info(load_before), "runs": done}, indent=1) + "\n")
+            save_runs(out, "recipe_sweep.py", sys.argv[1:], load_before, done)
     return done
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--grid", required=True, help="JSON list of JobSpec overrides (plus 'nm', 'rounds')")
+    ap.add_argument("--grid", required=True, type=grid_arg,
+                    help="JSON list of JobSpec overrides (plus 'nm', 'rounds')")
     ap.add_argument("--mode", nargs="+", choices=["fed", "pooled", "local", "finetune"], default=["fed"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    grid = json.loads(a.grid)
-    if not isinstance(grid, list) or not all(isinstance(g, dict) for g in grid):
-        ap.error("--grid must be a JSON list of objects")
-    run(grid, modes=a.mode, seeds=a.seeds, epsilon=a.epsilon, out=a.out)
+    run(a.grid, modes=a.mode, seeds=a.seeds, epsilon=a.epsilon, out=a.out)
     return 0
 
 

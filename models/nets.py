@@ -19,7 +19,9 @@ the trunk expects) to ``(batch, out_features)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -193,10 +195,45 @@ def build_model(
     if seed is None:
         net = MultiTaskNet(build_trunk(trunk, int(n_features), **trunk_options), tasks, config=config)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # the whole build under the lock: another build's seed between ours and the weights
+        # would give this model another seed's weights
+        with global_rng(seed, hold=True):
             net = MultiTaskNet(build_trunk(trunk, int(n_features), **trunk_options), tasks, config=config)
     return net
+
+
+#: Serialises every read, seed and restore of torch's global CPU generator in this process.
+#: torch's ``manual_seed`` waits for the generator's mutex holding the GIL, and a thread in
+#: ``get_rng_state`` can hold that mutex while it waits for the GIL: two site threads (the
+#: in-process transport, or two jobs at one datasite) building or training at once
+#: deadlocked that way. Waiting on this lock releases the GIL.
+RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def global_rng(seed: int, *, hold: bool = False) -> Iterator[None]:
+    """torch's global CPU generator seeded with ``seed`` for the body, and restored after
+    (like ``torch.random.fork_rng(devices=[])``), every generator call under
+    :data:`RNG_LOCK`. ``hold``: keep the lock for the whole body, so that no other seeded
+    build runs meanwhile (initial weights); otherwise other threads may seed and draw from
+    the generator meanwhile (training's dropout: its randomness, not its privacy, which
+    draws from the training run's own generator). A training thread's dropout may still
+    draw during a held body: a job's initial weights come from the researcher's one
+    thread, and the sites train from the weights each pass sends."""
+    with RNG_LOCK:
+        state = torch.get_rng_state()
+        torch.manual_seed(int(seed))
+        if hold:
+            try:
+                yield
+            finally:
+                torch.set_rng_state(state)
+            return
+    try:
+        yield
+    finally:
+        with RNG_LOCK:
+            torch.set_rng_state(state)
 
 
 def model_from_config(config: Mapping[str, Any]) -> MultiTaskNet:

@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedmtl.errors import SecureRNGUnavailableWarning
 from fedmtl.models.flat import vector_size
 from fedmtl.models.losses import masked_multitask_loss, task_mean_losses
+from fedmtl.models.nets import RNG_LOCK, global_rng
 from fedmtl.models.tasks import TaskSpec, check_tasks
 from fedmtl.privacy.accounting import ACCOUNTANTS, PrivacyRecord, calibrate_noise, epsilon_of
 
@@ -679,8 +680,7 @@ def train(run: PreparedTraining) -> TrainResult:
     model = run.model
     wrapped = None
     try:
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            torch.manual_seed(cfg.seed if cfg.seed is not None else _urandom_seed())
+        with global_rng(cfg.seed if cfg.seed is not None else _urandom_seed()), warnings.catch_warnings():
             model.train()
             # Opacus's hooks fire on module outputs when X does not require grad: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -747,7 +747,7 @@ def _run_steps(run: PreparedTraining, net, opt, crit, loader) -> tuple[list[floa
             lean = lean_ghost and len(xb) > 0
             if lean:
                 xb = xb.detach().requires_grad_(True)
-            rng_state = torch.get_rng_state() if lean else None  # dropout's masks, for a replay
+            rng_state = _rng_state() if lean else None  # dropout's masks, for a replay
             outputs = net(xb)
             loss = crit(outputs, (yb, mb))
             if lean:
@@ -819,13 +819,19 @@ def train_local(
     return train(prepare(model=model, X=X, Y=Y, mask=mask, tasks=tasks, config=config))
 
 
+def _rng_state() -> torch.Tensor:
+    with RNG_LOCK:
+        return torch.get_rng_state()
+
+
 def _replay_losses(model: nn.Module, criterion: "_MaskedCriterion", xb: torch.Tensor, yb: torch.Tensor,
                    mb: torch.Tensor, bad: torch.Tensor, rng_state: torch.Tensor) -> torch.Tensor:
     """The batch's per-sample losses recomputed for :func:`ghost_backward`: the same
     dropout masks (the global generator restored to its state before the first forward)
     and the ``bad`` rows held at zero at every layer (:func:`_rows_held_at_zero`). Opacus's
     hooks are disabled by the caller, so nothing is recorded twice."""
-    torch.set_rng_state(rng_state)
+    with RNG_LOCK:
+        torch.set_rng_state(rng_state)
     with _rows_held_at_zero(model, bad):
         outputs = model(xb.detach())
     return masked_multitask_loss(outputs, yb, mb, criterion.tasks, reduction="none")

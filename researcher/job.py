@@ -156,7 +156,8 @@ class Job:
         spec.validate(schemas)  # both scalings need every numeric feature's declared range
         sites = spec.participating(sorted(schemas))
         # the threshold the sites review: given, or a majority of these sites
-        spec = spec.for_sites(sites)
+        # the threshold, and for small sites the small-site recipe of the fields left out
+        spec = spec.for_sites(sites, {s: _n_train(session.sites[s].meta) for s in sites})
         first = schemas[sites[0]]
         for s in sites[1:]:
             differ = schema_differences([schemas[s], first], columns_only=True)
@@ -1038,7 +1039,7 @@ def _pricing_site_spec(session, spec, sites: list[str], site: str) -> dict[str, 
     """The site spec a job of ``spec`` over ``sites`` would bind at ``site``, as
     :meth:`Job.create` builds it, with a placeholder job id and data-plane key (neither
     changes what the review decides)."""
-    spec = spec.for_sites(sites)
+    spec = spec.for_sites(sites, {s: _n_train(session.sites[s].meta) for s in sites})
     return {
         "job": spec.to_dict(),
         "job_id": f"{_slug(spec.name)}-00000000",

@@ -29,7 +29,7 @@ def cmd_demo_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedmtl.contract.jobspec import JobSpec
+    from fedmtl.contract.jobspec import SMALL_SITE_N_TRAIN, JobSpec
     from fedmtl.researcher.job import Job
     from fedmtl.researcher.session import Session
 
@@ -43,6 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FedMTLError(f"{args.out} holds no job yet: give the job spec with --job FILE")
         spec = JobSpec.load(args.job)
         job = session.job(spec, out=args.out)
+        small = spec.recipe_for(list(job.state["n_train"].values()))
+        if small:
+            shown = {k: (v.widths if k == "model" else v) for k, v in small.items()}
+            say(f"the smallest site has {min(job.state['n_train'].values())} training records (under "
+                f"{SMALL_SITE_N_TRAIN}): the fields the spec left out take the small-site recipe "
+                + ", ".join(f"{k} = {v}" for k, v in sorted(shown.items())) + " (docs/models.md, 'Small hospitals')")
         if not args.no_dry_run:
             say("dry run on the sites' mock data ...")
             job.dry_run()

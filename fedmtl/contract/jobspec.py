@@ -44,8 +44,12 @@ Defaults that depend on the privacy mode: ``lr``, ``momentum``, ``local_epochs``
 ``max_grad_norm`` left out take :data:`RECIPES` ``["dp"]`` (lr 4, no momentum, 2 local
 epochs: DP-SGD's clipped, noised steps want a large step) or ``["no_dp"]`` (lr 0.2,
 momentum 0.9, 2 local epochs), the recipe chosen by experiment (docs/models.md,
-"Recipe"). A spec written to a file holds the resolved values, so its hash does not
-depend on these defaults.
+"Recipe"); ``sample_rate`` left out is 0.05. Defaults that depend on the sites: a DP job
+whose smallest site has fewer than :data:`SMALL_SITE_N_TRAIN` training records takes
+:data:`SMALL_SITE_RECIPE` for the fields of :data:`ADAPTIVE_FIELDS` its spec left out
+(``left_out``), resolved by :meth:`JobSpec.for_sites` when a job is made for its sites. A
+spec written to a file holds the resolved values, so its hash does not depend on these
+defaults.
 
 Construction checks everything that needs no schema and raises :class:`JobSpecError`
 (a :class:`~fedmtl.errors.ConfigError`) listing every problem; :meth:`JobSpec.validate`
@@ -104,10 +108,13 @@ from fedmtl.privacy.secagg_common import majority_threshold
 from fedmtl.schema import MERGE_HINT, Schema, describe_differences, schema_differences
 
 __all__ = [
+    "ADAPTIVE_FIELDS",
     "CLIPPINGS",
     "OPTIMIZERS",
     "RECIPES",
     "SCALINGS",
+    "SMALL_SITE_N_TRAIN",
+    "SMALL_SITE_RECIPE",
     "JobSpec",
     "JobSpecError",
     "ModelConfig",
@@ -118,13 +125,25 @@ __all__ = [
 ]
 
 # -- the job spec ---------------------------------------------------------------------------
-#: The defaults of ``lr``, ``momentum``, ``local_epochs`` and ``max_grad_norm`` by privacy
+#: The defaults of ``lr``, ``momentum``, ``local_epochs``, ``max_grad_norm`` and ``sample_rate`` by privacy
 #: mode (a field left out takes the value of the spec's mode; without DP nothing is
 #: clipped); the evidence is in docs/models.md, "Recipe".
 RECIPES: dict[str, dict[str, float]] = {
-    "dp": {"lr": 4.0, "momentum": 0.0, "local_epochs": 2.0, "max_grad_norm": 1.0},
-    "no_dp": {"lr": 0.2, "momentum": 0.9, "local_epochs": 2.0, "max_grad_norm": 1.0},
+    "dp": {"lr": 4.0, "momentum": 0.0, "local_epochs": 2.0, "max_grad_norm": 1.0, "sample_rate": 0.05},
+    "no_dp": {"lr": 0.2, "momentum": 0.9, "local_epochs": 2.0, "max_grad_norm": 1.0, "sample_rate": 0.05},
 }
+#: A DP job whose smallest site has fewer training records than this takes
+#: :data:`SMALL_SITE_RECIPE` for the fields its spec left out (:meth:`JobSpec.for_sites`).
+SMALL_SITE_N_TRAIN = 2000
+#: The DP recipe for small sites (docs/models.md, "Small hospitals"): with a few hundred
+#: records, a site's clipped gradient sum is small against the noise, so each step needs a
+#: larger share of the records (sample rate 0.2 instead of 0.05), fewer passes over them
+#: (1 local epoch: fewer steps, less noise per step at the same epsilon), a smaller step,
+#: and a smaller trunk (16 units: fewer weights for the same noise to swamp).
+SMALL_SITE_RECIPE: dict[str, Any] = {"sample_rate": 0.2, "lr": 2.0, "momentum": 0.0, "local_epochs": 1.0,
+                                     "widths": (16,)}
+#: The fields :data:`SMALL_SITE_RECIPE` may set (``model``: its ``widths``).
+ADAPTIVE_FIELDS = ("sample_rate", "lr", "momentum", "local_epochs", "model")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,12 +161,14 @@ class JobSpec:
     name: str
     tasks: tuple[TaskConfig, ...]
     sites: tuple[str, ...] = ()
-    model: ModelConfig = field(default_factory=ModelConfig)
+    #: None: ModelConfig() (widths 64, 32), or the small-site widths (:meth:`for_sites`)
+    model: ModelConfig | None = None
     rounds: int = 5
     #: None (and no local_steps): RECIPES[mode]["local_epochs"]
     local_epochs: float | None = None
     local_steps: int | None = None
-    sample_rate: float = 0.05
+    #: None: RECIPES[mode]["sample_rate"] (0.05), or the small-site recipe's
+    sample_rate: float | None = None
     #: None: RECIPES[mode]["lr"] (4.0 with DP, 0.2 without)
     lr: float | None = None
     #: None: RECIPES[mode]["momentum"] (0.0 with DP, 0.9 without)
@@ -176,6 +197,9 @@ class JobSpec:
     allow_partial: bool = False
     per_site_metrics: bool = False
     seed: int = 0
+    #: the fields of ADAPTIVE_FIELDS this spec left out (set by construction and carried by
+    #: dataclasses.replace; never written, so not part of the hash)
+    left_out: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     # -- construction ------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -187,7 +211,10 @@ class JobSpec:
             p.append(f"tasks must be a list of tables with a 'label' each, got {type(raw_tasks).__name__}")
             raw_tasks = ()
         s(self, "tasks", tuple(_from_mapping(TaskConfig, t, f"tasks[{i}]", p) for i, t in enumerate(raw_tasks)))
-        s(self, "model", _from_mapping(ModelConfig, self.model, "model", p))
+        left_out = {k for k in ("sample_rate", "lr", "momentum", "model") if getattr(self, k) is None}
+        if self.local_epochs is None and self.local_steps is None:
+            left_out.add("local_epochs")
+        s(self, "model", _from_mapping(ModelConfig, ModelConfig() if self.model is None else self.model, "model", p))
         strat = self.strategy
         if isinstance(strat, str):
             strat = {"name": strat}
@@ -213,9 +240,14 @@ class JobSpec:
         recipe = RECIPES["no_dp" if self.dp is False else "dp"]
         if self.local_epochs is None and self.local_steps is None:
             s(self, "local_epochs", recipe["local_epochs"])
-        for key in ("lr", "momentum", "max_grad_norm"):
+        for key in ("lr", "momentum", "max_grad_norm", "sample_rate"):
             if getattr(self, key) is None:
                 s(self, key, recipe[key])
+        # what dataclasses.replace carried over still counts as left out while it holds the
+        # mode's default; a value given since then does not
+        standard = {**recipe, "model": ModelConfig()}
+        carried = {k for k in self.left_out if k in ADAPTIVE_FIELDS and getattr(self, k) == standard[k]}
+        s(self, "left_out", frozenset(left_out | carried))
         p += self._static_problems()
         if p:
             raise JobSpecError(_dedupe(p), source=f"job spec {self.name!r}")
@@ -310,15 +342,20 @@ class JobSpec:
         t = self.secagg.threshold
         return int(t) if t is not None else majority_threshold(n_sites)
 
-    def for_sites(self, sites: Sequence[str]) -> "JobSpec":
-        """This spec with its threshold resolved for ``sites`` (what a job sends).
+    def for_sites(self, sites: Sequence[str], n_train: Mapping[str, int] | None = None) -> "JobSpec":
+        """This spec resolved for ``sites`` (what a job sends): its threshold, and with DP
+        and a smallest site below :data:`SMALL_SITE_N_TRAIN` training records, the
+        :data:`SMALL_SITE_RECIPE` for the fields the spec left out (:meth:`recipe_for`).
 
         Args:
             sites: the sites the job is made for.
+            n_train: each site's training records (its published split size); without
+                them the recipe is left as it is.
 
         Returns:
-            ``self`` if ``secagg.threshold`` is set, else a copy with the threshold
-            ``floor(n/2) + 1`` of the ``n`` sites.
+            ``self`` if nothing needs resolving, else a copy: the threshold
+            ``floor(n/2) + 1`` of the ``n`` sites when ``secagg.threshold`` is not set, and
+            the small-site values of the left-out fields.
 
         Raises:
             JobSpecError: the threshold is not valid for ``sites`` (above their number,
@@ -332,9 +369,19 @@ class JobSpec:
             problems = _threshold_problems(t, len(sites), f"site(s) {list(sites)}")
         if problems:
             raise JobSpecError(problems, source=f"job spec {self.name!r}")
-        if given is not None:
-            return self
-        return dataclasses.replace(self, secagg=dataclasses.replace(self.secagg, threshold=t))
+        changes: dict[str, Any] = self.recipe_for([n_train[x] for x in sites]) if n_train else {}
+        if given is None:
+            changes["secagg"] = dataclasses.replace(self.secagg, threshold=t)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def recipe_for(self, n_train: Sequence[int]) -> dict[str, Any]:
+        """The fields :meth:`for_sites` changes for sites of ``n_train`` training records:
+        with DP and ``min(n_train) < SMALL_SITE_N_TRAIN``, :data:`SMALL_SITE_RECIPE`'s value
+        of every field this spec left out (``left_out``); otherwise none."""
+        if not self.dp or not n_train or min(int(n) for n in n_train) >= SMALL_SITE_N_TRAIN:
+            return {}
+        small = {**SMALL_SITE_RECIPE, "model": dataclasses.replace(self.model, widths=SMALL_SITE_RECIPE["widths"])}
+        return {k: small[k] for k in ADAPTIVE_FIELDS if k in self.left_out}
 
     def can_run(self, *, approved: int, participating: int) -> bool:
         """Whether the job may run when ``approved`` of the ``participating`` sites approved:
@@ -616,6 +663,8 @@ class JobSpec:
         """Plain JSON/TOML/YAML-ready data; ``None`` values are dropped."""
         d: dict[str, Any] = {}
         for f in fields(self):
+            if f.name == "left_out":
+                continue
             v = getattr(self, f.name)
             if f.name == "tasks":
                 v = [t.to_dict() for t in v]
@@ -630,7 +679,7 @@ class JobSpec:
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "job spec") -> "JobSpec":
         if not isinstance(d, Mapping):
             raise JobSpecError([f"expected a table of job settings, got {type(d).__name__}"], source=source)
-        allowed = [f.name for f in fields(cls)]
+        allowed = [f.name for f in fields(cls) if f.name != "left_out"]
         p: list[str] = []
         _unknown_keys(d, allowed, "job", p)
         for req in ("name", "tasks"):
