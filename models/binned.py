@@ -70,6 +70,13 @@ def _centres() -> np.ndarray:
     return (e[:-1] + e[1:]) / 2
 
 
+def read_range() -> tuple[float, float]:
+    """The logits the lowest and the highest release bins are read at (their centres: each
+    end bin is open, and holds every logit beyond it)."""
+    c = _centres()
+    return float(c[0]), float(c[-1])
+
+
 def logit_bins(risk: np.ndarray) -> np.ndarray:
     """The release bin of each predicted risk in [0, 1] (0 and 1 fall in the end bins)."""
     p = np.clip(np.asarray(risk, dtype=np.float64), 1e-12, 1 - 1e-12)
@@ -400,6 +407,7 @@ __all__ = [
     "fit_platt",
     "histograms",
     "logit_bins",
+    "read_range",
     "release_edges",
     "support",
     "warn_wide",

@@ -133,10 +133,14 @@ class MultiTaskNet(nn.Module):
         finally:
             self.train(was_training)
         res: dict[str, np.ndarray] = {}
+        ranges = self.config.get(RISK_RANGE_KEY) or {}
         for t in self.tasks:
             o = out[t.name]
             if t.kind == "binary":
-                res[t.name] = torch.sigmoid(o[:, 0]).numpy()
+                z = o[:, 0]
+                if t.name in ranges:
+                    z = soft_range(z, *ranges[t.name])
+                res[t.name] = torch.sigmoid(z).numpy()
             elif t.kind == "multiclass":
                 res[t.name] = torch.softmax(o, dim=1).numpy()
             else:
@@ -147,13 +151,19 @@ class MultiTaskNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def recalibrate(self, platt: Mapping[str, tuple[float, float]]) -> None:
+    def recalibrate(self, platt: Mapping[str, tuple[float, float]],
+                    logit_range: tuple[float, float] | None = None) -> None:
         """Fold each binary task's Platt recalibration ``logit -> a * logit + b`` into its
         head (weights times ``a``; bias ``a * bias + b``), in place: the ranking of the
         risks does not change, their level and spread do.
 
         Args:
             platt: ``{binary task name: (a, b)}``; tasks not named are left alone.
+            logit_range: the raw logits ``(lo, hi)`` the fit read its lowest and highest
+                bins at (an open-ended bin's records all read at its centre). Kept in
+                :attr:`config` (``RISK_RANGE_KEY``, in recalibrated logits): :meth:`predict`
+                then reads a logit beyond it as the fit did (:func:`soft_range`), so the
+                risks are as calibrated as the fit, and their ranking is unchanged.
 
         Raises:
             ValueError: a name that is not a binary task of the model, or a non-finite
@@ -168,6 +178,23 @@ class MultiTaskNet(nn.Module):
             head = self.heads[name]
             head.weight.mul_(float(a))
             head.bias.mul_(float(a)).add_(float(b))
+            if logit_range is not None:
+                lo, hi = (float(a) * float(v) + float(b) for v in logit_range)
+                self.config.setdefault(RISK_RANGE_KEY, {})[name] = [lo, hi]
+
+
+#: MultiTaskNet.config key: {binary task: [lo, hi]} of :func:`soft_range` in predict
+RISK_RANGE_KEY = "risk_logit_range"
+#: slope of :func:`soft_range` beyond its range: small enough that the risks there stay
+#: those of the range's end, positive so that their ranking stays
+SOFT_RANGE_SLOPE = 0.01
+
+
+def soft_range(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``z`` inside ``[lo, hi]``; beyond it, ``lo`` or ``hi`` plus :data:`SOFT_RANGE_SLOPE`
+    times the excess (strictly increasing: the order of the logits is kept)."""
+    z = torch.where(z < lo, lo + (z - lo) * SOFT_RANGE_SLOPE, z)
+    return torch.where(z > hi, hi + (z - hi) * SOFT_RANGE_SLOPE, z)
 
 
 def build_model(
@@ -238,10 +265,13 @@ def global_rng(seed: int, *, hold: bool = False) -> Iterator[None]:
 
 def model_from_config(config: Mapping[str, Any]) -> MultiTaskNet:
     """Rebuild a model from ``MultiTaskNet.config`` (JSON-able)."""
-    return build_model(
+    net = build_model(
         n_features=int(config["n_features"]),
         tasks=[TaskSpec.from_dict(t) for t in config["tasks"]],
         trunk=config.get("trunk", "mlp"),
         seed=config.get("seed"),
         **dict(config.get("trunk_options", {})),
     )
+    if config.get(RISK_RANGE_KEY):
+        net.config[RISK_RANGE_KEY] = {k: [float(v[0]), float(v[1])] for k, v in config[RISK_RANGE_KEY].items()}
+    return net

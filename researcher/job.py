@@ -44,6 +44,7 @@ from fedmtl.datasites.site.home import write_json_atomic
 from fedmtl.datasites.template import TEMPLATE_NAME, make_round_function
 from fedmtl.errors import DatasiteError, FedMTLError, JobError, PassLostError, PolicyError, RoundError
 from fedmtl.models import model_to_vector, vector_to_model
+from fedmtl.models.binned import read_range
 from fedmtl.privacy.accounting import PrivacyRecord, epsilon_of
 from fedmtl.privacy.keys import SigningKey, save_private_key
 from fedmtl.privacy.quantization import average_by_group
@@ -1182,7 +1183,7 @@ def _recalibrated(model, weights: np.ndarray, platt: Mapping[str, tuple[float, f
     """``weights`` with each binary head's Platt recalibration folded in
     (:meth:`~fedmtl.models.nets.MultiTaskNet.recalibrate`)."""
     vector_to_model(model, np.asarray(weights, dtype=np.float32))
-    model.recalibrate(platt)
+    model.recalibrate(platt, logit_range=read_range())
     return model_to_vector(model).astype(np.float64)
 
 

@@ -45,6 +45,7 @@ from fedmtl.datasites.data.records import add_test_split, load_records, read_exp
 from fedmtl.datasites.server.launch import home_split
 from fedmtl.datasites.site import home as home_mod
 from fedmtl.errors import ConfigError
+from fedmtl.models.nets import RISK_RANGE_KEY
 from fedmtl.models.preprocessing import Preprocessor, labels_of
 from fedmtl.models.tasks import TaskSpec
 from fedmtl.privacy.dp import train_local
@@ -328,6 +329,7 @@ def finetune(model, pre, train, tasks, *, epochs: float = FINETUNE["epochs"], lr
     Y, M = labels_of(train, tasks)
     train_local(model=tuned, X=pre.transform(train), Y=Y, mask=M, tasks=tasks, epochs=float(epochs),
                 sample_rate=sample_rate, lr=float(lr), momentum=float(momentum), dp=False, seed=seed)
+    tuned.config.pop(RISK_RANGE_KEY, None)  # the job's recalibration no longer describes these heads
     tuned.eval()
     return tuned
 
@@ -387,6 +389,8 @@ def finetune_early_stopping(model, pre, train: pd.DataFrame, validation: pd.Data
         else:
             since += 1
     tuned.load_state_dict(best_state)
+    if best > 0:  # trained further: the job's recalibration no longer describes these heads
+        tuned.config.pop(RISK_RANGE_KEY, None)
     tuned.eval()
     return tuned, {"best_epoch": best, "epochs_run": len(history) - 1,
                    "validation": [None if not np.isfinite(v) else v for v in history]}

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fedmtl.models import TaskSpec, build_model
+from fedmtl.models import TaskSpec, binned, build_model, model_to_vector, vector_to_model
 from fedmtl.models.binned import (
     METRICS,
     RELEASE_BINS,
@@ -20,6 +22,7 @@ from fedmtl.models.binned import (
     logit_bins,
     support,
 )
+from fedmtl.models.nets import model_from_config
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -156,3 +159,37 @@ def test_recalibrate_folds_platt_into_the_head_and_keeps_the_ranking() -> None:
         model.recalibrate({"alt": (1.0, 0.0)})
     with pytest.raises(ValueError, match="a > 0"):
         model.recalibrate({"dia": (0.0, 0.0)})
+
+
+def test_recalibrated_risks_beyond_the_release_range_read_as_the_fit_read_them() -> None:
+    """A logit below the lowest release bin's centre was read at that centre by the Platt
+    fit; the recalibrated model predicts it (nearly) there, in the same order, and the
+    range survives a save (model_from_config)."""
+    # Prepare: logits from -12 to 4, beyond both ends of the release range
+    tasks = [TaskSpec(name="dia", kind="binary", label="dia")]
+    model = build_model(n_features=1, tasks=tasks, seed=0, widths=[4])
+    x = torch.linspace(-1, 1, 200)[:, None]
+    model.eval()
+    with torch.no_grad():
+        head = model.heads["dia"]
+        raw = model(x)["dia"][:, 0]
+        span = float(raw.max() - raw.min())
+        head.weight.mul_(16.0 / span)
+        head.bias.add_(-4.0 - float((model(x)["dia"][:, 0]).min()) - 8.0)
+        z = model(x)["dia"][:, 0].numpy()
+    assert z.min() < -11.5 and z.max() > 3.5
+    lo, hi = binned.read_range()
+    # Execute
+    model.recalibrate({"dia": (0.7, 0.5)}, logit_range=(lo, hi))
+    risk = model.predict(x)["dia"]
+    again = model_from_config(json.loads(json.dumps(model.config)))
+    vector_to_model(again, model_to_vector(model))
+    # Assert: inside the range sigmoid(a z + b); beyond it within 0.01 logit * excess of the ends
+    inside = (z >= lo) & (z <= hi)
+    assert np.allclose(risk[inside], _sigmoid(0.7 * z[inside] + 0.5), atol=1e-6)
+    low = _sigmoid(0.7 * lo + 0.5)
+    assert np.all(np.abs(risk[z < lo] - low) <= low * 0.1)
+    order = np.argsort(z, kind="stable")
+    assert (np.diff(risk[order]) >= 0).all()
+    assert len(np.unique(risk.astype(np.float64).round(9))) == len(np.unique(z.round(5)))  # no new ties
+    assert np.allclose(again.predict(x)["dia"], risk, atol=1e-7)
