@@ -227,7 +227,9 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     sites.write_text("".join(
         f'[[sites]]\nurl = "{h.url}"\nemail = "{EMAIL}"\npassword_env = "FEDMTL_TEST_PW"\n\n' for h in three_sites
     ))
-    spec = _spec(name="resume", rounds=3)
+    # the demo-sized trunk (the small-site default trains in a blink) and 5 rounds: the kill
+    # below must land while passes are left, or the sites finish the job before it
+    spec = _spec(name="resume", rounds=5, model={"widths": [64, 32]})
     spec.save(tmp_path / "job.toml")
     out = tmp_path / "job"
     env = {**__import__("os").environ, "FEDMTL_TEST_PW": PW}
@@ -241,7 +243,7 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     while time.monotonic() < deadline and not list((out / "checkpoints").glob("*2*")):
         assert proc.poll() is None, "fedmtl train exited before it was killed"
         time.sleep(0.5)
-    time.sleep(2.0)  # let it get into pass 3
+    time.sleep(0.5)  # let it get into pass 3
     proc.kill()
     proc.wait()
     # resume from the CLI, in a fresh process
@@ -255,10 +257,10 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     job_id = __import__("json").loads((out / "job.json").read_text())["job_id"]
     for h in three_sites:
         led = site_ledger.open_ledger(h.home)
-        # rounds 1..3 and the final evaluation release (pass 4), each charged once
-        assert led.executed_rounds(job_id) == [1, 2, 3, 4], h.name
+        # rounds 1..5 and the final evaluation release (pass 6), each charged once
+        assert led.executed_rounds(job_id) == [1, 2, 3, 4, 5, 6], h.name
         charges = [e for e in led.entries() if e["kind"] == "round_executed" and e["body"].get("request_id") == job_id]
-        assert len(charges) == 4  # 3 training rounds + the final evaluation release
+        assert len(charges) == 6  # 5 training rounds + the final evaluation release
         assert led.request_status(job_id) == "finished"
 
 
