@@ -3,8 +3,8 @@ another researcher's queries".
 
 The attack (issue 19, 3): one process-wide lock in the round runtime serialised every
 job's round calls, so the largest job the default policy approves (about 1.08M
-parameters, 5 tasks, sample rate 0.5) held the datasite for the whole of its training
-and another researcher's budget query waited behind it.
+parameters then, 5 tasks, sample rate 0.5) held the datasite for the whole of its
+training and another researcher's budget query waited behind it.
 
 Here researcher A starts a training pass of such a job at st-mary (the largest site) in a
 thread. Once the site is demonstrably training (the ledger holds the pass's charge, which
@@ -42,13 +42,15 @@ PATIENCE_S = 600.0
 
 
 def _big_spec(name: str, local_epochs: float = 5.0):
-    """The largest job the default policy approves: two hidden layers of limits.max_width
-    (1024) and five heads (about 1.08M of limits.max_model_params 2M), the largest
-    sample rate (limits.max_sample_rate 0.5: an expected batch of about 3,600 records at
-    st-mary), training.max_local_epochs (10 steps); noisy enough to cost about 1.2 epsilon.
-    B's queries, one after another, must all fit in its training: several syft round trips."""
+    """Nearly the largest job the default policy approves: hidden layers of limits.max_width
+    (1024, 1024) and 768, five heads (about 1.87M of limits.max_model_params 2M), the
+    largest sample rate (limits.max_sample_rate 0.5: an expected batch of about 3,600
+    records at st-mary), training.max_local_epochs (10 steps); noisy enough to cost about
+    1.2 epsilon. B's queries, one after another, must all fit in its training: several
+    syft round trips (with two layers, 1.08M parameters, they outlasted the training in a
+    CI run once each batch was fetched in one indexing instead of record by record)."""
     return K.JobSpec()(
-        name=name, tasks=[{"label": c} for c in LABELS], model={"widths": [1024, 1024]}, rounds=1,
+        name=name, tasks=[{"label": c} for c in LABELS], model={"widths": [1024, 1024, 768]}, rounds=1,
         local_epochs=local_epochs, sample_rate=0.5, noise_multiplier=8.0, secagg={"threshold": 2, "clip": 1.0},
         scaling="range", eval_every=0,
     )
