@@ -172,8 +172,8 @@ def _spec(labels, cfg: dict, *, epsilon: float, seed: int):
 def run(cohorts: list[str], grid: list[dict], *, seeds: list[int], epsilon: float, out: Path) -> list[dict]:
     import torch
 
-    from fedmtl.models.preprocessing import Preprocessor, labels_of
-    from fedmtl.researcher.baselines import Evaluator, _logreg, job_preprocessor, split_sites, summarise
+    from fedmtl.models.preprocessing import Preprocessor
+    from fedmtl.researcher.baselines import Evaluator, run_baselines, split_sites, summarise
     from fedmtl.researcher.simulate import simulate
 
     torch.set_num_threads(1)
@@ -189,11 +189,14 @@ def run(cohorts: list[str], grid: list[dict], *, seeds: list[int], epsilon: floa
         sizes = {s.name: len(s.train) for s in sites}
         rows: list[tuple[dict | None, list, float]] = []
         t0 = time.perf_counter()
-        pre = job_preprocessor(dataclasses.replace(_spec(labels, {}, epsilon=epsilon, seed=0), scaling="range"),
-                               schema, sites)
-        pooled = [torch.cat(parts) for parts in zip(*[(pre.transform(s.train), *labels_of(s.train, tasks))
-                                                      for s in sites])]
-        rows.append((None, [_logreg(pooled, tasks, pre, ev, seed) for seed in seeds], time.perf_counter() - t0))
+        # the bar: scikit-learn's logistic regression on the pooled training records, scaled
+        # by the schema's ranges
+        bar = run_baselines(schema, sites, dataclasses.replace(_spec(labels, {}, epsilon=epsilon, seed=0),
+                                                               scaling="range"),
+                            seeds=seeds, methods=["pooled_logreg"], evaluator=ev)["results"]["pooled_logreg"]
+        if "error" in bar:
+            raise RuntimeError(f"{cohort}: pooled logistic regression: {bar['error']}")
+        rows.append((None, bar["runs"], time.perf_counter() - t0))
         for cfg in grid:
             t0 = time.perf_counter()
             evals = []

@@ -156,9 +156,10 @@ class Job:
                 "`sites`, naming it in the sites file with name = \"...\", or a sites file without it)")
         spec.validate(schemas)  # both scalings need every numeric feature's declared range
         sites = spec.participating(sorted(schemas))
-        # the threshold the sites review: given, or a majority of these sites
-        # the threshold, and for small sites the small-site recipe of the fields left out
-        spec = spec.for_sites(sites, {s: _n_train(session.sites[s].meta) for s in sites})
+        # the threshold the sites review (given, or a majority of these sites) and, for
+        # small sites, the small-site recipe of the fields the spec left out
+        n_train = {s: _n_train(session.sites[s].meta) for s in sites}
+        spec = spec.for_sites(sites, n_train)
         first = schemas[sites[0]]
         for s in sites[1:]:
             differ = schema_differences([schemas[s], first], columns_only=True)
@@ -197,7 +198,7 @@ class Job:
             "attempts": {},
             "urls": {s: session.sites[s].url for s in sites},
             # what the epsilon estimates need while a site is down
-            "n_train": {s: _n_train(session.sites[s].meta) for s in sites},
+            "n_train": n_train,
         }
         job = cls(session, out, state)
         job._unclaimed_key = signing_key
