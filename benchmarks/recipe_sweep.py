@@ -13,8 +13,8 @@ on all hospitals' test splits, and per hospital):
   (``local_mtl``), the per-hospital bar of the comparison;
 - ``finetune``: the federated job, then each hospital fine-tunes the federated model on its
   own training split without DP (``fedmtl.researcher.personalise``; a model that stays at
-  the hospital: ``ft_epochs``, ``ft_lr``, ``ft_momentum`` in the configuration, default
-  ``personalise.FINETUNE``), measured on its own test split.
+  the hospital: ``ft_epochs``, ``ft_lr``, ``ft_momentum``, ``ft_patience`` in the configuration,
+  default ``personalise.FINETUNE`` and ``PATIENCE``), measured on its own test split.
 
 A configuration may also set ``nm`` (a fixed noise multiplier instead of the epsilon
 target: ``nm = 0.01`` keeps the clipping and removes the noise, the ceiling of a recipe).

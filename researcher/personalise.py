@@ -56,9 +56,9 @@ from fedmtl.schema import Schema
 #: earlier when the validation split stops improving), learning rate, momentum (plain SGD,
 #: no DP, the job's sampling rate as the batch fraction). Chosen on the demo cohort:
 #: docs/models.md, "Personalisation at the hospital".
-FINETUNE: dict[str, float] = {"epochs": 5.0, "lr": 0.05, "momentum": 0.9}
+FINETUNE: dict[str, float] = {"epochs": 15.0, "lr": 0.05, "momentum": 0.9}
 #: Epochs without a better validation score before fine-tuning stops.
-PATIENCE = 2
+PATIENCE = 3
 #: Share of the training split held out as the validation split (stratified, seeded).
 VALIDATION_FRACTION = 0.2
 #: Inverse L2 strengths the local logistic regression tries (chosen on the validation split).
@@ -405,7 +405,8 @@ def finetune_sites(result, sites: Sequence, *, seed: int = 0, **finetune_kw: flo
         result: the federated :class:`~fedmtl.researcher.result.JobResult`.
         sites: the :class:`~fedmtl.researcher.baselines.SiteData` of each hospital.
         seed: the validation split's and the fine-tuning's seed.
-        finetune_kw: ``epochs``, ``lr``, ``momentum`` over :data:`FINETUNE`.
+        finetune_kw: ``epochs``, ``lr``, ``momentum`` over :data:`FINETUNE`; ``patience`` over
+            :data:`PATIENCE`.
 
     Returns:
         ``{site name: model}``.

@@ -107,6 +107,22 @@ def test_targets_say_no_when_a_target_is_missed():
     assert met["small: federated DP fine-tuned at the hospital >= local-only no DP"] is False
 
 
+def test_the_starting_auroc_is_a_target_only_for_a_full_demo_at_the_defaults():
+    # Prepare: three hospitals, epsilon 3, the default rounds, not quick
+    rep = _report()
+    rep["sites"]["third"] = {"patients": 100}
+    rep.update(epsilon=3.0, quick=False, recipe={"rounds": demo.ROUNDS})
+    name = f"federated DP mean AUROC >= {demo.START_AUROC} (issue 23's starting point)"
+    # Execute
+    full = {t["target"]: t for t in demo.targets(rep)}
+    quick = {t["target"] for t in demo.targets({**rep, "quick": True})}
+    other_eps = {t["target"] for t in demo.targets({**rep, "epsilon": 8.0})}
+    # Assert: the federated rows' mean (0.75) is measured against the bar
+    assert full[name]["value"] == pytest.approx(0.75) and full[name]["bound"] == demo.START_AUROC
+    assert full[name]["met"] is True
+    assert name not in quick and name not in other_eps
+
+
 def test_calibration_targets_say_no_for_risks_too_low():
     # Prepare: the federated DP model predicts half the observed rate, with ECE 0.1
     rep = _report()
