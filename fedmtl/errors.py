@@ -10,7 +10,7 @@ The tree, by who raises them:
   :class:`PeerError`, :class:`ManualReviewError`, :class:`LedgerError` with
   :class:`LedgerCorruptError` and :class:`RoundRefusedError`; :class:`PolicyError`,
   :class:`ReviewError`, :class:`CohortError`, :class:`MockError`,
-  :class:`DataPlaneRefused`, :class:`LaunchWarning`; :class:`KeyMismatch` (the audit's
+  :class:`DataPlaneRefused` with :class:`JobClosedRefused`, :class:`LaunchWarning`; :class:`KeyMismatch` (the audit's
   pinned key);
 * privacy: :class:`PrivacyBudgetError`, :class:`SecureRNGUnavailableWarning`, and the
   secure-aggregation errors under :class:`SecAggError` (:class:`ShamirError`, the key
@@ -129,6 +129,11 @@ class DataPlaneRefused(FedMTLError):
     def __init__(self, message: str, *, status: int = 403):
         super().__init__(message)
         self.status = status
+
+
+class JobClosedRefused(DataPlaneRefused):
+    """A pass message for a job this datasite has closed (finished, after its last pass or
+    a close request, or aborted): no pass of it runs any more."""
 
 
 class LaunchWarning(UserWarning):

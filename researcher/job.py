@@ -692,6 +692,10 @@ class Job:
                     # the sites finished (and charged) this pass while this process was gone:
                     # its aggregate is lost; keep the weights and go on with the next pass
                     history.append({"round": self.spec.rounds_before(p), "pass": p, "lost": str(e)})
+                    if p == last:
+                        what = "the final evaluation release" + (" and the risks' recalibration" if recalibrate else "")
+                        say(f"job {self.job_id}: its last pass ({what}) is lost: {e}. The result holds the trained "
+                            "model without final metrics" + (", and its risks are not recalibrated" if recalibrate else ""))
                     store.save(p, {
                         "spec_hash": self.state["spec_hash"], "global_vector": weights,
                         "strategy_state": strategy.state_dict(), "metrics": history,
@@ -759,6 +763,8 @@ class Job:
         site that is down closes the job itself after its idle time
         (``limits.job_idle_close_s``), or when :meth:`finish` reaches it later."""
         final = next((r for r in reversed(history) if r.get("pass") == last), None)
+        if final is not None and "lost" in final:
+            return  # the sites ran (or closed) it while this process was gone: closed there
         took = set((final or {}).get("survivors") or [])
         missed = [s for s in self.sites if s not in took and s in self.session.sites]
         if not missed:

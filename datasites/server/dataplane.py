@@ -64,7 +64,7 @@ from fedmtl.datasites import runtime
 from fedmtl.datasites.ledger import site_ledger
 from fedmtl.datasites.review.autoreview import binding_of, site_spec_hash
 from fedmtl.datasites.site import syftio
-from fedmtl.errors import DataPlaneRefused
+from fedmtl.errors import DataPlaneRefused, JobClosedRefused
 from fedmtl.fsutil import write_json_atomic
 from fedmtl.models import model_to_vector
 from fedmtl.privacy.keys import VerifyKey
@@ -285,9 +285,7 @@ class DataPlane:
         st = site_ledger.open_ledger(self.home).request(job_id)
         if st is None:
             raise DataPlaneRefused(f"job {job_id!r} was never reviewed here")
-        allowed = {"approved", *CLOSED_STATUSES} if stage in FINISHED_STAGES else {"approved"}
-        if st.status not in allowed:
-            raise DataPlaneRefused(f"job {job_id!r} is {st.status}, not approved")
+        _refuse_unless_open(job_id, st.status, stage)
         spec_hash = st.facts.spec_hash
         with self._jobs_lock:
             job = self._jobs.get(job_id)
@@ -345,9 +343,7 @@ class DataPlane:
     def _check_approved(self, env: wire.Envelope) -> None:
         # again, after the body: the job may have finished meanwhile
         st = site_ledger.open_ledger(self.home).request(env.job_id)
-        allowed = {"approved", *CLOSED_STATUSES} if env.message.get("stage") in FINISHED_STAGES else {"approved"}
-        if st is None or st.status not in allowed:
-            raise DataPlaneRefused(f"job {env.job_id!r} is {st.status if st else 'unknown'}, not approved")
+        _refuse_unless_open(env.job_id, st.status if st else "unknown", env.message.get("stage"))
 
     def _seq_path(self, job_id: str) -> Path:
         return self.home / "jobs" / job_id / "dataplane.json"
@@ -368,6 +364,17 @@ class DataPlane:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(path.parent, 0o700)
             write_json_atomic(path, {"seq": int(env.seq)}, mode=0o600)
+
+
+def _refuse_unless_open(job_id: str, status: str, stage: Any) -> None:
+    """Refuse ``stage`` of a job whose ledger status is ``status`` unless the job is approved
+    (or closed, for :data:`FINISHED_STAGES`); a closed job's pass stages get
+    :class:`JobClosedRefused`, which the researcher reads as such."""
+    if status == "approved" or (status in CLOSED_STATUSES and stage in FINISHED_STAGES):
+        return
+    if status in CLOSED_STATUSES:
+        raise JobClosedRefused(f"job {job_id!r} is {status} at this datasite; no pass of it runs any more")
+    raise DataPlaneRefused(f"job {job_id!r} is {status}, not approved")
 
 
 def refusal_body(e: Exception) -> bytes:

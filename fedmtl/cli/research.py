@@ -60,8 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = job.run(progress=not args.quiet, review_timeout=args.review_timeout, log=say, **wait)
     result.save(Path(args.out) / "result")
     table = result.metrics_table()
-    last = table[table["round"] == table["round"].max()]
-    say(last.to_string(index=False))
+    if table.empty:
+        say("no final metrics: the job's evaluation release is not in this result")
+    else:
+        say(table[table["round"] == table["round"].max()].to_string(index=False))
     say("epsilon spent per site: " + ", ".join(f"{s}={e:.2f}" for s, e in sorted(result.epsilon.items())))
     for line in hospital_lines(result):
         say(line)

@@ -144,10 +144,25 @@ def run_pass(
         result = server.unmask([r.message for r in reveals.values()])
         seconds["unmask_server"] = time.perf_counter() - t1
     except TooFewSitesError as e:
-        if dropped and set(kinds.values()) == {"PassAlreadyExecutedError"}:
+        seen = set(kinds.values())
+        if dropped and seen == {"PassAlreadyExecutedError"}:
             raise PassLostError(
                 f"pass {pass_no} was already completed at {sorted(dropped)} but its aggregate was never "
                 "saved here; it cannot run twice"
+            ) from None
+        closed = sorted(s for s, k in kinds.items() if k == "JobClosedRefused")
+        if closed and seen <= {"PassAlreadyExecutedError", "JobClosedRefused"}:
+            if pass_no == any_spec.schedule.last_pass:
+                # a site closes a job when it runs its last pass (or when the job idles past
+                # its limit there): either way that pass will not run, and no aggregate of it is here
+                raise PassLostError(
+                    f"the job is closed at {closed} (a site closes a job when it runs its last pass, or when "
+                    f"the job idles past the site's limit), so pass {pass_no}, its last, cannot run; no "
+                    "aggregate of it was saved here"
+                ) from None
+            raise JobError(
+                f"pass {pass_no} cannot run: the job is closed (finished or aborted) at {closed}, and no pass of "
+                "it runs there any more. Nothing was sent; job.result() holds the model of the last saved pass"
             ) from None
         detail = "; ".join(f"{s}: {why}" for s, why in sorted(dropped.items())) or "none"
         raise JobError(

@@ -262,6 +262,28 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
         charges = [e for e in led.entries() if e["kind"] == "round_executed" and e["body"].get("request_id") == job_id]
         assert len(charges) == 6  # 5 training rounds + the final evaluation release
         assert led.request_status(job_id) == "finished"
+    # Prepare: as if the researcher died after the sites ran the last pass and before it was
+    # saved here (the last pass's checkpoint is gone; the sites have closed the job)
+    max((out / "checkpoints").glob("round-*.npz")).unlink()
+    result = out / "result"
+    __import__("shutil").rmtree(result)
+    # Execute: resume once more
+    again = subprocess.run(
+        [sys.executable, "-m", "fedmtl.cli", "train", "--sites", str(sites), "--out", str(out), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    # Assert: it says the last pass is lost and why, saves the trained model without final
+    # metrics, and no site ran or charged anything again
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said[-2000:]
+    assert "its last pass (the final evaluation release and the risks' recalibration) is lost" in said
+    assert "closed at" in said and "no final metrics" in said
+    assert (result / "result.json").exists()
+    for h in three_sites:
+        led = site_ledger.open_ledger(h.home)
+        assert led.executed_rounds(job_id) == [1, 2, 3, 4, 5, 6], h.name
+        charges = [e for e in led.entries() if e["kind"] == "round_executed" and e["body"].get("request_id") == job_id]
+        assert len(charges) == 6
 
 
 @pytest.mark.integration
