@@ -896,6 +896,7 @@ class Job:
             site_status=dict(ckpt.site_status),
             epsilon_source=source,
             site_passes=_site_passes(ckpt.metrics, self.sites),
+            lost_passes=[int(r["pass"]) for r in ckpt.metrics if "lost" in r],
         )
 
 

@@ -59,7 +59,9 @@ class JobResult:
     charged per site (read back from each site's ledger through your spend view where
     ``epsilon_source`` says ``"ledger"``; else ``"estimate: <why>"``, the figure the passes
     would cost), ``site_passes`` the passes each site's vector is in (the pass's
-    survivors), ``rounds_done`` the training rounds run. ``print(result)`` shows a short
+    survivors), ``rounds_done`` the training rounds run, ``lost_passes`` the passes the sites
+    ran while the researcher's process was gone (their aggregates are not in this result; the
+    job's last among them: no final metrics, risks not recalibrated). ``print(result)`` shows a short
     summary (never the spec, the schema or the weights)."""
 
     spec: JobSpec
@@ -73,6 +75,7 @@ class JobResult:
     site_status: dict[str, Any] = field(default_factory=dict)
     epsilon_source: dict[str, str] = field(default_factory=dict)
     site_passes: dict[str, list[int]] = field(default_factory=dict)
+    lost_passes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from fedmtl.models.flat import vector_size
@@ -268,8 +271,14 @@ class JobResult:
                 wide.append(name)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        final_lost = self.spec.schedule.last_pass in self.lost_passes
         lines.append(f"  final metrics from the evaluation after round {last} (DP-noised releases; each interval "
-                     "covers the noise and the binning)" if last is not None else "  no evaluation yet")
+                     "covers the noise and the binning)" if last is not None and not final_lost else
+                     "  no final evaluation" if final_lost else "  no evaluation yet")
+        if self.lost_passes:
+            lines.append(f"  lost: pass(es) {_ranges(sorted(self.lost_passes))} ran at the sites while the researcher's "
+                         "process was gone; their aggregates were never saved and are not in this result"
+                         + (" (the last pass: no final metrics, and the risks are not recalibrated)" if final_lost else ""))
         if wide:
             lines.append(f"  warning: the AUROC interval of {', '.join(wide)} is wider than +-0.05: too few test "
                          "records for the evaluation noise to tell models apart (a smaller eval_noise_multiplier "
@@ -318,6 +327,7 @@ class JobResult:
             "epsilon_source": dict(self.epsilon_source),
             "site_passes": {k: [int(p) for p in v] for k, v in self.site_passes.items()},
             "sites_with_heads": sorted(self.site_heads),
+            "lost_passes": [int(p) for p in self.lost_passes],
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -370,6 +380,7 @@ class JobResult:
             site_status=meta.get("site_status", {}),
             epsilon_source={str(k): str(v) for k, v in meta.get("epsilon_source", {}).items()},
             site_passes={str(k): [int(p) for p in v] for k, v in meta.get("site_passes", {}).items()},
+            lost_passes=[int(p) for p in meta.get("lost_passes", [])],
         )
 
 

@@ -278,7 +278,10 @@ def test_researcher_killed_then_resumed_charges_no_round_twice(three_sites, tmp_
     assert again.returncode == 0, said[-2000:]
     assert "its last pass (the final evaluation release and the risks' recalibration) is lost" in said
     assert "closed at" in said and "no final metrics" in said
-    assert (result / "result.json").exists()
+    from fedmtl.researcher.result import JobResult
+
+    kept = JobResult.load(result)
+    assert kept.lost_passes == [6] and "no final evaluation" in str(kept)
     for h in three_sites:
         led = site_ledger.open_ledger(h.home)
         assert led.executed_rounds(job_id) == [1, 2, 3, 4, 5, 6], h.name

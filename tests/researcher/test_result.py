@@ -184,6 +184,23 @@ def test_summary_without_evaluations():
     assert "no evaluation yet" in str(r) and rows["diabetes"] == ["binary", "-", "-", "-", "-", "-"]
 
 
+def test_a_lost_last_pass_is_said_and_survives_a_save(tmp_path):
+    # Prepare: the sites ran the job's last pass while the researcher's process was gone
+    last = SPEC.schedule.last_pass
+    r = _result(lost_passes=[last])
+    r.metrics.pop()  # its evaluation never reached the researcher
+    # Execute
+    back = JobResult.load(r.save(tmp_path / "res"))
+    # Assert: no "final metrics from ..." line: the summary says the last pass is lost and what that means
+    for res in (r, back):
+        text = str(res)
+        assert res.lost_passes == [last]
+        assert "no final evaluation" in text and "final metrics from" not in text
+        assert f"lost: pass(es) {last} ran at the sites" in text and "risks are not recalibrated" in text
+    # a result without lost passes says nothing of the kind
+    assert "lost" not in str(_result())
+
+
 def test_summary_shows_intervals_calibration_and_warns_on_wide_intervals():
     # Prepare: a released AUROC with a wide interval, and one recalibrated task
     r = _result()
