@@ -14,7 +14,9 @@ on all hospitals' test splits, and per hospital):
 - ``finetune``: the federated job, then each hospital fine-tunes the federated model on its
   own training split without DP (``fedmtl.researcher.personalise``; a model that stays at
   the hospital: ``ft_epochs``, ``ft_lr``, ``ft_momentum``, ``ft_patience`` in the configuration,
-  default ``personalise.FINETUNE`` and ``PATIENCE``), measured on its own test split.
+  default ``personalise.FINETUNE`` and ``PATIENCE``), measured on its own test split. The
+  fine-tuning configurations of one sweep over the same job configuration fine-tune the same
+  federated models (one simulated job per seed), so their differences are paired.
 
 A configuration may also set ``nm`` (a fixed noise multiplier instead of the epsilon
 target: ``nm = 0.01`` keeps the clipping and removes the noise, the ceiling of a recipe).
@@ -71,6 +73,9 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
     data = {s.name: pd.concat([s.train, s.test], ignore_index=True) for s in sites}
     ev = Evaluator(sites, _spec(tasks, {}, epsilon=epsilon, seed=0).task_specs(schema))
     done = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+    # one federated job per (job configuration, seed), shared by every fine-tuning
+    # configuration over it: fine-tuning settings are compared on the same federated models
+    jobs: dict[tuple[str, int], object] = {}
     for cfg in grid:
         for mode in modes:
             t0 = time.perf_counter()
@@ -78,7 +83,12 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
                 evals = []
                 for seed in seeds:
                     spec = _spec(tasks, cfg, epsilon=epsilon, seed=seed)
-                    res = simulate(spec, data, schema)
+                    key = (json.dumps({k: v for k, v in cfg.items() if not k.startswith("ft_")}, sort_keys=True), seed)
+                    res = jobs.get(key) if mode == "finetune" else None
+                    if res is None:
+                        res = simulate(spec, data, schema)
+                        if mode == "finetune":
+                            jobs[key] = res
                     pre = Preprocessor.from_dict(res.preprocessor)
                     if mode == "fed":
                         evals.append(ev.model(res.model(), pre))
