@@ -263,11 +263,13 @@ class DataPlane:
             raise DataPlaneRefused(f"this datasite is {self.site!r}; the request is for {claims.site!r}")
         if not _JOB_ID.match(claims.job_id):
             raise DataPlaneRefused(f"job id {claims.job_id!r} is malformed")
-        job = self._approved(claims.job_id, claims.stage)
+        job, status = self._approved(claims.job_id)
         try:
             wire.verify_auth(signed, sig, job.verify_key)
         except wire.WireError as e:
             raise DataPlaneRefused(str(e), status=401) from None
+        # only the job's own key holder learns that it is closed here
+        _refuse_unless_open(claims.job_id, status, claims.stage)
         last = self._last_seq(claims.job_id)
         if claims.seq <= last:
             raise DataPlaneRefused(f"sequence number {claims.seq} is not above the last accepted ({last}): "
@@ -281,16 +283,19 @@ class DataPlane:
                                    status=400)
         return Ticket(claims=claims, job=job, limit=limit)
 
-    def _approved(self, job_id: str, stage: str) -> ApprovedJob:
+    def _approved(self, job_id: str) -> tuple[ApprovedJob, str]:
+        """The job ``job_id`` this datasite approved (it may have closed it since), with its
+        ledger status; a job never approved is refused."""
         st = site_ledger.open_ledger(self.home).request(job_id)
         if st is None:
             raise DataPlaneRefused(f"job {job_id!r} was never reviewed here")
-        _refuse_unless_open(job_id, st.status, stage)
+        if st.status != "approved" and st.status not in CLOSED_STATUSES:
+            raise DataPlaneRefused(f"job {job_id!r} is {st.status}, not approved")
         spec_hash = st.facts.spec_hash
         with self._jobs_lock:
             job = self._jobs.get(job_id)
             if job is not None and job.spec_hash == spec_hash:
-                return job
+                return job, st.status
             missed = self._misses.get((job_id, spec_hash))
             if missed is not None and time.monotonic() - missed < LOOKUP_RETRY_S:
                 raise DataPlaneRefused(f"the approved spec of job {job_id!r} is not on this datasite")
@@ -304,7 +309,7 @@ class DataPlane:
                 raise DataPlaneRefused(f"the approved spec of job {job_id!r} is not on this datasite")
             job = approved_job(spec, spec_hash)
             self._jobs[job_id] = job
-            return job
+            return job, st.status
 
     # -- the body --------------------------------------------------------------------
     def handle(self, ticket: Ticket, body: bytes | bytearray) -> bytes:

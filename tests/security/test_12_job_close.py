@@ -7,6 +7,9 @@ job wastes the victim's approval (and its secure-aggregation round for everyone)
 attacker holds: their own researcher account and approved job (and its data-plane key),
 the victim's site spec and job id (suppose it leaked), raw HTTP and the raw syft client.
 Each attack fails if the victim's job is no longer ``approved`` in any site's ledger.
+Once the victim has closed it, a stranger's request for it is refused on its signature like
+one for an open job: only the job's own key holder is told it is closed
+(``JobClosedRefused``), which is how a researcher who died after the last pass learns it.
 """
 
 from __future__ import annotations
@@ -134,3 +137,35 @@ def test_a_closed_job_is_never_run_charged_or_reopened(federation, jobs):
         assert st.records == [], f"ATTACK SUCCEEDED: a closed job was charged at {name}"
         assert st.status == "finished" and again[name]["status"] == "finished"
         assert len(_closings(h.home, victim.job_id)) == 1
+
+
+def test_only_the_jobs_own_key_learns_that_it_is_closed(federation, jobs):
+    # Prepare: the victim's job, finished (by the test above, or here); the attacker holds
+    # the victim's spec and job id and its own approved job's key
+    victim, _, attacker_key = jobs
+    if K.site_ledger().open_ledger(next(iter(federation.handles.values())).home).request(
+            victim.job_id).status == "approved":
+        victim.finish(reason="done")
+    w = np.zeros(federation.model_size(next(iter(victim.site_specs.values()))), dtype=np.float32)
+    from fedmtl.researcher.dataplane_client import load_or_create_key
+
+    own_key = load_or_create_key(victim.out / "secrets")
+    last = victim.spec.schedule.last_pass
+    for name, h in federation.handles.items():
+        spec = victim.site_specs[name]
+        before = K.site_ledger().open_ledger(h.home).request(victim.job_id).records
+        for p in (1, last):
+            msg = {"stage": "advertise", "pass": p, "attempt": 0, "weights": w}
+            # Execute: the same pass message, signed by a stranger's key and by the job's own
+            stranger = _post(h.url, spec, msg, attacker_key)
+            owner = _post(h.url, spec, msg, own_key)
+            # Assert: the stranger is refused on the signature, as for an open job, and learns
+            # nothing of the job's state; its owner is told the job is closed; nothing ran or was charged
+            assert stranger.get("ok") is not True and owner.get("ok") is not True, f"ATTACK SUCCEEDED at {name}"
+            assert "signature" in str(stranger.get("error", "")).lower(), stranger
+            assert stranger.get("kind") == "DataPlaneRefused" and "finished" not in str(stranger), \
+                f"ATTACK SUCCEEDED: a stranger learnt that the job is closed at {name}: {stranger}"
+            assert owner.get("kind") == "JobClosedRefused" and "finished" in str(owner.get("error")), owner
+        after = K.site_ledger().open_ledger(h.home).request(victim.job_id)
+        assert after.status == "finished" and after.records == before, \
+            f"ATTACK SUCCEEDED: the closed job was run or charged at {name}"
