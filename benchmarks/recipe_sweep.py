@@ -73,9 +73,9 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
     data = {s.name: pd.concat([s.train, s.test], ignore_index=True) for s in sites}
     ev = Evaluator(sites, _spec(tasks, {}, epsilon=epsilon, seed=0).task_specs(schema))
     done = json.loads(out.read_text()).get("runs", []) if out.exists() else []
-    # one federated job per (job configuration, seed), shared by every fine-tuning
+    # one federated job per job spec (configuration and seed), shared by every fine-tuning
     # configuration over it: fine-tuning settings are compared on the same federated models
-    jobs: dict[tuple[str, int], object] = {}
+    jobs: dict[str, object] = {}
     for cfg in grid:
         for mode in modes:
             t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def run(grid: list[dict], *, modes: list[str], seeds: list[int], epsilon: float,
                 evals = []
                 for seed in seeds:
                     spec = _spec(tasks, cfg, epsilon=epsilon, seed=seed)
-                    key = (json.dumps({k: v for k, v in cfg.items() if not k.startswith("ft_")}, sort_keys=True), seed)
+                    key = spec.spec_hash()  # the spec leaves the ft_ settings out
                     res = jobs.get(key) if mode == "finetune" else None
                     if res is None:
                         res = simulate(spec, data, schema)

@@ -272,9 +272,14 @@ class JobResult:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         final_lost = self.spec.schedule.last_pass in self.lost_passes
-        lines.append(f"  final metrics from the evaluation after round {last} (DP-noised releases; each interval "
-                     "covers the noise and the binning)" if last is not None and not final_lost else
-                     "  no final evaluation" if final_lost else "  no evaluation yet")
+        if final_lost:
+            lines.append("  no final evaluation" + ("" if last is None else
+                                                    f" (the table shows the evaluation after round {last})"))
+        elif last is not None:
+            lines.append(f"  final metrics from the evaluation after round {last} (DP-noised releases; each "
+                         "interval covers the noise and the binning)")
+        else:
+            lines.append("  no evaluation yet")
         if self.lost_passes:
             lines.append(f"  lost: pass(es) {_ranges(sorted(self.lost_passes))} ran at the sites while the researcher's "
                          "process was gone; their aggregates were never saved and are not in this result"
